@@ -1,0 +1,7 @@
+//! Cubicle: Kasm-style desktop and app workspaces on Kubernetes, declared as custom resources.
+//!
+//! The crate is both the operator binary (`cubicle`) and a library whose modules the tests use.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod devenv;

@@ -1,0 +1,7 @@
+//! End-to-end tests against the project's own local Kubernetes control plane (real etcd,
+//! kube-apiserver, kube-controller-manager and kube-scheduler; fake kubelet and storage).
+//!
+//! One binary, so one control plane serves the whole run; every test gets its own namespace.
+
+mod foundation;
+mod support;
