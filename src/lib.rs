@@ -4,4 +4,9 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod apicount;
+pub mod client;
 pub mod devenv;
+pub mod http;
+pub mod metrics;
+pub mod telemetry;
