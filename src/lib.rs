@@ -8,5 +8,6 @@ pub mod apicount;
 pub mod client;
 pub mod devenv;
 pub mod http;
+pub mod leader;
 pub mod metrics;
 pub mod telemetry;

@@ -1,0 +1,273 @@
+//! Leader election on a `coordination.k8s.io/v1` Lease, so that only one replica writes.
+//!
+//! The rules follow client-go's leader election:
+//! - a candidate takes the lease when there is none, or when the holder has not renewed it for
+//!   a whole lease duration *as observed by the candidate's own clock* (so clock skew between
+//!   replicas cannot shorten a lease);
+//! - the leader renews every `retry_period`; every write is a compare-and-swap on the Lease's
+//!   `resourceVersion`, so two candidates can never both win;
+//! - a leader that has not renewed for `renew_deadline` (shorter than the lease duration) stops:
+//!   the process exits, before anyone else can take the lease, so two replicas never both write.
+//!
+//! The decision is a pure function ([`decide`]), tested without a cluster.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use kube::Client;
+use kube::api::{Api, PostParams};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// Lease timings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseTimings {
+    /// How long a lease is valid after its last renewal.
+    pub lease_duration: Duration,
+    /// A leader that could not renew for this long gives up (must be < lease_duration).
+    pub renew_deadline: Duration,
+    /// How often to try to acquire or renew.
+    pub retry_period: Duration,
+}
+
+impl Default for LeaseTimings {
+    fn default() -> Self {
+        Self {
+            lease_duration: Duration::from_secs(15),
+            renew_deadline: Duration::from_secs(10),
+            retry_period: Duration::from_secs(2),
+        }
+    }
+}
+
+/// What a candidate saw of the lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    /// Current holder.
+    pub holder: Option<String>,
+    /// The holder's renew time as written (used only to notice that it changed).
+    pub renew_time: Option<String>,
+    /// When this candidate first saw this (holder, renew_time) pair.
+    pub since: Instant,
+}
+
+/// What to do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Write ourselves as the holder (create, take over or renew).
+    Claim,
+    /// Someone else validly holds it.
+    Wait,
+}
+
+/// Decides from the observed lease. `observed` is `None` when there is no Lease object.
+pub fn decide(
+    me: &str,
+    observed: Option<&Observed>,
+    now: Instant,
+    lease_duration: Duration,
+) -> Decision {
+    match observed {
+        None => Decision::Claim,
+        Some(o) => match o.holder.as_deref() {
+            None | Some("") => Decision::Claim,
+            Some(h) if h == me => Decision::Claim,
+            Some(_) if now.duration_since(o.since) >= lease_duration => Decision::Claim,
+            Some(_) => Decision::Wait,
+        },
+    }
+}
+
+/// Leadership state published to the rest of the operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leadership {
+    /// Not (yet) the leader: do not write.
+    Follower,
+    /// The leader: write.
+    Leader,
+    /// Was the leader and lost the lease: stop writing and exit.
+    Lost,
+}
+
+/// Runs the election loop forever, publishing the state on the returned channel.
+pub fn spawn(
+    client: Client,
+    namespace: &str,
+    name: &str,
+    me: String,
+    timings: LeaseTimings,
+) -> watch::Receiver<Leadership> {
+    let (tx, rx) = watch::channel(Leadership::Follower);
+    let api: Api<Lease> = Api::namespaced(client, namespace);
+    let name = name.to_string();
+    tokio::spawn(async move { run(api, name, me, timings, tx).await });
+    rx
+}
+
+async fn run(
+    api: Api<Lease>,
+    name: String,
+    me: String,
+    t: LeaseTimings,
+    tx: watch::Sender<Leadership>,
+) {
+    let mut observed: Option<Observed> = None;
+    let mut last_renew: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        let leading = *tx.borrow() == Leadership::Leader;
+        if leading && last_renew.is_some_and(|r| now.duration_since(r) >= t.renew_deadline) {
+            warn!(lease = %name, "could not renew the lease in time; giving up leadership");
+            let _ = tx.send(Leadership::Lost);
+            return;
+        }
+        match try_once(&api, &name, &me, &mut observed, t).await {
+            Ok(true) => {
+                last_renew = Some(Instant::now());
+                if !leading {
+                    info!(lease = %name, identity = %me, "acquired leadership");
+                    let _ = tx.send(Leadership::Leader);
+                }
+            }
+            Ok(false) => {
+                if leading {
+                    warn!(lease = %name, "the lease is held by another replica; stopping");
+                    let _ = tx.send(Leadership::Lost);
+                    return;
+                }
+            }
+            Err(e) => warn!(lease = %name, error = %e, "lease update failed"),
+        }
+        tokio::time::sleep(t.retry_period).await;
+    }
+}
+
+fn holder_of(lease: &Lease) -> (Option<String>, Option<String>) {
+    let spec = lease.spec.as_ref();
+    (
+        spec.and_then(|s| s.holder_identity.clone()),
+        spec.and_then(|s| s.renew_time.as_ref())
+            .map(|t| t.0.to_string()),
+    )
+}
+
+/// One round: read, decide, and write with a resourceVersion precondition. Ok(true) = we hold it.
+async fn try_once(
+    api: &Api<Lease>,
+    name: &str,
+    me: &str,
+    observed: &mut Option<Observed>,
+    t: LeaseTimings,
+) -> Result<bool, kube::Error> {
+    let now = Instant::now();
+    let current = api.get_opt(name).await?;
+    if let Some(l) = &current {
+        let (holder, renew_time) = holder_of(l);
+        let changed = observed
+            .as_ref()
+            .is_none_or(|o| o.holder != holder || o.renew_time != renew_time);
+        if changed {
+            *observed = Some(Observed {
+                holder,
+                renew_time,
+                since: now,
+            });
+        }
+    } else {
+        *observed = None;
+    }
+    if decide(me, observed.as_ref(), now, t.lease_duration) == Decision::Wait {
+        return Ok(false);
+    }
+    let stamp = MicroTime(jiff::Timestamp::now());
+    let result = match current {
+        None => {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(name.into()),
+                    ..Default::default()
+                },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some(me.into()),
+                    lease_duration_seconds: Some(t.lease_duration.as_secs() as i32),
+                    acquire_time: Some(stamp.clone()),
+                    renew_time: Some(stamp),
+                    lease_transitions: Some(0),
+                    ..Default::default()
+                }),
+            };
+            api.create(&PostParams::default(), &lease).await
+        }
+        Some(mut lease) => {
+            let spec = lease.spec.get_or_insert_with(Default::default);
+            if spec.holder_identity.as_deref() != Some(me) {
+                spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+                spec.acquire_time = Some(stamp.clone());
+                spec.holder_identity = Some(me.into());
+            }
+            spec.lease_duration_seconds = Some(t.lease_duration.as_secs() as i32);
+            spec.renew_time = Some(stamp);
+            // `replace` sends metadata.resourceVersion: a concurrent writer makes this fail (409).
+            api.replace(name, &PostParams::default(), &lease).await
+        }
+    };
+    match result {
+        Ok(l) => {
+            let (holder, renew_time) = holder_of(&l);
+            *observed = Some(Observed {
+                holder,
+                renew_time,
+                since: Instant::now(),
+            });
+            Ok(true)
+        }
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D: Duration = Duration::from_secs(15);
+
+    fn seen(holder: &str, since: Instant) -> Observed {
+        Observed {
+            holder: Some(holder.into()),
+            renew_time: Some("t".into()),
+            since,
+        }
+    }
+
+    #[test]
+    fn claims_a_missing_or_empty_lease() {
+        let now = Instant::now();
+        assert_eq!(decide("a", None, now, D), Decision::Claim);
+        let empty = Observed {
+            holder: None,
+            renew_time: None,
+            since: now,
+        };
+        assert_eq!(decide("a", Some(&empty), now, D), Decision::Claim);
+    }
+
+    #[test]
+    fn renews_its_own_lease() {
+        let now = Instant::now();
+        assert_eq!(decide("a", Some(&seen("a", now)), now, D), Decision::Claim);
+    }
+
+    #[test]
+    fn waits_for_a_live_holder_and_takes_over_only_after_a_full_duration() {
+        let t0 = Instant::now();
+        let o = seen("b", t0);
+        assert_eq!(decide("a", Some(&o), t0, D), Decision::Wait);
+        assert_eq!(
+            decide("a", Some(&o), t0 + D - Duration::from_millis(1), D),
+            Decision::Wait
+        );
+        assert_eq!(decide("a", Some(&o), t0 + D, D), Decision::Claim);
+    }
+}
