@@ -309,6 +309,10 @@ fn expected_grants(namespaces: &[&str], leader: bool) -> BTreeMap<Grant, BTreeSe
         ("ClusterRole".into(), "".into(), "nodes".into(), vec![]),
         ["get", "list", "watch"].map(String::from).into(),
     );
+    m.insert(
+        ("ClusterRole".into(), "".into(), "persistentvolumes".into(), vec![]),
+        ["get", "list", "watch"].map(String::from).into(),
+    );
     if namespaces.is_empty() {
         m.extend(namespaced_needs("ClusterRole"));
     }
@@ -409,7 +413,7 @@ fn rbac_invariants_hold_for_every_value_set() {
                     assert_eq!(verbs, BTreeSet::from(["create".to_owned()]), "{at}");
                 }
             }
-            if resource == "nodes" {
+            if resource == "nodes" || resource == "persistentvolumes" {
                 assert_eq!(scope, "ClusterRole");
                 assert_eq!(verbs, ["get", "list", "watch"].map(String::from).into());
             }
@@ -501,7 +505,7 @@ fn namespaced_scope_watches_only_those_namespaces() {
     assert_eq!(
         cluster_roles,
         ["cubicle-nodes"],
-        "only nodes are cluster-wide"
+        "only nodes and persistentvolumes are cluster-wide (read-only)"
     );
 }
 
