@@ -24,6 +24,13 @@ enum Command {
     /// A local development environment (no cluster needed).
     #[command(subcommand)]
     Dev(DevCommand),
+    /// Print the CustomResourceDefinitions of the Cubicle API as one multi-document YAML stream,
+    /// or write one file per CRD (`<plural>.cubicle.dev.yaml`) into a directory.
+    Crds {
+        /// Write one file per CRD into this directory instead of printing them.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -71,6 +78,7 @@ async fn main() -> ExitCode {
             timeout,
             exit_on_stdin_eof,
         }) => dev_up(dir, nodes, zones, timeout, exit_on_stdin_eof).await,
+        Command::Crds { dir } => crds(dir),
     }
 }
 
@@ -134,6 +142,27 @@ async fn dev_up(
     let _ = std::fs::remove_file(&ready_path);
     cluster.stop().await;
     ExitCode::SUCCESS
+}
+
+fn crds(dir: Option<PathBuf>) -> ExitCode {
+    match dir {
+        None => {
+            print!("{}", cubicle::crd::render_all_yaml());
+            ExitCode::SUCCESS
+        }
+        Some(dir) => match cubicle::crd::write_dir(&dir) {
+            Ok(paths) => {
+                for p in paths {
+                    eprintln!("wrote {}", p.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("cubicle crds: writing {}: {e}", dir.display());
+                ExitCode::FAILURE
+            }
+        },
+    }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

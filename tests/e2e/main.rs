@@ -3,5 +3,6 @@
 //!
 //! One binary, so one control plane serves the whole run; every test gets its own namespace.
 
+mod api;
 mod foundation;
 mod support;
