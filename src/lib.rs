@@ -6,6 +6,7 @@
 
 pub mod apicount;
 pub mod client;
+pub mod controller;
 pub mod crd;
 pub mod devenv;
 pub mod http;

@@ -24,6 +24,8 @@ enum Command {
     /// A local development environment (no cluster needed).
     #[command(subcommand)]
     Dev(DevCommand),
+    /// Run the operator (in a cluster, or against the cluster of the current kubeconfig).
+    Run(Box<RunArgs>),
     /// Print the CustomResourceDefinitions of the Cubicle API as one multi-document YAML stream,
     /// or write one file per CRD (`<plural>.cubicle.dev.yaml`) into a directory.
     Crds {
@@ -31,6 +33,71 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Namespace to watch; repeat for several. None: every namespace.
+    #[arg(long = "namespace", env = "CUBICLE_NAMESPACES", value_delimiter = ',')]
+    namespaces: Vec<String>,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "CUBICLE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: std::net::SocketAddr,
+    /// Log format.
+    #[arg(long, env = "CUBICLE_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: cubicle::telemetry::LogFormat,
+    /// Elect a leader on a Lease so that only one replica writes.
+    #[arg(long, env = "CUBICLE_LEADER_ELECT")]
+    leader_elect: bool,
+    /// Namespace of the Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    leader_election_namespace: String,
+    /// Name of the Lease.
+    #[arg(long, default_value = "cubicle-leader")]
+    lease_name: String,
+    /// How long a lease is valid after its last renewal.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    lease_duration: Duration,
+    /// A leader that could not renew for this long stops (must be shorter than the lease).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    renew_deadline: Duration,
+    /// How often to try to acquire or renew the lease.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    retry_period: Duration,
+    /// This replica's identity in the Lease (the pod name in a cluster).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Client-side API budget: sustained requests per second (0: unlimited).
+    #[arg(long, env = "CUBICLE_API_QPS", default_value_t = 50.0)]
+    api_qps: f64,
+    /// Client-side API budget: burst above the sustained rate.
+    #[arg(long, env = "CUBICLE_API_BURST", default_value_t = 100)]
+    api_burst: u32,
+    /// Parallel reconciles per controller.
+    #[arg(long, env = "CUBICLE_CONCURRENCY", default_value_t = 16)]
+    concurrency: u16,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.split_at(
+        s.find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(s.len()),
+    );
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?} (examples: 500ms, 15s, 2m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => {
+            return Err(format!(
+                "invalid duration unit in {s:?} (use ms, s, m or h)"
+            ));
+        }
+    };
+    Ok(Duration::from_secs_f64(secs))
 }
 
 #[derive(Subcommand)]
@@ -56,21 +123,16 @@ enum DevCommand {
     },
 }
 
-fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,kube=warn,cubicle=info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
-    init_tracing();
     let cli = Cli::parse();
+    let format = match &cli.command {
+        Command::Run(args) => args.log_format,
+        _ => cubicle::telemetry::LogFormat::Text,
+    };
+    cubicle::telemetry::init(format);
     match cli.command {
+        Command::Run(args) => run(*args).await,
         Command::Dev(DevCommand::Up {
             dir,
             nodes,
@@ -174,4 +236,100 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+async fn run(args: RunArgs) -> ExitCode {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    use cubicle::client::ApiBudget;
+    use cubicle::controller::{self, OperatorConfig};
+    use cubicle::http::{self, HttpState};
+    use cubicle::leader::{self, LeaseTimings};
+    use cubicle::metrics::Metrics;
+
+    let kube_config = match kube::Config::infer().await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("cubicle run: no Kubernetes configuration (in-cluster or KUBECONFIG): {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let metrics = Arc::new(Metrics::default());
+    let budget = ApiBudget {
+        qps: args.api_qps,
+        burst: args.api_burst,
+    };
+    let client = match cubicle::client::build(kube_config, metrics.api_counter(), budget) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("cubicle run: cannot build the Kubernetes client: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        format!(
+            "{}-{}",
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "cubicle".into()),
+            std::process::id()
+        )
+    });
+    let ready = Arc::new(AtomicBool::new(false));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let http_state = HttpState {
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+    };
+    let mut http_stop = stop_rx.clone();
+    let http_task = tokio::spawn(http::serve(args.metrics_addr, http_state, async move {
+        let _ = http_stop.wait_for(|s| *s).await;
+    }));
+    let leadership = args.leader_elect.then(|| {
+        let timings = LeaseTimings {
+            lease_duration: args.lease_duration,
+            renew_deadline: args.renew_deadline,
+            retry_period: args.retry_period,
+        };
+        leader::spawn(
+            client.clone(),
+            &args.leader_election_namespace,
+            &args.lease_name,
+            identity.clone(),
+            timings,
+        )
+    });
+    let config = OperatorConfig {
+        namespaces: args.namespaces.clone(),
+        concurrency: args.concurrency,
+        identity,
+        ..OperatorConfig::default()
+    };
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+    };
+    tracing::info!(namespaces = ?args.namespaces, metrics = %args.metrics_addr, leader_elect = args.leader_elect, "starting");
+    let result = controller::run(
+        client,
+        config,
+        metrics,
+        controller::ALL,
+        ready,
+        leadership,
+        shutdown,
+    )
+    .await;
+    let _ = stop_tx.send(true);
+    let _ = http_task.await;
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "operator stopped");
+            ExitCode::FAILURE
+        }
+    }
 }

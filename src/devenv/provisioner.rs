@@ -1,7 +1,8 @@
 //! A fake dynamic storage provisioner.
 //!
 //! It installs two StorageClasses with provisioner [`PROVISIONER`]: `standard` (the default,
-//! `Immediate` binding) and `standard-wffc` (`WaitForFirstConsumer`). For each claim that the real
+//! `WaitForFirstConsumer`, as zonal disks are on cloud providers) and `standard-immediate`
+//! (`Immediate`). For each claim that the real
 //! PV controller hands to it (annotation `volume.kubernetes.io/storage-provisioner`), it creates a
 //! hostPath PersistentVolume pre-bound to the claim, with node affinity to one zone: the zone of
 //! the node the scheduler selected (`volume.kubernetes.io/selected-node`), else the first zone
@@ -26,18 +27,18 @@ use super::kubelet::ZONE_LABEL;
 
 /// The provisioner name the fake StorageClasses use.
 pub const PROVISIONER: &str = "fake.cubicle.dev/hostpath";
-/// Name of the default StorageClass (Immediate binding).
+/// Name of the default StorageClass (WaitForFirstConsumer binding).
 pub const DEFAULT_CLASS: &str = "standard";
-/// Name of the WaitForFirstConsumer StorageClass.
-pub const WFFC_CLASS: &str = "standard-wffc";
+/// Name of the Immediate-binding StorageClass.
+pub const IMMEDIATE_CLASS: &str = "standard-immediate";
 
 /// Installs the StorageClasses and starts provisioning. Dropping the handle stops it.
 pub async fn start(client: Client, zones: Vec<String>) -> Result<Provisioner, DevError> {
     let classes: Api<StorageClass> = Api::all(client.clone());
     let ssa = PatchParams::apply("cubicle-fake-provisioner").force();
     for (name, mode, default) in [
-        (DEFAULT_CLASS, "Immediate", "true"),
-        (WFFC_CLASS, "WaitForFirstConsumer", "false"),
+        (DEFAULT_CLASS, "WaitForFirstConsumer", "true"),
+        (IMMEDIATE_CLASS, "Immediate", "false"),
     ] {
         let sc = json!({
             "apiVersion": "storage.k8s.io/v1",

@@ -169,10 +169,11 @@ async fn a_claim_binds_and_its_pod_lands_in_the_volume_zone() {
     let ns = TestNs::new("pvc").await;
     let client = ns.client.clone();
     let claims = ns.api::<PersistentVolumeClaim>();
-    // No storageClassName: the DefaultStorageClass admission plugin fills in `standard`.
+    // Immediate binding: the volume (and its zone) exists before any pod uses it.
     let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
         "metadata": {"name": "profile"},
-        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}
+        "spec": {"storageClassName": "standard-immediate", "accessModes": ["ReadWriteOnce"],
+            "resources": {"requests": {"storage": "1Gi"}}}
     }))
     .unwrap();
     claims.create(&PostParams::default(), &pvc).await.unwrap();
@@ -219,11 +220,11 @@ async fn a_claim_binds_and_its_pod_lands_in_the_volume_zone() {
         Some(&zone)
     );
 
-    // WaitForFirstConsumer: the volume is provisioned in the zone the scheduler chose.
+    // WaitForFirstConsumer (the default class, filled in by the DefaultStorageClass admission
+    // plugin): the volume is provisioned in the zone the scheduler chose.
     let wffc: PersistentVolumeClaim = serde_json::from_value(json!({
         "metadata": {"name": "late"},
-        "spec": {"storageClassName": "standard-wffc", "accessModes": ["ReadWriteOnce"],
-            "resources": {"requests": {"storage": "1Gi"}}}
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}
     }))
     .unwrap();
     claims.create(&PostParams::default(), &wffc).await.unwrap();

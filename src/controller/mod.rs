@@ -1,0 +1,247 @@
+//! The operator's controllers and the runtime they share.
+//!
+//! Startup order matters for safety: every cache completes its first list before any controller
+//! starts (no decision on a half-synced cache), and controllers start only once this replica
+//! holds the leader lease (when leader election is on). A replica that loses the lease exits.
+
+pub mod error;
+pub mod session;
+pub mod stores;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use kube::Client;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::leader::Leadership;
+use crate::metrics::Metrics;
+pub use error::Error;
+use stores::{Reflectors, Scope, Stores};
+
+/// Name used for events and field managers.
+pub const CONTROLLER_NAME: &str = "cubicle";
+
+/// How the operator runs.
+#[derive(Debug, Clone)]
+pub struct OperatorConfig {
+    /// Namespaces to watch; empty means all.
+    pub namespaces: Vec<String>,
+    /// Parallel reconciles per controller.
+    pub concurrency: u16,
+    /// Periodic re-check of objects with nothing scheduled (safety net; no writes when steady).
+    pub resync: Duration,
+    /// This replica's identity (pod name).
+    pub identity: String,
+}
+
+impl Default for OperatorConfig {
+    fn default() -> Self {
+        Self {
+            namespaces: Vec::new(),
+            concurrency: 16,
+            resync: Duration::from_secs(300),
+            identity: "cubicle".into(),
+        }
+    }
+}
+
+/// Per-object retry counters for capped exponential backoff (kube has none built in).
+#[derive(Default)]
+pub struct Backoff {
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Backoff {
+    /// Records a failure of `key` and returns how long to wait: 1 s, 2 s, 4 s ... capped at 5 min.
+    pub fn failed(&self, key: &str) -> Duration {
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = f.entry(key.to_string()).or_default();
+        *n = n.saturating_add(1);
+        Duration::from_secs(1u64 << (*n - 1).min(8)).min(Duration::from_secs(300))
+    }
+
+    /// Forgets `key`'s failures after a success.
+    pub fn succeeded(&self, key: &str) {
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        f.remove(key);
+    }
+}
+
+/// What every reconcile gets.
+pub struct Context {
+    /// The API client (counted and rate-limited).
+    pub client: Client,
+    /// The caches.
+    pub stores: Stores,
+    /// Event recorder (one, shared, so that events aggregate).
+    pub recorder: Recorder,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Configuration.
+    pub config: OperatorConfig,
+    /// Per-object backoff.
+    pub backoff: Backoff,
+}
+
+impl Context {
+    /// Builds the context of one scope.
+    pub fn new(
+        client: Client,
+        stores: Stores,
+        metrics: Arc<Metrics>,
+        config: OperatorConfig,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: CONTROLLER_NAME.into(),
+            instance: Some(config.identity.clone()),
+        };
+        let recorder = Recorder::new(client.clone(), reporter);
+        Self {
+            client,
+            stores,
+            recorder,
+            metrics,
+            config,
+            backoff: Backoff::default(),
+        }
+    }
+
+    /// Waits until every cache of this scope has synced. Every controller awaits this before
+    /// its first reconcile.
+    pub async fn wait_synced(&self) {
+        if self.stores.wait_until_ready().await.is_err() {
+            std::future::pending::<()>().await
+        }
+    }
+
+    /// The error policy shared by every controller: invalid objects wait for a change,
+    /// transient errors back off per object.
+    pub fn on_error<K>(&self, kind: &'static str, obj: &ObjectRef<K>, err: &Error) -> Action
+    where
+        K: kube::Resource,
+        K::DynamicType: Eq + std::hash::Hash + Clone,
+    {
+        self.metrics.error(kind, err.category());
+        warn!(kind, object = %obj, error = %error::chain(err), category = err.category(), "reconcile failed");
+        if err.is_transient() {
+            Action::requeue(self.backoff.failed(&obj.to_string()))
+        } else {
+            Action::await_change()
+        }
+    }
+}
+
+/// A controller to run: built from the shared reflectors before they start.
+pub type ControllerFactory = fn(&mut Reflectors, Arc<Context>) -> BoxFuture<'static, ()>;
+
+/// Every controller of the operator.
+pub const ALL: &[ControllerFactory] = &[];
+
+/// Runs `controllers` over every configured scope until `shutdown` resolves or leadership is lost.
+///
+/// With leader election, a replica first waits for the lease and only then builds its caches
+/// (a follower keeps none: nothing can go stale behind a standby). `ready` backs `/readyz`: a
+/// standby is ready; a leader is ready once every cache has synced.
+pub async fn run(
+    client: Client,
+    config: OperatorConfig,
+    metrics: Arc<Metrics>,
+    controllers: &[ControllerFactory],
+    ready: Arc<AtomicBool>,
+    mut leadership: Option<watch::Receiver<Leadership>>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), String> {
+    tokio::pin!(shutdown);
+    if let Some(rx) = leadership.as_mut() {
+        ready.store(true, Ordering::Relaxed);
+        info!("standing by for leadership");
+        loop {
+            match *rx.borrow_and_update() {
+                Leadership::Leader => break,
+                Leadership::Lost => return Err("lost leadership before starting".into()),
+                Leadership::Follower => {}
+            }
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() {
+                    return Err("leader election stopped".into());
+                },
+                _ = &mut shutdown => return Ok(()),
+            }
+        }
+        ready.store(false, Ordering::Relaxed);
+        info!("leading; building caches");
+    }
+    let scopes: Vec<Scope> = if config.namespaces.is_empty() {
+        vec![Scope::All]
+    } else {
+        config
+            .namespaces
+            .iter()
+            .map(|n| Scope::Namespace(n.clone()))
+            .collect()
+    };
+    let mut watch_tasks = Vec::new();
+    let mut pending = Vec::new();
+    for scope in scopes {
+        let mut reflectors = Reflectors::new(client.clone(), scope.clone());
+        let stores = reflectors.stores();
+        let ctx = Arc::new(Context::new(
+            client.clone(),
+            stores.clone(),
+            metrics.clone(),
+            config.clone(),
+        ));
+        let runs: Vec<_> = controllers
+            .iter()
+            .map(|f| f(&mut reflectors, ctx.clone()))
+            .collect();
+        watch_tasks.extend(reflectors.start());
+        pending.push((scope, stores, runs));
+    }
+    // Controllers are polled from here on, so subscribers drain while the caches sync; each
+    // controller itself waits for every cache (Context::wait_synced) before its first reconcile.
+    let all: Vec<_> = pending
+        .iter_mut()
+        .flat_map(|(_, _, runs)| std::mem::take(runs))
+        .collect();
+    let controllers = futures::future::join_all(all);
+    let synced = async {
+        for (scope, stores, _) in &pending {
+            if let Err(e) = stores.wait_until_ready().await {
+                warn!(scope = ?scope, error = %e, "cache dropped");
+                return;
+            }
+            info!(scope = ?scope, "caches synced");
+        }
+        ready.store(true, Ordering::Relaxed);
+        std::future::pending::<()>().await
+    };
+    let lost = async {
+        match leadership.as_mut() {
+            Some(rx) => loop {
+                if *rx.borrow_and_update() == Leadership::Lost || rx.changed().await.is_err() {
+                    return;
+                }
+            },
+            None => std::future::pending::<()>().await,
+        }
+    };
+    let result = tokio::select! {
+        _ = controllers => Ok(()),
+        _ = synced => Err("a cache stopped".to_string()),
+        _ = &mut shutdown => { info!("shutting down"); Ok(()) }
+        _ = lost => Err("lost leadership; exiting so that only the new leader writes".to_string()),
+    };
+    for t in watch_tasks {
+        t.abort();
+    }
+    result
+}

@@ -1,0 +1,809 @@
+//! Pure builders of a session's children: the session pod and the profile claim.
+//!
+//! Nothing here touches the network or the clock; the reconcile shell passes everything in.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Affinity, Capabilities, ConfigMapProjection, Container, DownwardAPIVolumeFile,
+    DownwardAPIVolumeSource, EmptyDirVolumeSource, EnvVar, KeyToPath, NodeAffinity, NodeSelector,
+    NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec,
+    ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecretProjection, SecurityContext,
+    Toleration, Volume, VolumeMount, VolumeProjection, VolumeResourceRequirements,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::{Resource, ResourceExt};
+
+use crate::controller::stores::{MANAGED_BY, MANAGED_BY_LABEL};
+use crate::crd::v1alpha1::{ProfileClaimTemplate, Session, Workspace};
+use crate::crd::{FileMapping, RunConfig, VolumeMapping};
+
+/// Label: the Session a pod belongs to.
+pub const SESSION_LABEL: &str = "cubicle.dev/session";
+/// Label: the User (object name) of a pod or profile claim.
+pub const USER_LABEL: &str = "cubicle.dev/user";
+/// Label: the Workspace of a pod or profile claim.
+pub const WORKSPACE_LABEL: &str = "cubicle.dev/workspace";
+/// Label: the Server a pod was placed on.
+pub const SERVER_LABEL: &str = "cubicle.dev/server";
+/// Label: marks a profile claim and carries a hash of its template-derived base name.
+pub const PROFILE_LABEL: &str = "cubicle.dev/profile";
+/// Label: set on an archived (reset) profile claim, value = archive time (unix seconds).
+pub const ARCHIVED_LABEL: &str = "cubicle.dev/archived";
+/// Label on a paused session's pod: `paused` (the shipped NetworkPolicy denies it ingress).
+pub const ACCESS_LABEL: &str = "cubicle.dev/access";
+/// Annotation on a profile claim: the uid of the session whose Reset created it.
+pub const RESET_BY_ANNOTATION: &str = "cubicle.dev/reset-by-session";
+/// Annotation on a session pod holding the effective settings JSON (mounted as a file).
+pub const SETTINGS_ANNOTATION: &str = "cubicle.dev/settings";
+/// Where the effective settings file is mounted in the session container.
+pub const SETTINGS_DIR: &str = "/etc/cubicle";
+/// The zone label.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// The hostname label (used to pin a pod to a Server's node).
+pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
+/// The user id Kasm images run as.
+pub const SESSION_UID: i64 = 1000;
+
+/// Where a session runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// No pool: the scheduler chooses, optionally within one zone.
+    Scheduler {
+        /// Required zone.
+        zone: Option<String>,
+    },
+    /// A Server of a pool: pinned to its node.
+    Server {
+        /// Server name.
+        server: String,
+        /// Its node.
+        node: String,
+        /// Its zone, if known.
+        zone: Option<String>,
+    },
+    /// An autoscaled pool: its node selector, optionally within one zone.
+    Autoscale {
+        /// The pool's node selector.
+        node_selector: BTreeMap<String, String>,
+        /// Required zone.
+        zone: Option<String>,
+    },
+}
+
+/// How the profile is mounted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProfileMount {
+    /// A per-user claim.
+    Claim {
+        /// Claim name.
+        claim: String,
+        /// Mount path in the container.
+        mount_path: String,
+    },
+    /// A per-user sub-path of a shared claim.
+    SubPath {
+        /// The shared claim.
+        claim: String,
+        /// The user's sub-path.
+        sub_path: String,
+        /// Mount path in the container.
+        mount_path: String,
+        /// When set, an init container renames an existing sub-path to this name first (Reset).
+        archive_to: Option<String>,
+    },
+}
+
+/// Everything the pod needs, resolved by the reconcile shell.
+#[derive(Debug, Clone)]
+pub struct PodInputs<'a> {
+    /// The session (owner).
+    pub session: &'a Session,
+    /// The User object's name.
+    pub user: &'a str,
+    /// The login name (`KASM_USER`).
+    pub username: &'a str,
+    /// The stable user id (`KASM_USER_ID`).
+    pub user_id: &'a str,
+    /// The workspace.
+    pub workspace: &'a Workspace,
+    /// Where it runs.
+    pub placement: &'a Placement,
+    /// The profile, if mounted.
+    pub profile: Option<&'a ProfileMount>,
+    /// Expose `KASM_USER`/`KASM_USER_ID`.
+    pub expose_user_env: bool,
+    /// The user's SSH key Secret, when the group injects SSH keys.
+    pub ssh_keys_secret: Option<&'a str>,
+    /// Volume mappings merged from the groups (the workspace's are added here).
+    pub group_volume_mappings: &'a [VolumeMapping],
+    /// File mappings after precedence (User > Group > Workspace), one per destination.
+    pub file_mappings: &'a [FileMapping],
+    /// The group's run config (wins over the workspace's).
+    pub group_run_config: Option<&'a RunConfig>,
+    /// Effective settings as JSON, delivered to the streaming software as a file.
+    pub settings_json: &'a str,
+    /// Paused: the pod carries the paused access label.
+    pub paused: bool,
+}
+
+/// The pod's name: the session's name (one pod per session at a time).
+pub fn pod_name(session: &Session) -> String {
+    session.name_any()
+}
+
+fn owner_ref(session: &Session) -> OwnerReference {
+    session
+        .controller_owner_ref(&())
+        .expect("a stored Session has a name and uid")
+}
+
+/// Labels shared by the pod and claim.
+fn base_labels(user: &str, workspace: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
+        (
+            "app.kubernetes.io/name".to_string(),
+            "cubicle-session".to_string(),
+        ),
+        (USER_LABEL.to_string(), label_value(user)),
+        (WORKSPACE_LABEL.to_string(), label_value(workspace)),
+    ])
+}
+
+/// A valid label value for an arbitrary string (≤ 63 chars, alphanumeric ends); long or odd
+/// values are shortened with a stable hash suffix.
+pub fn label_value(s: &str) -> String {
+    let clean: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let clean = clean
+        .trim_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_string();
+    if clean.len() <= 63 && clean == s {
+        return clean;
+    }
+    let h = format!("{:08x}", stable_hash(s) as u32);
+    let keep: String = clean.chars().take(54).collect();
+    let keep = keep.trim_matches(|c: char| !c.is_ascii_alphanumeric());
+    if keep.is_empty() {
+        h
+    } else {
+        format!("{keep}-{h}")
+    }
+}
+
+/// FNV-1a 64: stable across processes and versions (std's hasher is randomly seeded).
+pub fn stable_hash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    })
+}
+
+/// Replaces `{username}` and `{user_id}` in a template.
+pub fn render_template(template: &str, username: &str, user_id: &str) -> String {
+    template
+        .replace("{username}", username)
+        .replace("{user_id}", user_id)
+}
+
+/// A DNS-1123 subdomain name (≤ 253) for a rendered claim-name template: lowercased, invalid
+/// characters replaced; shortened with a stable hash when too long.
+pub fn dns_name(s: &str) -> String {
+    let lower: String = s
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let trimmed = lower
+        .trim_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_string();
+    if !trimmed.is_empty() && trimmed.len() <= 253 && trimmed == s {
+        return trimmed;
+    }
+    let h = format!("{:08x}", stable_hash(s) as u32);
+    let keep: String = trimmed.chars().take(240).collect();
+    let keep = keep.trim_matches(|c: char| !c.is_ascii_alphanumeric());
+    if keep.is_empty() {
+        format!("profile-{h}")
+    } else {
+        format!("{keep}-{h}")
+    }
+}
+
+/// The profile claim for a user, from the workspace's template. No owner reference: a profile
+/// outlives every session, and nothing the operator owns can take it down with it.
+pub fn profile_claim(
+    name: &str,
+    base: &str,
+    template: &ProfileClaimTemplate,
+    user: &str,
+    workspace: &str,
+    namespace: &str,
+    reset_by: Option<&str>,
+) -> PersistentVolumeClaim {
+    let mut labels = base_labels(user, workspace);
+    labels.insert(PROFILE_LABEL.into(), profile_key(base));
+    let annotations =
+        reset_by.map(|uid| BTreeMap::from([(RESET_BY_ANNOTATION.to_string(), uid.to_string())]));
+    let access_modes = if template.access_modes.is_empty() {
+        vec!["ReadWriteOnce".to_string()]
+    } else {
+        template
+            .access_modes
+            .iter()
+            .map(|m| {
+                serde_json::to_value(m)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default()
+            })
+            .collect()
+    };
+    PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(namespace.into()),
+            labels: Some(labels),
+            annotations,
+            ..Default::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(access_modes),
+            storage_class_name: template.storage_class_name.clone(),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([(
+                    "storage".to_string(),
+                    template.size.clone(),
+                )])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The label value identifying a profile (all generations of it) by its base name.
+pub fn profile_key(base: &str) -> String {
+    format!("p-{:016x}", stable_hash(base))
+}
+
+fn restricted_container_security() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: None,
+        }),
+        run_as_non_root: Some(true),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            localhost_profile: None,
+        }),
+        ..Default::default()
+    }
+}
+
+fn env(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        value_from: None,
+    }
+}
+
+/// Appends `add` to `base`, replacing variables of the same name.
+fn merge_env(base: &mut Vec<EnvVar>, add: &[EnvVar]) {
+    for e in add {
+        base.retain(|b| b.name != e.name);
+        base.push(e.clone());
+    }
+}
+
+fn file_mode(m: &FileMapping) -> i32 {
+    if m.executable.unwrap_or(false) {
+        0o555
+    } else {
+        0o444
+    }
+}
+
+/// The session pod.
+pub fn pod(i: &PodInputs<'_>) -> Pod {
+    let s = i.session;
+    let ws = &i.workspace.spec;
+    let ws_name = i.workspace.name_any();
+    let mut labels = base_labels(i.user, &ws_name);
+    labels.insert(SESSION_LABEL.into(), label_value(&s.name_any()));
+    if let Placement::Server { server, .. } = i.placement {
+        labels.insert(SERVER_LABEL.into(), label_value(server));
+    }
+    if i.paused {
+        labels.insert(ACCESS_LABEL.into(), "paused".into());
+    }
+    let mut annotations =
+        BTreeMap::from([(SETTINGS_ANNOTATION.to_string(), i.settings_json.to_string())]);
+
+    // Run config: the workspace's, then the group's on top (the group wins).
+    let run_configs: Vec<&RunConfig> = ws.run_config.iter().chain(i.group_run_config).collect();
+
+    let mut volumes: Vec<Volume> = Vec::new();
+    let mut mounts: Vec<VolumeMount> = Vec::new();
+    let mut init_containers: Vec<Container> = Vec::new();
+
+    // Effective settings, delivered as a file through the downward API (no extra object).
+    volumes.push(Volume {
+        name: "cubicle-settings".into(),
+        downward_api: Some(DownwardAPIVolumeSource {
+            items: Some(vec![DownwardAPIVolumeFile {
+                path: "settings.json".into(),
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: format!("metadata.annotations['{SETTINGS_ANNOTATION}']"),
+                    api_version: None,
+                }),
+                mode: Some(0o444),
+                resource_field_ref: None,
+            }]),
+            default_mode: None,
+        }),
+        ..Default::default()
+    });
+    mounts.push(VolumeMount {
+        name: "cubicle-settings".into(),
+        mount_path: SETTINGS_DIR.into(),
+        read_only: Some(true),
+        ..Default::default()
+    });
+
+    // Persistent profile.
+    match i.profile {
+        Some(ProfileMount::Claim { claim, mount_path }) => {
+            volumes.push(claim_volume("profile", claim, false));
+            mounts.push(VolumeMount {
+                name: "profile".into(),
+                mount_path: mount_path.clone(),
+                ..Default::default()
+            });
+        }
+        Some(ProfileMount::SubPath {
+            claim,
+            sub_path,
+            mount_path,
+            archive_to,
+        }) => {
+            volumes.push(claim_volume("profile", claim, false));
+            mounts.push(VolumeMount {
+                name: "profile".into(),
+                mount_path: mount_path.clone(),
+                sub_path: Some(sub_path.clone()),
+                ..Default::default()
+            });
+            if let Some(archive) = archive_to {
+                // Reset on a shared volume: rename the old directory (never delete it), then
+                // start fresh. Runs with the workspace image, which has a shell.
+                init_containers.push(Container {
+                    name: "profile-reset".into(),
+                    image: Some(ws.image.clone()),
+                    command: Some(vec!["/bin/sh".into(), "-c".into(),
+                        "set -eu; if [ -e \"/profiles/$OLD\" ]; then mv \"/profiles/$OLD\" \"/profiles/$NEW\"; fi; mkdir -p \"/profiles/$OLD\"".into()]),
+                    env: Some(vec![env("OLD", sub_path), env("NEW", archive)]),
+                    volume_mounts: Some(vec![VolumeMount {
+                        name: "profile".into(),
+                        mount_path: "/profiles".into(),
+                        ..Default::default()
+                    }]),
+                    security_context: Some(restricted_container_security()),
+                    ..Default::default()
+                });
+            }
+        }
+        None => {}
+    }
+
+    // Volume mappings: the groups' (merged), then the workspace's.
+    for (n, vm) in i
+        .group_volume_mappings
+        .iter()
+        .chain(ws.volume_mappings.iter())
+        .enumerate()
+    {
+        let vol_name = format!("vm-{n}");
+        let src = &vm.source;
+        volumes.push(Volume {
+            name: vol_name.clone(),
+            persistent_volume_claim: src.persistent_volume_claim.clone(),
+            nfs: src.nfs.clone(),
+            config_map: src.config_map.clone(),
+            secret: src.secret.clone(),
+            empty_dir: src.empty_dir.clone(),
+            host_path: src.host_path.clone(),
+            ..Default::default()
+        });
+        mounts.push(VolumeMount {
+            name: vol_name,
+            mount_path: vm.mount_path.clone(),
+            sub_path: vm.sub_path.clone(),
+            read_only: vm.read_only,
+            ..Default::default()
+        });
+    }
+
+    // File mappings: one projected volume; each file mounted at its destination via subPath.
+    // Writable files are copied into an emptyDir by an init container first.
+    let mut sources: Vec<VolumeProjection> = Vec::new();
+    let mut writable: Vec<(String, String)> = Vec::new();
+    for (n, fm) in i.file_mappings.iter().enumerate() {
+        let item = format!("f{n}");
+        let mode = Some(file_mode(fm));
+        if let Some(text) = &fm.content.inline {
+            let key = format!("cubicle.dev/file-{n}");
+            annotations.insert(key.clone(), text.clone());
+            sources.push(VolumeProjection {
+                downward_api: Some(k8s_openapi::api::core::v1::DownwardAPIProjection {
+                    items: Some(vec![DownwardAPIVolumeFile {
+                        path: item.clone(),
+                        field_ref: Some(ObjectFieldSelector {
+                            field_path: format!("metadata.annotations['{key}']"),
+                            api_version: None,
+                        }),
+                        mode,
+                        resource_field_ref: None,
+                    }]),
+                }),
+                ..Default::default()
+            });
+        } else if let Some(r) = &fm.content.config_map_key_ref {
+            sources.push(VolumeProjection {
+                config_map: Some(ConfigMapProjection {
+                    name: r.name.clone(),
+                    items: Some(vec![KeyToPath {
+                        key: r.key.clone(),
+                        path: item.clone(),
+                        mode,
+                    }]),
+                    optional: r.optional,
+                }),
+                ..Default::default()
+            });
+        } else if let Some(r) = &fm.content.secret_key_ref {
+            sources.push(VolumeProjection {
+                secret: Some(SecretProjection {
+                    name: r.name.clone(),
+                    items: Some(vec![KeyToPath {
+                        key: r.key.clone(),
+                        path: item.clone(),
+                        mode,
+                    }]),
+                    optional: r.optional,
+                }),
+                ..Default::default()
+            });
+        }
+        if fm.writable.unwrap_or(false) {
+            writable.push((item.clone(), fm.destination.clone()));
+            mounts.push(VolumeMount {
+                name: "cubicle-files-rw".into(),
+                mount_path: fm.destination.clone(),
+                sub_path: Some(item),
+                ..Default::default()
+            });
+        } else {
+            mounts.push(VolumeMount {
+                name: "cubicle-files".into(),
+                mount_path: fm.destination.clone(),
+                sub_path: Some(item),
+                read_only: Some(true),
+                ..Default::default()
+            });
+        }
+    }
+    // SSH keys, when the group injects them: projected read-only into ~/.ssh.
+    if let Some(secret) = i.ssh_keys_secret {
+        let home = i
+            .profile
+            .map(|p| match p {
+                ProfileMount::Claim { mount_path, .. }
+                | ProfileMount::SubPath { mount_path, .. } => mount_path.clone(),
+            })
+            .unwrap_or_else(|| "/home/kasm-user".into());
+        for (key, mode) in [("id_rsa", 0o400), ("id_rsa.pub", 0o444)] {
+            let item = format!("ssh-{key}");
+            sources.push(VolumeProjection {
+                secret: Some(SecretProjection {
+                    name: secret.into(),
+                    items: Some(vec![KeyToPath {
+                        key: key.into(),
+                        path: item.clone(),
+                        mode: Some(mode),
+                    }]),
+                    optional: Some(key == "id_rsa.pub"),
+                }),
+                ..Default::default()
+            });
+            mounts.push(VolumeMount {
+                name: "cubicle-files".into(),
+                mount_path: format!("{}/.ssh/{key}", home.trim_end_matches('/')),
+                sub_path: Some(item),
+                read_only: Some(true),
+                ..Default::default()
+            });
+        }
+    }
+    if !sources.is_empty() {
+        volumes.push(Volume {
+            name: "cubicle-files".into(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(sources),
+                default_mode: Some(0o444),
+            }),
+            ..Default::default()
+        });
+    }
+    if !writable.is_empty() {
+        volumes.push(Volume {
+            name: "cubicle-files-rw".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Default::default()
+        });
+        let script = writable
+            .iter()
+            .map(|(item, _)| format!("cp /src/{item} /rw/{item} && chmod u+w /rw/{item}"))
+            .collect::<Vec<_>>()
+            .join(" && ");
+        init_containers.push(Container {
+            name: "file-mappings".into(),
+            image: Some(ws.image.clone()),
+            command: Some(vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                format!("set -eu; {script}"),
+            ]),
+            volume_mounts: Some(vec![
+                VolumeMount {
+                    name: "cubicle-files".into(),
+                    mount_path: "/src".into(),
+                    read_only: Some(true),
+                    ..Default::default()
+                },
+                VolumeMount {
+                    name: "cubicle-files-rw".into(),
+                    mount_path: "/rw".into(),
+                    ..Default::default()
+                },
+            ]),
+            security_context: Some(restricted_container_security()),
+            ..Default::default()
+        });
+    }
+
+    // Environment: workspace, then KASM_USER/KASM_USER_ID, then run configs (group last).
+    let mut envs: Vec<EnvVar> = ws.env.clone();
+    if i.expose_user_env {
+        merge_env(
+            &mut envs,
+            &[env("KASM_USER", i.username), env("KASM_USER_ID", i.user_id)],
+        );
+    }
+
+    // Resources from the workspace.
+    let mut requests = BTreeMap::new();
+    let mut limits = BTreeMap::new();
+    if let Some(r) = &ws.resources {
+        if let Some(c) = &r.cores {
+            requests.insert("cpu".to_string(), c.clone());
+            limits.insert("cpu".to_string(), c.clone());
+        }
+        if let Some(m) = &r.memory {
+            requests.insert("memory".to_string(), m.clone());
+            limits.insert("memory".to_string(), m.clone());
+        }
+        if let Some(g) = r.gpus.filter(|g| *g > 0) {
+            limits.insert("nvidia.com/gpu".to_string(), Quantity(g.to_string()));
+        }
+    }
+
+    let mut container = Container {
+        name: "session".into(),
+        image: Some(ws.image.clone()),
+        image_pull_policy: ws
+            .image_pull_policy
+            .and_then(|p| serde_json::to_value(p).ok())
+            .and_then(|v| v.as_str().map(String::from)),
+        security_context: Some(restricted_container_security()),
+        ..Default::default()
+    };
+    let mut pod_sc = PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(SESSION_UID),
+        run_as_group: Some(SESSION_UID),
+        fs_group: Some(SESSION_UID),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            localhost_profile: None,
+        }),
+        ..Default::default()
+    };
+    let mut node_selector: BTreeMap<String, String> = BTreeMap::new();
+    let mut tolerations: Vec<Toleration> = Vec::new();
+    let mut spec = PodSpec::default();
+    let mut shm: Option<Quantity> = None;
+    for rc in &run_configs {
+        if let Some(p) = &rc.pod {
+            node_selector.extend(p.node_selector.clone());
+            tolerations.extend(p.tolerations.iter().cloned());
+            if p.priority_class_name.is_some() {
+                spec.priority_class_name = p.priority_class_name.clone();
+            }
+            if p.runtime_class_name.is_some() {
+                spec.runtime_class_name = p.runtime_class_name.clone();
+            }
+            if p.hostname.is_some() {
+                spec.hostname = p.hostname.clone();
+            }
+            if !p.host_aliases.is_empty() {
+                spec.host_aliases = Some(p.host_aliases.clone());
+            }
+            if p.dns_config.is_some() {
+                spec.dns_config = p.dns_config.clone();
+            }
+            if let Some(sc) = &p.security_context {
+                pod_sc = sc.clone();
+            }
+            if p.shm_size.is_some() {
+                shm = p.shm_size.clone();
+            }
+            labels.extend(p.labels.clone());
+            annotations.extend(p.annotations.clone());
+        }
+        if let Some(c) = &rc.container {
+            merge_env(&mut envs, &c.env);
+            if let Some(sc) = &c.security_context {
+                container.security_context = Some(sc.clone());
+            }
+            if c.working_dir.is_some() {
+                container.working_dir = c.working_dir.clone();
+            }
+            if c.command.is_some() {
+                container.command = c.command.clone();
+            }
+            if c.args.is_some() {
+                container.args = c.args.clone();
+            }
+            if let Some(r) = &c.resources {
+                requests.extend(r.requests.clone());
+                limits.extend(r.limits.clone());
+            }
+        }
+    }
+    if let Some(size) = shm {
+        volumes.push(Volume {
+            name: "dshm".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                medium: Some("Memory".into()),
+                size_limit: Some(size),
+            }),
+            ..Default::default()
+        });
+        mounts.push(VolumeMount {
+            name: "dshm".into(),
+            mount_path: "/dev/shm".into(),
+            ..Default::default()
+        });
+    }
+    // Identity labels always win over run-config labels.
+    labels.extend(base_labels(i.user, &ws_name));
+    labels.insert(SESSION_LABEL.into(), label_value(&s.name_any()));
+
+    // Placement.
+    let mut required: Vec<NodeSelectorRequirement> = Vec::new();
+    let zone = match i.placement {
+        Placement::Scheduler { zone } => zone.clone(),
+        Placement::Server { node, zone, .. } => {
+            required.push(NodeSelectorRequirement {
+                key: HOSTNAME_LABEL.into(),
+                operator: "In".into(),
+                values: Some(vec![node.clone()]),
+            });
+            zone.clone()
+        }
+        Placement::Autoscale {
+            node_selector: sel,
+            zone,
+        } => {
+            node_selector.extend(sel.clone());
+            zone.clone()
+        }
+    };
+    if let Some(z) = zone {
+        required.push(NodeSelectorRequirement {
+            key: ZONE_LABEL.into(),
+            operator: "In".into(),
+            values: Some(vec![z]),
+        });
+    }
+
+    container.env = (!envs.is_empty()).then_some(envs);
+    container.volume_mounts = Some(mounts);
+    container.resources =
+        (!requests.is_empty() || !limits.is_empty()).then(|| ResourceRequirements {
+            requests: (!requests.is_empty()).then_some(requests),
+            limits: (!limits.is_empty()).then_some(limits),
+            ..Default::default()
+        });
+    spec.containers = vec![container];
+    spec.init_containers = (!init_containers.is_empty()).then(|| {
+        init_containers
+            .into_iter()
+            .map(|mut c| {
+                c.resources = None;
+                c
+            })
+            .collect()
+    });
+    spec.volumes = Some(volumes);
+    spec.security_context = Some(pod_sc);
+    spec.automount_service_account_token = Some(false);
+    spec.enable_service_links = Some(false);
+    spec.restart_policy = Some("Always".into());
+    spec.node_selector = (!node_selector.is_empty()).then_some(node_selector);
+    spec.tolerations = (!tolerations.is_empty()).then_some(tolerations);
+    spec.image_pull_secrets = (!ws.image_pull_secrets.is_empty()).then(|| {
+        ws.image_pull_secrets
+            .iter()
+            .map(|n| k8s_openapi::api::core::v1::LocalObjectReference { name: n.clone() })
+            .collect()
+    });
+    if !required.is_empty() {
+        spec.affinity = Some(Affinity {
+            node_affinity: Some(NodeAffinity {
+                required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                    node_selector_terms: vec![NodeSelectorTerm {
+                        match_expressions: Some(required),
+                        match_fields: None,
+                    }],
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(pod_name(s)),
+            namespace: s.namespace(),
+            labels: Some(labels),
+            annotations: Some(annotations),
+            owner_references: Some(vec![owner_ref(s)]),
+            ..Default::default()
+        },
+        spec: Some(spec),
+        status: None,
+    }
+}
+
+fn claim_volume(name: &str, claim: &str, read_only: bool) -> Volume {
+    Volume {
+        name: name.into(),
+        persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+            claim_name: claim.into(),
+            read_only: read_only.then_some(true),
+        }),
+        ..Default::default()
+    }
+}

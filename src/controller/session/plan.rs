@@ -1,0 +1,602 @@
+//! Pure decisions of the Session controller: launch checks, placement, profile zone, and the
+//! phase observed from the pod. No I/O, no clock.
+
+use k8s_openapi::api::core::v1::Pod;
+
+use super::build::Placement;
+use crate::crd::v1alpha1::{DesiredState, ProfileMode, SessionPhase};
+
+/// Why a launch (or a state change) is refused: a CamelCase reason and a message that names the
+/// objects and fields involved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// Condition reason / event reason.
+    pub reason: &'static str,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+impl Refusal {
+    /// A refusal.
+    pub fn new(reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// Condition reasons.
+pub mod reasons {
+    /// The referenced User does not exist.
+    pub const USER_NOT_FOUND: &str = "UserNotFound";
+    /// The referenced Workspace does not exist.
+    pub const WORKSPACE_NOT_FOUND: &str = "WorkspaceNotFound";
+    /// The user is disabled (locked).
+    pub const USER_DISABLED: &str = "UserDisabled";
+    /// No group of the user may use the workspace.
+    pub const NOT_ALLOWED: &str = "WorkspaceNotAllowed";
+    /// maxKasmsPerUser reached.
+    pub const MAX_SESSIONS: &str = "MaxSessionsReached";
+    /// The usage budget is spent.
+    pub const USAGE_EXHAUSTED: &str = "UsageLimitExhausted";
+    /// Assignment-enabled pool without an assigned server.
+    pub const NO_ASSIGNED_SERVER: &str = "NoAssignedServer";
+    /// Zone requested without allowZoneSelection.
+    pub const ZONE_NOT_ALLOWED: &str = "ZoneSelectionNotAllowed";
+    /// No capacity (or no node) in the requested zone.
+    pub const NO_CAPACITY_IN_ZONE: &str = "NoCapacityInZone";
+    /// No server of the pool has capacity.
+    pub const NO_CAPACITY: &str = "NoServerCapacity";
+    /// Persistent profile requested without allowPersistentProfile.
+    pub const PROFILE_NOT_ALLOWED: &str = "PersistentProfileNotAllowed";
+    /// The profile volume is in another zone than the one requested or available.
+    pub const PROFILE_ZONE: &str = "ProfileZoneConflict";
+    /// Stop requested without allowKasmStop.
+    pub const STOP_NOT_ALLOWED: &str = "StopNotAllowed";
+    /// Pause requested without allowKasmPause.
+    pub const PAUSE_NOT_ALLOWED: &str = "PauseNotAllowed";
+    /// A reference is broken (pool, server) in a way the user cannot fix.
+    pub const CONFIGURATION: &str = "ConfigurationError";
+    /// Admitted.
+    pub const ADMITTED: &str = "Admitted";
+}
+
+/// What the launch checks look at.
+#[derive(Debug, Clone, Default)]
+pub struct AdmissionInputs {
+    /// `spec.user` (for messages).
+    pub user: String,
+    /// `spec.workspace` (for messages).
+    pub workspace: String,
+    /// The User exists.
+    pub user_found: bool,
+    /// The User is disabled.
+    pub user_disabled: bool,
+    /// The Workspace exists.
+    pub workspace_found: bool,
+    /// A denial from the access rules (groups, assignment), with its reason.
+    pub access_denial: Option<Refusal>,
+    /// maxKasmsPerUser (None: unlimited).
+    pub max_sessions: Option<u32>,
+    /// Active sessions of the same user that come before this one.
+    pub earlier_active: u32,
+    /// Usage budget spent: the message (with the window and the figures).
+    pub usage_exhausted: Option<String>,
+    /// `spec.zone`.
+    pub requested_zone: Option<String>,
+    /// allowZoneSelection.
+    pub allow_zone_selection: bool,
+    /// `spec.persistentProfile`.
+    pub requested_profile: Option<ProfileMode>,
+    /// allowPersistentProfile.
+    pub allow_persistent_profile: bool,
+    /// The workspace configures a persistent profile.
+    pub workspace_has_profile: bool,
+}
+
+/// The launch checks, in a fixed order; the first failing one is the reason.
+pub fn admit(i: &AdmissionInputs) -> Result<(), Refusal> {
+    use reasons::*;
+    if !i.user_found {
+        return Err(Refusal::new(
+            USER_NOT_FOUND,
+            format!(
+                "spec.user: User {:?} does not exist in this namespace",
+                i.user
+            ),
+        ));
+    }
+    if !i.workspace_found {
+        return Err(Refusal::new(
+            WORKSPACE_NOT_FOUND,
+            format!(
+                "spec.workspace: Workspace {:?} does not exist in this namespace",
+                i.workspace
+            ),
+        ));
+    }
+    if i.user_disabled {
+        return Err(Refusal::new(
+            USER_DISABLED,
+            format!(
+                "User {:?} is disabled (spec.disabled: true); it cannot start sessions until re-enabled",
+                i.user
+            ),
+        ));
+    }
+    if let Some(d) = &i.access_denial {
+        return Err(d.clone());
+    }
+    if let Some(max) = i.max_sessions
+        && i.earlier_active >= max
+    {
+        return Err(Refusal::new(
+            MAX_SESSIONS,
+            format!(
+                "User {:?} already has {} active session(s); maxKasmsPerUser is {max}",
+                i.user, i.earlier_active
+            ),
+        ));
+    }
+    if let Some(msg) = &i.usage_exhausted {
+        return Err(Refusal::new(USAGE_EXHAUSTED, msg.clone()));
+    }
+    if let Some(z) = &i.requested_zone
+        && !i.allow_zone_selection
+    {
+        return Err(Refusal::new(
+            ZONE_NOT_ALLOWED,
+            format!(
+                "spec.zone: {z:?} requested, but none of the user's groups sets allowZoneSelection: true"
+            ),
+        ));
+    }
+    if matches!(
+        i.requested_profile,
+        Some(ProfileMode::Enabled | ProfileMode::Reset)
+    ) {
+        if !i.workspace_has_profile {
+            return Err(Refusal::new(
+                CONFIGURATION,
+                format!(
+                    "spec.persistentProfile: {:?} requested, but Workspace {:?} has no persistentProfile",
+                    i.requested_profile.unwrap_or(ProfileMode::Enabled),
+                    i.workspace
+                ),
+            ));
+        }
+        if !i.allow_persistent_profile {
+            return Err(Refusal::new(
+                PROFILE_NOT_ALLOWED,
+                "spec.persistentProfile requested, but none of the user's groups sets allowPersistentProfile: true",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The profile mode that applies: an explicit request, else Enabled when the workspace has a
+/// profile and the user may use it, else Disabled.
+pub fn profile_mode(i: &AdmissionInputs) -> ProfileMode {
+    match i.requested_profile {
+        Some(m) => m,
+        None if i.workspace_has_profile && i.allow_persistent_profile => ProfileMode::Enabled,
+        None => ProfileMode::Disabled,
+    }
+}
+
+/// A server the session could go to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerCandidate {
+    /// Server name.
+    pub name: String,
+    /// Its node.
+    pub node: String,
+    /// Its zone, if known.
+    pub zone: Option<String>,
+    /// Sessions on it now (including reservations).
+    pub load: u32,
+    /// maxSessions (None: unlimited).
+    pub capacity: Option<u32>,
+}
+
+/// How the workspace places sessions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PoolKind {
+    /// No pool: the scheduler; `zones` are the zones that have nodes.
+    None {
+        /// Zones with at least one node.
+        zones: Vec<String>,
+    },
+    /// A pool of servers (already filtered to the user's assigned ones when assignment is on).
+    Servers {
+        /// Pool name.
+        pool: String,
+        /// Candidates.
+        candidates: Vec<ServerCandidate>,
+    },
+    /// An autoscaled pool.
+    Autoscale {
+        /// Pool name.
+        pool: String,
+        /// Its node selector.
+        node_selector: std::collections::BTreeMap<String, String>,
+        /// Zones with at least one matching node.
+        zones: Vec<String>,
+    },
+}
+
+/// Picks where the session runs. The zone is the requested one or the profile's; a named zone
+/// is never substituted; among servers, the least loaded with room wins (ties by name).
+pub fn place(
+    pool: &PoolKind,
+    requested_zone: Option<&str>,
+    profile_zone: Option<&str>,
+) -> Result<Placement, Refusal> {
+    use reasons::*;
+    if let (Some(r), Some(p)) = (requested_zone, profile_zone)
+        && r != p
+    {
+        return Err(Refusal::new(
+            PROFILE_ZONE,
+            format!(
+                "spec.zone is {r:?}, but the user's profile volume is bound to zone {p:?}; request zone {p:?} or no zone"
+            ),
+        ));
+    }
+    let zone = requested_zone.or(profile_zone);
+    let why_zone = |z: &str| {
+        if requested_zone.is_some() {
+            format!("requested zone {z:?}")
+        } else {
+            format!("zone {z:?} of the user's profile volume")
+        }
+    };
+    match pool {
+        PoolKind::None { zones } | PoolKind::Autoscale { zones, .. } => {
+            if let Some(z) = zone
+                && !zones.iter().any(|x| x == z)
+            {
+                let reason = if requested_zone.is_some() {
+                    NO_CAPACITY_IN_ZONE
+                } else {
+                    PROFILE_ZONE
+                };
+                return Err(Refusal::new(
+                    reason,
+                    format!("no node is available in the {}", why_zone(z)),
+                ));
+            }
+            Ok(match pool {
+                PoolKind::Autoscale { node_selector, .. } => Placement::Autoscale {
+                    node_selector: node_selector.clone(),
+                    zone: zone.map(String::from),
+                },
+                _ => Placement::Scheduler {
+                    zone: zone.map(String::from),
+                },
+            })
+        }
+        PoolKind::Servers { pool, candidates } => {
+            let in_zone: Vec<&ServerCandidate> = candidates
+                .iter()
+                .filter(|c| zone.is_none_or(|z| c.zone.as_deref() == Some(z)))
+                .collect();
+            if let Some(z) = zone
+                && in_zone.is_empty()
+            {
+                let reason = if requested_zone.is_some() {
+                    NO_CAPACITY_IN_ZONE
+                } else {
+                    PROFILE_ZONE
+                };
+                return Err(Refusal::new(
+                    reason,
+                    format!(
+                        "ServerPool {pool:?} has no server available to the user in the {}",
+                        why_zone(z)
+                    ),
+                ));
+            }
+            let best = in_zone
+                .iter()
+                .filter(|c| c.capacity.is_none_or(|cap| c.load < cap))
+                .min_by(|a, b| a.load.cmp(&b.load).then_with(|| a.name.cmp(&b.name)));
+            match best {
+                Some(c) => Ok(Placement::Server {
+                    server: c.name.clone(),
+                    node: c.node.clone(),
+                    zone: c.zone.clone(),
+                }),
+                None if zone.is_some() => Err(Refusal::new(
+                    NO_CAPACITY_IN_ZONE,
+                    format!(
+                        "every server of ServerPool {pool:?} in the {} is full (maxSessions)",
+                        why_zone(zone.unwrap_or_default())
+                    ),
+                )),
+                None if in_zone.is_empty() => Err(Refusal::new(
+                    NO_CAPACITY,
+                    format!("ServerPool {pool:?} has no server available to the user"),
+                )),
+                None => Err(Refusal::new(
+                    NO_CAPACITY,
+                    format!(
+                        "every server of ServerPool {pool:?} available to the user is full (maxSessions)"
+                    ),
+                )),
+            }
+        }
+    }
+}
+
+/// Whether a requested state change is allowed; stop and pause need their permissions.
+pub fn check_state_change(
+    desired: DesiredState,
+    allow_stop: bool,
+    allow_pause: bool,
+    by_expiry: bool,
+) -> Result<(), Refusal> {
+    use reasons::*;
+    match desired {
+        DesiredState::Stopped if !allow_stop && !by_expiry => Err(Refusal::new(
+            STOP_NOT_ALLOWED,
+            "spec.state: Stopped requested, but none of the user's groups sets allowKasmStop: true; the session keeps running",
+        )),
+        DesiredState::Paused if !allow_pause && !by_expiry => Err(Refusal::new(
+            PAUSE_NOT_ALLOWED,
+            "spec.state: Paused requested, but none of the user's groups sets allowKasmPause: true; the session keeps running",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// What the pod says about the session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    /// The phase.
+    pub phase: SessionPhase,
+    /// The node, once scheduled.
+    pub node: Option<String>,
+    /// The pod is Ready.
+    pub ready: bool,
+    /// Why not ready, when known (scheduler or container message).
+    pub message: Option<String>,
+}
+
+/// The session's phase from its pod (when it should be running or paused).
+pub fn observe(pod: Option<&Pod>, paused: bool) -> Observed {
+    let Some(pod) = pod else {
+        return Observed {
+            phase: SessionPhase::Pending,
+            node: None,
+            ready: false,
+            message: None,
+        };
+    };
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+    let status = pod.status.as_ref();
+    let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
+    let conds = status.and_then(|s| s.conditions.as_ref());
+    let ready = conds.is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    let message = conds
+        .and_then(|c| {
+            c.iter()
+                .find(|c| c.status == "False" && c.message.is_some())
+        })
+        .and_then(|c| c.message.clone())
+        .or_else(|| status.and_then(|s| s.message.clone()));
+    let phase = match phase {
+        "Failed" => SessionPhase::Failed,
+        "Succeeded" => SessionPhase::Failed,
+        "Running" if ready && paused => SessionPhase::Paused,
+        "Running" if ready => SessionPhase::Running,
+        _ => SessionPhase::Pending,
+    };
+    Observed {
+        phase,
+        node,
+        ready,
+        message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok_inputs() -> AdmissionInputs {
+        AdmissionInputs {
+            user: "alice".into(),
+            workspace: "desktop".into(),
+            user_found: true,
+            workspace_found: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn admits_a_plain_request() {
+        assert_eq!(admit(&ok_inputs()), Ok(()));
+    }
+
+    #[test]
+    fn each_check_refuses_with_its_reason() {
+        let cases: Vec<(Box<dyn Fn(&mut AdmissionInputs)>, &str)> = vec![
+            (Box::new(|i| i.user_found = false), reasons::USER_NOT_FOUND),
+            (
+                Box::new(|i| i.workspace_found = false),
+                reasons::WORKSPACE_NOT_FOUND,
+            ),
+            (Box::new(|i| i.user_disabled = true), reasons::USER_DISABLED),
+            (
+                Box::new(|i| i.access_denial = Some(Refusal::new(reasons::NOT_ALLOWED, "no"))),
+                reasons::NOT_ALLOWED,
+            ),
+            (
+                Box::new(|i| {
+                    i.max_sessions = Some(2);
+                    i.earlier_active = 2;
+                }),
+                reasons::MAX_SESSIONS,
+            ),
+            (
+                Box::new(|i| i.usage_exhausted = Some("spent".into())),
+                reasons::USAGE_EXHAUSTED,
+            ),
+            (
+                Box::new(|i| i.requested_zone = Some("zone-a".into())),
+                reasons::ZONE_NOT_ALLOWED,
+            ),
+            (
+                Box::new(|i| {
+                    i.requested_profile = Some(ProfileMode::Enabled);
+                    i.workspace_has_profile = true;
+                }),
+                reasons::PROFILE_NOT_ALLOWED,
+            ),
+        ];
+        for (mutate, reason) in cases {
+            let mut i = ok_inputs();
+            mutate(&mut i);
+            assert_eq!(admit(&i).unwrap_err().reason, reason);
+        }
+    }
+
+    #[test]
+    fn max_sessions_counts_only_earlier_sessions() {
+        let mut i = ok_inputs();
+        i.max_sessions = Some(2);
+        i.earlier_active = 1;
+        assert!(admit(&i).is_ok());
+        i.max_sessions = Some(0);
+        i.earlier_active = 0;
+        assert_eq!(admit(&i).unwrap_err().reason, reasons::MAX_SESSIONS);
+    }
+
+    #[test]
+    fn profile_defaults_to_enabled_only_when_allowed_and_configured() {
+        let mut i = ok_inputs();
+        assert_eq!(profile_mode(&i), ProfileMode::Disabled);
+        i.workspace_has_profile = true;
+        assert_eq!(profile_mode(&i), ProfileMode::Disabled);
+        i.allow_persistent_profile = true;
+        assert_eq!(profile_mode(&i), ProfileMode::Enabled);
+        i.requested_profile = Some(ProfileMode::Reset);
+        assert_eq!(profile_mode(&i), ProfileMode::Reset);
+    }
+
+    fn cand(name: &str, zone: &str, load: u32, cap: Option<u32>) -> ServerCandidate {
+        ServerCandidate {
+            name: name.into(),
+            node: format!("node-{name}"),
+            zone: Some(zone.into()),
+            load,
+            capacity: cap,
+        }
+    }
+
+    #[test]
+    fn least_loaded_server_with_room_wins() {
+        let pool = PoolKind::Servers {
+            pool: "p".into(),
+            candidates: vec![
+                cand("a", "z1", 3, Some(4)),
+                cand("b", "z1", 1, Some(1)),
+                cand("c", "z2", 2, None),
+            ],
+        };
+        match place(&pool, None, None).unwrap() {
+            Placement::Server { server, .. } => assert_eq!(server, "c"),
+            other => panic!("{other:?}"),
+        }
+        match place(&pool, Some("z1"), None).unwrap() {
+            Placement::Server { server, .. } => assert_eq!(server, "a"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_named_zone_is_never_substituted() {
+        let pool = PoolKind::Servers {
+            pool: "p".into(),
+            candidates: vec![cand("a", "z1", 4, Some(4)), cand("b", "z2", 0, None)],
+        };
+        assert_eq!(
+            place(&pool, Some("z1"), None).unwrap_err().reason,
+            reasons::NO_CAPACITY_IN_ZONE
+        );
+        assert_eq!(
+            place(&pool, Some("z3"), None).unwrap_err().reason,
+            reasons::NO_CAPACITY_IN_ZONE
+        );
+        let sched = PoolKind::None {
+            zones: vec!["z1".into()],
+        };
+        assert_eq!(
+            place(&sched, Some("z2"), None).unwrap_err().reason,
+            reasons::NO_CAPACITY_IN_ZONE
+        );
+        assert_eq!(
+            place(&sched, Some("z1"), None).unwrap(),
+            Placement::Scheduler {
+                zone: Some("z1".into())
+            }
+        );
+    }
+
+    #[test]
+    fn a_session_follows_its_profile_zone_or_is_refused() {
+        let sched = PoolKind::None {
+            zones: vec!["z1".into(), "z2".into()],
+        };
+        assert_eq!(
+            place(&sched, None, Some("z2")).unwrap(),
+            Placement::Scheduler {
+                zone: Some("z2".into())
+            }
+        );
+        assert_eq!(
+            place(&sched, Some("z1"), Some("z2")).unwrap_err().reason,
+            reasons::PROFILE_ZONE
+        );
+        let pool = PoolKind::Servers {
+            pool: "p".into(),
+            candidates: vec![cand("a", "z1", 0, None)],
+        };
+        assert_eq!(
+            place(&pool, None, Some("z2")).unwrap_err().reason,
+            reasons::PROFILE_ZONE
+        );
+    }
+
+    #[test]
+    fn full_pool_is_refused_with_capacity_reason() {
+        let pool = PoolKind::Servers {
+            pool: "p".into(),
+            candidates: vec![cand("a", "z1", 1, Some(1))],
+        };
+        assert_eq!(
+            place(&pool, None, None).unwrap_err().reason,
+            reasons::NO_CAPACITY
+        );
+        let empty = PoolKind::Servers {
+            pool: "p".into(),
+            candidates: vec![],
+        };
+        assert_eq!(
+            place(&empty, None, None).unwrap_err().reason,
+            reasons::NO_CAPACITY
+        );
+    }
+
+    #[test]
+    fn stop_and_pause_need_permission_unless_the_expiry_asks() {
+        assert!(check_state_change(DesiredState::Stopped, false, false, false).is_err());
+        assert!(check_state_change(DesiredState::Stopped, true, false, false).is_ok());
+        assert!(check_state_change(DesiredState::Paused, true, false, false).is_err());
+        assert!(check_state_change(DesiredState::Paused, false, false, true).is_ok());
+        assert!(check_state_change(DesiredState::Running, false, false, false).is_ok());
+    }
+}
