@@ -310,7 +310,12 @@ fn expected_grants(namespaces: &[&str], leader: bool) -> BTreeMap<Grant, BTreeSe
         ["get", "list", "watch"].map(String::from).into(),
     );
     m.insert(
-        ("ClusterRole".into(), "".into(), "persistentvolumes".into(), vec![]),
+        (
+            "ClusterRole".into(),
+            "".into(),
+            "persistentvolumes".into(),
+            vec![],
+        ),
         ["get", "list", "watch"].map(String::from).into(),
     );
     if namespaces.is_empty() {
