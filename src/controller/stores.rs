@@ -95,7 +95,11 @@ where
 {
     fn new() -> Self {
         let (reader, writer) = reflector::store_shared(BUFFER);
-        Self { writer, reader, deletes: Vec::new() }
+        Self {
+            writer,
+            reader,
+            deletes: Vec::new(),
+        }
     }
 
     /// A stream of deleted objects. Shared subscribers only see changes, and a controller must
@@ -136,7 +140,10 @@ pub struct Reflectors {
     pub pods: Shared<Pod>,
     /// Profile claims.
     pub claims: Shared<PersistentVolumeClaim>,
-    nodes: (Store<PartialObjectMeta<Node>>, Writer<PartialObjectMeta<Node>>),
+    nodes: (
+        Store<PartialObjectMeta<Node>>,
+        Writer<PartialObjectMeta<Node>>,
+    ),
     volumes: (Store<PersistentVolume>, Writer<PersistentVolume>),
 }
 
@@ -220,12 +227,7 @@ impl Reflectors {
                 self.pools,
                 "ServerPool",
             ),
-            drive(
-                s.api::<Server>(c),
-                all.clone(),
-                self.servers,
-                "Server",
-            ),
+            drive(s.api::<Server>(c), all.clone(), self.servers, "Server"),
             drive(
                 s.api::<ServerAssignment>(c),
                 all.clone(),
@@ -257,12 +259,19 @@ fn log_errors<K>(
     }
 }
 
-fn drive<K>(api: Api<K>, cfg: watcher::Config, shared: Shared<K>, kind: &'static str) -> JoinHandle<()>
+fn drive<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+    shared: Shared<K>,
+    kind: &'static str,
+) -> JoinHandle<()>
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone + Default + Send + Sync,
 {
-    let Shared { writer, deletes, .. } = shared;
+    let Shared {
+        writer, deletes, ..
+    } = shared;
     let mut log = log_errors::<K>(kind);
     tokio::spawn(
         watcher(api, cfg)
