@@ -12,4 +12,7 @@ pub mod devenv;
 pub mod http;
 pub mod leader;
 pub mod metrics;
+pub mod plan;
+pub mod repo;
+pub mod resolve;
 pub mod telemetry;

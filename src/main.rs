@@ -33,6 +33,28 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Check a configuration repository offline (a directory of YAML, or a kustomize tree):
+    /// bad YAML, unknown fields, unknown references, priority ties, inconsistent settings.
+    /// Prints `file:line: Kind/name: field: severity: message`; exits 1 on errors.
+    Validate {
+        /// The repository (directory or file).
+        dir: PathBuf,
+        /// Also fail on warnings.
+        #[arg(long)]
+        strict: bool,
+    },
+    /// Show what each user of a configuration repository effectively gets: groups, settings
+    /// with provenance, assigned servers, and which workspaces they may launch and where.
+    Plan {
+        /// The repository (directory or file).
+        dir: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "text")]
+        output: cubicle::plan::Format,
+        /// Only this user (object name or username).
+        #[arg(long)]
+        user: Option<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -141,6 +163,8 @@ async fn main() -> ExitCode {
             exit_on_stdin_eof,
         }) => dev_up(dir, nodes, zones, timeout, exit_on_stdin_eof).await,
         Command::Crds { dir } => crds(dir),
+        Command::Validate { dir, strict } => validate(&dir, strict),
+        Command::Plan { dir, output, user } => plan(&dir, output, user.as_deref()),
     }
 }
 
@@ -332,4 +356,20 @@ async fn run(args: RunArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn validate(dir: &std::path::Path, strict: bool) -> ExitCode {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let code = cubicle::plan::validate(dir, strict, &mut out, &mut std::io::stderr());
+    drop(out);
+    ExitCode::from(code)
+}
+
+fn plan(dir: &std::path::Path, output: cubicle::plan::Format, user: Option<&str>) -> ExitCode {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let code = cubicle::plan::plan(dir, output, user, &mut out, &mut std::io::stderr());
+    drop(out);
+    ExitCode::from(code)
 }
