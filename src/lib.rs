@@ -9,6 +9,7 @@ pub mod client;
 pub mod controller;
 pub mod crd;
 pub mod devenv;
+pub mod expiry;
 pub mod http;
 pub mod leader;
 pub mod metrics;
