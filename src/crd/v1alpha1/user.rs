@@ -300,7 +300,7 @@ pub struct EffectiveSetting {
     /// The setting's field name under `Group.spec.settings` (or `User.spec.settings`).
     pub name: String,
     /// The effective value; absent when nothing sets it and it has no default.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "crate::crd::any_value_schema")]
     pub value: Option<serde_json::Value>,
     /// Where the value comes from.
