@@ -4,9 +4,15 @@
 //! starts (no decision on a half-synced cache), and controllers start only once this replica
 //! holds the leader lease (when leader election is on). A replica that loses the lease exits.
 
+pub mod assignment;
 pub mod error;
+pub mod group;
+pub mod pool;
+pub mod server;
 pub mod session;
+pub mod status;
 pub mod stores;
+pub mod user;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -143,7 +149,23 @@ impl Context {
 pub type ControllerFactory = fn(&mut Reflectors, Arc<Context>) -> BoxFuture<'static, ()>;
 
 /// Every controller of the operator.
-pub const ALL: &[ControllerFactory] = &[];
+pub const ALL: &[ControllerFactory] = &[
+    user::controller,
+    group::controller,
+    server::controller,
+    pool::controller,
+    assignment::controller,
+];
+
+/// The status controllers of the directory kinds (User, Group, Server, ServerPool,
+/// ServerAssignment).
+pub const STATUS: &[ControllerFactory] = &[
+    user::controller,
+    group::controller,
+    server::controller,
+    pool::controller,
+    assignment::controller,
+];
 
 /// Runs `controllers` over every configured scope until `shutdown` resolves or leadership is lost.
 ///
@@ -189,7 +211,8 @@ pub async fn run(
             .collect()
     };
     let mut watch_tasks = Vec::new();
-    let mut pending = Vec::new();
+    let mut caches = Vec::new();
+    let mut all = Vec::new();
     for scope in scopes {
         let mut reflectors = Reflectors::new(client.clone(), scope.clone());
         let stores = reflectors.stores();
@@ -204,25 +227,27 @@ pub async fn run(
             .map(|f| f(&mut reflectors, ctx.clone()))
             .collect();
         watch_tasks.extend(reflectors.start());
-        pending.push((scope, stores, runs));
+        caches.push((scope, stores));
+        all.extend(runs);
     }
-    // Controllers are polled from here on, so subscribers drain while the caches sync; each
-    // controller itself waits for every cache (Context::wait_synced) before its first reconcile.
-    let all: Vec<_> = pending
-        .iter_mut()
-        .flat_map(|(_, _, runs)| std::mem::take(runs))
-        .collect();
-    let controllers = futures::future::join_all(all);
-    let synced = async {
-        for (scope, stores, _) in &pending {
+    // Controllers are polled only once every cache has synced. kube's `Store::wait_until_ready`
+    // keeps a single waker (a oneshot receiver inside `DelayedInit`): with several waiters at
+    // once (each controller's runner, each reconcile's `Context::wait_synced`), all but the last
+    // can miss the wake-up, leaving a controller, or one object's reconcile, stalled forever.
+    // With one waiter (this loop) there is nothing to miss, and later waits return at once. A
+    // store is marked ready before its first broadcast to subscribers, so the caches sync
+    // without their subscribers being drained.
+    let controllers = async {
+        for (scope, stores) in &caches {
             if let Err(e) = stores.wait_until_ready().await {
                 warn!(scope = ?scope, error = %e, "cache dropped");
-                return;
+                return Err("a cache stopped".to_string());
             }
             info!(scope = ?scope, "caches synced");
         }
         ready.store(true, Ordering::Relaxed);
-        std::future::pending::<()>().await
+        futures::future::join_all(all).await;
+        Ok(())
     };
     let lost = async {
         match leadership.as_mut() {
@@ -235,8 +260,7 @@ pub async fn run(
         }
     };
     let result = tokio::select! {
-        _ = controllers => Ok(()),
-        _ = synced => Err("a cache stopped".to_string()),
+        r = controllers => r,
         _ = &mut shutdown => { info!("shutting down"); Ok(()) }
         _ = lost => Err("lost leadership; exiting so that only the new leader writes".to_string()),
     };

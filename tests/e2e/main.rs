@@ -5,4 +5,5 @@
 
 mod api;
 mod foundation;
+mod status;
 mod support;

@@ -1,0 +1,587 @@
+//! The User status controller: user id, effective groups, every effective setting with its
+//! provenance, assigned servers (in effect or not), active sessions and last session time.
+//!
+//! Triggers are precise: a Group change reconciles the Users that are or were its members, a
+//! ServerAssignment change the users it names or named, a Session change its user. Statuses are
+//! written only when they differ (ignoring timestamps), so a steady state makes no writes.
+//! `status.usage` belongs to the usage ledger and is never written here.
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt, stream};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
+use kube::runtime::controller::{Action, Config, Controller};
+use kube::runtime::reflector::ObjectRef;
+
+use super::status::{self, Cond, comparable, conditions, directory, owned_conditions};
+use super::stores::{Reflectors, Stores};
+use super::{Context, Error};
+use crate::crd::v1alpha1::{
+    Group, Server, ServerAssignment, ServerPool, Session, User, UserStatus, Workspace,
+};
+use crate::resolve::findings::duplicate_username_finding;
+use crate::resolve::{self, Code, Directory, Finding, Severity};
+
+/// Kind label for metrics and errors.
+pub const KIND: &str = "User";
+/// Field manager of the status this controller applies.
+pub const MANAGER: &str = "cubicle/user-status";
+/// The condition types this controller owns.
+pub const CONDITIONS: &[&str] = &["Ready", "SettingsConflict", "SettingsInconsistent"];
+
+fn uname(u: &User) -> &str {
+    u.spec
+        .username
+        .as_deref()
+        .or(u.metadata.name.as_deref())
+        .unwrap_or("")
+}
+
+fn joined(fs: &[&Finding]) -> String {
+    fs.iter()
+        .map(|f| f.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The status the controller wants for `user` (pure). `sessions` are the user's sessions,
+/// `same_username` the other Users with the same username, `current` the status now (for
+/// `lastSessionTime`, which never goes back, and condition transition times).
+pub fn desired_status(
+    dir: &Directory,
+    user: &User,
+    sessions: &[Arc<Session>],
+    same_username: &[String],
+    current: Option<&UserStatus>,
+    now: &Time,
+) -> UserStatus {
+    let name = user.name_any();
+    let r = resolve::resolve_user(dir, user);
+    let (active, newest) = resolve::user_sessions(&name, sessions);
+    let previous = current.and_then(|c| c.last_session_time.clone());
+    let last_session_time = match (previous, newest) {
+        (Some(a), Some(b)) => Some(if b.0 > a.0 { b } else { a }),
+        (a, b) => a.or(b),
+    };
+    let mut findings = r.findings.clone();
+    if !same_username.is_empty() {
+        let mut all: Vec<String> = same_username.to_vec();
+        all.push(name.clone());
+        findings.push(duplicate_username_finding(
+            &dir.namespace,
+            &name,
+            uname(user),
+            &all,
+        ));
+    }
+    let errors: Vec<&Finding> = findings
+        .iter()
+        .filter(|f| f.severity == Severity::Error)
+        .collect();
+    let from_groups = r
+        .provenance
+        .iter()
+        .filter(|p| p.source.group.is_some() || !p.source.merged.is_empty())
+        .count();
+    let ready = match errors.first() {
+        None => Cond::new(
+            "Ready",
+            true,
+            "Resolved",
+            format!(
+                "member of {} groups; {} of {} settings set by groups or the user, the rest \
+                 Kasm defaults",
+                r.groups.len(),
+                from_groups,
+                r.provenance.len()
+            ),
+        ),
+        Some(first) => Cond::new("Ready", false, first.code.as_str(), joined(&errors)),
+    };
+    let conflicts: Vec<&Finding> = findings
+        .iter()
+        .filter(|f| matches!(f.code, Code::PriorityTie | Code::MappingCollision))
+        .collect();
+    let conflict = match conflicts.first() {
+        None => Cond::new("SettingsConflict", false, "NoConflict", "no conflict"),
+        Some(first) => Cond::new(
+            "SettingsConflict",
+            true,
+            first.code.as_str(),
+            joined(&conflicts),
+        ),
+    };
+    let inconsistent: Vec<&Finding> = findings
+        .iter()
+        .filter(|f| {
+            matches!(
+                f.code,
+                Code::KeepaliveExpirationTooShort | Code::IdleDisconnectTooShort
+            )
+        })
+        .collect();
+    let consistency = match inconsistent.first() {
+        None => Cond::new(
+            "SettingsInconsistent",
+            false,
+            "Consistent",
+            "keepaliveExpiration, keepaliveInterval and idleDisconnect are consistent",
+        ),
+        Some(first) => Cond::new(
+            "SettingsInconsistent",
+            true,
+            first.code.as_str(),
+            joined(&inconsistent),
+        ),
+    };
+    let generation = user.metadata.generation;
+    let current_conditions = current.map(|c| c.conditions.as_slice()).unwrap_or(&[]);
+    UserStatus {
+        user_id: Some(resolve::user_id(&dir.namespace, user)),
+        effective_groups: r.groups,
+        effective_settings: r.provenance,
+        assigned_servers: resolve::user_assigned_servers(dir, &name),
+        active_sessions: Some(active),
+        last_session_time,
+        usage: Vec::new(),
+        conditions: conditions(
+            vec![ready, conflict, consistency],
+            current_conditions,
+            generation,
+            now,
+        ),
+        observed_generation: generation,
+    }
+}
+
+/// Whether `desired` differs from the fields of `current` this controller owns.
+pub fn changed(current: Option<&UserStatus>, desired: &UserStatus) -> bool {
+    let owned = current.map(|c| UserStatus {
+        usage: Vec::new(),
+        conditions: owned_conditions(&c.conditions, CONDITIONS),
+        ..c.clone()
+    });
+    comparable(&owned.unwrap_or_default()) != comparable(desired)
+}
+
+async fn reconcile(user: Arc<User>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.wait_synced().await;
+    let _timer = ctx.metrics.reconcile_timer(KIND);
+    let name = user.name_any();
+    let ns = user.namespace().ok_or_else(|| Error::NoNamespace {
+        kind: KIND,
+        name: name.clone(),
+    })?;
+    let dir = directory(&ctx.stores, &ns);
+    let in_ns = |o: &Option<String>| o.as_deref() == Some(ns.as_str());
+    let sessions = ctx
+        .stores
+        .sessions
+        .state_filter(|s| s.spec.user == name && in_ns(&s.metadata.namespace));
+    let mine = uname(&user);
+    let same: Vec<String> = ctx
+        .stores
+        .users
+        .state_filter(|u| {
+            uname(u) == mine
+                && in_ns(&u.metadata.namespace)
+                && u.metadata.name != user.metadata.name
+        })
+        .iter()
+        .map(|u| u.name_any())
+        .collect();
+    let now = Time(jiff::Timestamp::now());
+    let desired = desired_status(&dir, &user, &sessions, &same, user.status.as_ref(), &now);
+    if changed(user.status.as_ref(), &desired) {
+        status::apply::<User>(&ctx.client, &ns, &name, MANAGER, &desired).await?;
+    }
+    ctx.backoff
+        .succeeded(&ObjectRef::from_obj(user.as_ref()).to_string());
+    Ok(Action::requeue(ctx.config.resync))
+}
+
+fn users_where(
+    stores: &Stores,
+    ns: Option<String>,
+    pred: impl Fn(&User) -> bool,
+) -> Vec<ObjectRef<User>> {
+    let Some(ns) = ns else { return Vec::new() };
+    status::refs(
+        stores
+            .users
+            .state_filter(|u| u.metadata.namespace.as_deref() == Some(ns.as_str()) && pred(u)),
+    )
+}
+
+/// Users that are, or according to their status were, members of `g`.
+pub fn users_of_group(stores: &Stores, g: &Group) -> Vec<ObjectRef<User>> {
+    let name = g.name_any();
+    let auto = g.spec.settings.auto_add_local_users == Some(true);
+    users_where(stores, g.namespace(), |u| {
+        u.spec.groups.contains(&name)
+            || (auto && resolve::is_local(u))
+            || u.status
+                .as_ref()
+                .is_some_and(|s| s.effective_groups.iter().any(|e| e.name == name))
+    })
+}
+
+/// Users whose assigned servers include `server` now or in their status.
+fn users_of_servers(
+    stores: &Stores,
+    ns: Option<String>,
+    servers: &[String],
+) -> Vec<ObjectRef<User>> {
+    let Some(ns_name) = ns.clone() else {
+        return Vec::new();
+    };
+    let assigned: Vec<String> = stores
+        .assignments
+        .state_filter(|a| {
+            a.metadata.namespace.as_deref() == Some(ns_name.as_str())
+                && a.spec.servers.iter().any(|s| servers.contains(s))
+        })
+        .iter()
+        .flat_map(|a| a.spec.users.clone())
+        .collect();
+    users_where(stores, ns, |u| {
+        u.metadata
+            .name
+            .as_ref()
+            .is_some_and(|n| assigned.contains(n))
+            || u.status.as_ref().is_some_and(|s| {
+                s.assigned_servers
+                    .iter()
+                    .any(|a| servers.contains(&a.server))
+            })
+    })
+}
+
+fn users_of_assignment(stores: &Stores, a: &ServerAssignment) -> Vec<ObjectRef<User>> {
+    let listed = a.spec.users.clone();
+    let servers = a.spec.servers.clone();
+    users_where(stores, a.namespace(), |u| {
+        u.metadata.name.as_ref().is_some_and(|n| listed.contains(n))
+            || u.status.as_ref().is_some_and(|s| {
+                s.assigned_servers
+                    .iter()
+                    .any(|x| servers.contains(&x.server))
+            })
+    })
+}
+
+fn users_of_pool(stores: &Stores, p: &ServerPool) -> Vec<ObjectRef<User>> {
+    let pool = p.name_any();
+    let ns = p.namespace();
+    let servers: Vec<String> = stores
+        .servers
+        .state_filter(|s| s.spec.pool == pool && s.metadata.namespace == ns)
+        .iter()
+        .map(|s| s.name_any())
+        .collect();
+    let mut out = users_of_servers(stores, ns.clone(), &servers);
+    out.extend(users_where(stores, ns, |u| {
+        u.status.as_ref().is_some_and(|s| {
+            s.assigned_servers
+                .iter()
+                .any(|x| x.pool.as_deref() == Some(pool.as_str()))
+        })
+    }));
+    out
+}
+
+fn users_with_default_workspace(stores: &Stores, w: &Workspace) -> Vec<ObjectRef<User>> {
+    let name = w.name_any();
+    users_where(stores, w.namespace(), |u| {
+        u.spec
+            .settings
+            .as_ref()
+            .and_then(|s| s.default_workspace.as_deref())
+            == Some(name.as_str())
+    })
+}
+
+fn user_of_session(s: &Session) -> Vec<ObjectRef<User>> {
+    match s.namespace() {
+        Some(ns) => vec![ObjectRef::new(&s.spec.user).within(&ns)],
+        None => Vec::new(),
+    }
+}
+
+/// Other users sharing `u`'s username, and users reported as duplicates (which may no longer
+/// be).
+fn users_sharing_username(stores: &Stores, u: &User) -> Vec<ObjectRef<User>> {
+    let mine = uname(u).to_string();
+    let me = u.metadata.name.clone();
+    users_where(stores, u.namespace(), |o| {
+        o.metadata.name != me
+            && (uname(o) == mine
+                || o.status.as_ref().is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.reason == Code::DuplicateUsername.as_str())
+                }))
+    })
+}
+
+/// Builds the User status controller over the shared caches.
+pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, ()> {
+    let s = ctx.stores.clone();
+    let on_group = {
+        let s = s.clone();
+        move |g: Arc<Group>| users_of_group(&s, &g)
+    };
+    let on_server = {
+        let s = s.clone();
+        move |x: Arc<Server>| users_of_servers(&s, x.namespace(), &[x.name_any()])
+    };
+    let on_pool = {
+        let s = s.clone();
+        move |p: Arc<ServerPool>| users_of_pool(&s, &p)
+    };
+    let on_assignment = {
+        let s = s.clone();
+        move |a: Arc<ServerAssignment>| users_of_assignment(&s, &a)
+    };
+    let on_workspace = {
+        let s = s.clone();
+        move |w: Arc<Workspace>| users_with_default_workspace(&s, &w)
+    };
+    let on_user = {
+        let s = s.clone();
+        move |u: Arc<User>| users_sharing_username(&s, &u)
+    };
+    let on_session = |x: Arc<Session>| user_of_session(&x);
+    let deleted_groups = {
+        let f = on_group.clone();
+        r.groups
+            .subscribe_deletes()
+            .flat_map(move |g| stream::iter(f(g)))
+    };
+    let deleted_servers = {
+        let f = on_server.clone();
+        r.servers
+            .subscribe_deletes()
+            .flat_map(move |x| stream::iter(f(x)))
+    };
+    let deleted_pools = {
+        let f = on_pool.clone();
+        r.pools
+            .subscribe_deletes()
+            .flat_map(move |x| stream::iter(f(x)))
+    };
+    let deleted_assignments = {
+        let f = on_assignment.clone();
+        r.assignments
+            .subscribe_deletes()
+            .flat_map(move |x| stream::iter(f(x)))
+    };
+    let deleted_sessions = r
+        .sessions
+        .subscribe_deletes()
+        .flat_map(move |x| stream::iter(on_session(x)));
+    let deleted_users = {
+        let f = on_user.clone();
+        r.users
+            .subscribe_deletes()
+            .flat_map(move |x| stream::iter(f(x)))
+    };
+    Controller::for_shared_stream(r.users.subscribe(), r.users.reader.clone())
+        .watches_shared_stream(r.groups.subscribe(), on_group)
+        .watches_shared_stream(r.servers.subscribe(), on_server)
+        .watches_shared_stream(r.pools.subscribe(), on_pool)
+        .watches_shared_stream(r.assignments.subscribe(), on_assignment)
+        .watches_shared_stream(r.workspaces.subscribe(), on_workspace)
+        .watches_shared_stream(r.sessions.subscribe(), on_session)
+        .watches_shared_stream(r.users.subscribe(), on_user)
+        .reconcile_on(deleted_groups)
+        .reconcile_on(deleted_servers)
+        .reconcile_on(deleted_pools)
+        .reconcile_on(deleted_assignments)
+        .reconcile_on(deleted_sessions)
+        .reconcile_on(deleted_users)
+        .with_config(Config::default().concurrency(ctx.config.concurrency))
+        .run(
+            reconcile,
+            |u, e, ctx: Arc<Context>| ctx.on_error(KIND, &ObjectRef::from_obj(u.as_ref()), e),
+            ctx,
+        )
+        .for_each(|_| futures::future::ready(()))
+        .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::Duration;
+    use crate::crd::v1alpha1::{GroupSettings, GroupSpec, SessionPhase};
+
+    fn group(name: &str, priority: u32, settings: GroupSettings) -> Arc<Group> {
+        let mut g = Group::new(
+            name,
+            GroupSpec {
+                priority,
+                description: None,
+                settings,
+            },
+        );
+        g.metadata.namespace = Some("ns".into());
+        Arc::new(g)
+    }
+
+    fn user(name: &str, groups: &[&str]) -> User {
+        let mut u: User = serde_json::from_value(serde_json::json!({
+            "apiVersion": "cubicle.dev/v1alpha1", "kind": "User",
+            "metadata": {"name": name, "namespace": "ns", "generation": 3},
+            "spec": {"groups": groups}
+        }))
+        .unwrap();
+        u.status = None;
+        u
+    }
+
+    fn t(s: &str) -> Time {
+        Time(s.parse().unwrap())
+    }
+
+    fn session(name: &str, user: &str, started: &str, phase: SessionPhase) -> Arc<Session> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "cubicle.dev/v1alpha1", "kind": "Session",
+                "metadata": {"name": name, "namespace": "ns"},
+                "spec": {"user": user, "workspace": "w"},
+                "status": {"phase": phase, "startedAt": started}
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn dir(groups: Vec<Arc<Group>>) -> Directory {
+        Directory {
+            namespace: "ns".into(),
+            groups,
+            ..Directory::default()
+        }
+    }
+
+    #[test]
+    fn status_shows_groups_settings_sessions_and_conditions() {
+        let d = dir(vec![group(
+            "eng",
+            10,
+            GroupSettings {
+                keepalive_interval: Some(Duration::new("1m")),
+                ..Default::default()
+            },
+        )]);
+        let u = user("alice", &["eng"]);
+        let sessions = vec![
+            session("a", "alice", "2026-01-01T10:00:00Z", SessionPhase::Running),
+            session("b", "alice", "2026-01-02T10:00:00Z", SessionPhase::Expired),
+        ];
+        let now = t("2026-02-01T00:00:00Z");
+        let s = desired_status(&d, &u, &sessions, &[], None, &now);
+        assert_eq!(s.user_id, Some(resolve::derived_user_id("ns", "alice")));
+        assert_eq!(s.effective_groups.len(), 1);
+        assert_eq!(s.active_sessions, Some(1));
+        assert_eq!(s.last_session_time, Some(t("2026-01-02T10:00:00Z")));
+        assert_eq!(s.observed_generation, Some(3));
+        let row = s
+            .effective_settings
+            .iter()
+            .find(|r| r.name == "keepaliveInterval")
+            .unwrap();
+        assert_eq!(row.source.group.as_deref(), Some("eng"));
+        let types: Vec<_> = s.conditions.iter().map(|c| c.type_.as_str()).collect();
+        assert_eq!(types, CONDITIONS);
+        assert_eq!(s.conditions[0].status, "True");
+        assert_eq!(s.conditions[1].status, "False");
+        // Steady: nothing to write; the same computation later keeps the times.
+        assert!(!changed(Some(&s), &s));
+        let later = desired_status(&d, &u, &sessions, &[], Some(&s), &t("2026-03-01T00:00:00Z"));
+        assert!(!changed(Some(&s), &later));
+        assert_eq!(later.conditions[0].last_transition_time, now);
+        // lastSessionTime never goes back when sessions are deleted.
+        let gone = desired_status(&d, &u, &[], &[], Some(&s), &now);
+        assert_eq!(gone.last_session_time, Some(t("2026-01-02T10:00:00Z")));
+        assert_eq!(gone.active_sessions, Some(0));
+        assert!(changed(Some(&s), &gone));
+    }
+
+    #[test]
+    fn problems_show_in_conditions() {
+        let d = dir(vec![
+            group(
+                "a",
+                10,
+                GroupSettings {
+                    max_kasms_per_user: Some(1),
+                    ..Default::default()
+                },
+            ),
+            group(
+                "b",
+                10,
+                GroupSettings {
+                    max_kasms_per_user: Some(2),
+                    idle_disconnect: Some(Duration::new("1m")),
+                    ..Default::default()
+                },
+            ),
+        ]);
+        let u = user("alice", &["a", "b", "missing"]);
+        let s = desired_status(
+            &d,
+            &u,
+            &[],
+            &["alice2".to_string()],
+            None,
+            &t("2026-01-01T00:00:00Z"),
+        );
+        let c = |t: &str| s.conditions.iter().find(|c| c.type_ == t).unwrap();
+        assert_eq!(c("Ready").status, "False");
+        assert_eq!(c("Ready").reason, "UnknownGroup");
+        assert!(
+            c("Ready").message.contains("Group/missing"),
+            "{}",
+            c("Ready").message
+        );
+        assert!(
+            c("Ready").message.contains("User/alice2"),
+            "{}",
+            c("Ready").message
+        );
+        assert_eq!(c("SettingsConflict").status, "True");
+        assert_eq!(c("SettingsConflict").reason, "PriorityTie");
+        assert_eq!(c("SettingsInconsistent").status, "True");
+        assert_eq!(c("SettingsInconsistent").reason, "IdleDisconnectTooShort");
+    }
+
+    #[test]
+    fn foreign_fields_and_conditions_are_not_compared() {
+        let d = dir(vec![]);
+        let u = user("alice", &[]);
+        let now = t("2026-01-01T00:00:00Z");
+        let s = desired_status(&d, &u, &[], &[], None, &now);
+        let mut current = s.clone();
+        current.usage = vec![crate::crd::v1alpha1::UsageEntry {
+            scope: crate::crd::v1alpha1::UsageLimitType::PerUser,
+            group: Some("g".into()),
+            interval: crate::crd::v1alpha1::UsageLimitInterval::Daily,
+            window_start: None,
+            window_end: None,
+            used_seconds: 5,
+            limit_seconds: 10,
+            timezone: None,
+        }];
+        let mut other = current.conditions[0].clone();
+        other.type_ = "UsageExhausted".into();
+        current.conditions.push(other);
+        assert!(!changed(Some(&current), &s));
+        // The body applied never carries usage.
+        let body = serde_json::to_value(&s).unwrap();
+        assert!(body.get("usage").is_none());
+    }
+}
