@@ -95,6 +95,8 @@ pub struct Context {
     pub config: OperatorConfig,
     /// Per-object backoff.
     pub backoff: Backoff,
+    /// The Session controller's in-memory launch bookkeeping.
+    pub launches: session::Launches,
 }
 
 impl Context {
@@ -117,6 +119,7 @@ impl Context {
             metrics,
             config,
             backoff: Backoff::default(),
+            launches: session::Launches::default(),
         }
     }
 
@@ -150,6 +153,7 @@ pub type ControllerFactory = fn(&mut Reflectors, Arc<Context>) -> BoxFuture<'sta
 
 /// Every controller of the operator.
 pub const ALL: &[ControllerFactory] = &[
+    session::controller,
     user::controller,
     group::controller,
     server::controller,

@@ -184,7 +184,7 @@ async fn a_claim_binds_and_its_pod_lands_in_the_volume_zone() {
     .await;
     assert_eq!(
         bound.spec.as_ref().unwrap().storage_class_name.as_deref(),
-        Some("standard")
+        Some("standard-immediate")
     );
     let pv_name = bound.spec.unwrap().volume_name.unwrap();
     let pv = Api::<PersistentVolume>::all(client.clone())

@@ -5,5 +5,7 @@
 
 mod api;
 mod foundation;
+mod operator;
+mod sessions;
 mod status;
 mod support;

@@ -53,10 +53,14 @@ fn start_shared() -> Shared {
         };
     }
     let root = target_dir().join("cubicle-e2e");
-    // Earlier runs' directories are removed, except those kept for a failed test.
+    // Directories of earlier runs whose process is gone are removed (a concurrent run's is
+    // kept); those kept for a failed test stay.
     if let Ok(entries) = std::fs::read_dir(&root) {
         for e in entries.flatten() {
-            if e.file_name().to_string_lossy().starts_with("run-") {
+            let name = e.file_name().to_string_lossy().to_string();
+            if let Some(pid) = name.strip_prefix("run-")
+                && !Path::new("/proc").join(pid).exists()
+            {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }

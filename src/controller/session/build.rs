@@ -38,6 +38,9 @@ pub const ACCESS_LABEL: &str = "cubicle.dev/access";
 pub const RESET_BY_ANNOTATION: &str = "cubicle.dev/reset-by-session";
 /// Annotation on a session pod holding the effective settings JSON (mounted as a file).
 pub const SETTINGS_ANNOTATION: &str = "cubicle.dev/settings";
+/// Annotation on a session pod recording what its launch decided (server, profile outcome), so
+/// the status can be written once, when the pod runs, and still tell it after a restart.
+pub const LAUNCH_ANNOTATION: &str = "cubicle.dev/launch";
 /// Where the effective settings file is mounted in the session container.
 pub const SETTINGS_DIR: &str = "/etc/cubicle";
 /// The zone label.
@@ -46,6 +49,26 @@ pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
 /// The user id Kasm images run as.
 pub const SESSION_UID: i64 = 1000;
+
+/// What a launch decided, carried on the pod.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LaunchRecord {
+    /// The Server chosen, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
+    /// The profile outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<crate::crd::v1alpha1::ProfileStatus>,
+}
+
+/// Reads a pod's launch record (empty when absent or unreadable).
+pub fn launch_record(pod: &Pod) -> LaunchRecord {
+    pod.annotations()
+        .get(LAUNCH_ANNOTATION)
+        .and_then(|v| serde_json::from_str(v).ok())
+        .unwrap_or_default()
+}
 
 /// Where a session runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,6 +150,8 @@ pub struct PodInputs<'a> {
     pub settings_json: &'a str,
     /// Paused: the pod carries the paused access label.
     pub paused: bool,
+    /// What the launch decided.
+    pub launch: &'a LaunchRecord,
 }
 
 /// The pod's name: the session's name (one pod per session at a time).
@@ -337,8 +362,13 @@ pub fn pod(i: &PodInputs<'_>) -> Pod {
     if i.paused {
         labels.insert(ACCESS_LABEL.into(), "paused".into());
     }
-    let mut annotations =
-        BTreeMap::from([(SETTINGS_ANNOTATION.to_string(), i.settings_json.to_string())]);
+    let mut annotations = BTreeMap::from([
+        (SETTINGS_ANNOTATION.to_string(), i.settings_json.to_string()),
+        (
+            LAUNCH_ANNOTATION.to_string(),
+            serde_json::to_string(i.launch).unwrap_or_default(),
+        ),
+    ]);
 
     // Run config: the workspace's, then the group's on top (the group wins).
     let run_configs: Vec<&RunConfig> = ws.run_config.iter().chain(i.group_run_config).collect();

@@ -1,4 +1,1128 @@
 //! The Session controller: from a request to a running pod with its persistent profile.
+//!
+//! Each reconcile reads only the caches, decides purely ([`plan`], [`build`]) and then writes
+//! the least it can: the profile claim when absent, the pod, and one status patch once the
+//! session runs (a user's first launch: 3 writes; later launches: 2; a steady session: 0).
+//!
+//! Launches that compete for a limited resource (a user's `maxKasmsPerUser`, a pool's server
+//! capacity) are serialised per user and per pool inside this replica, and every launched pod is
+//! remembered until the pod cache shows it, so two concurrent launches never both take the last
+//! slot. With leader election, only one replica ever launches.
 
 pub mod build;
 pub mod plan;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt, future::BoxFuture};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::runtime::controller::{Action, Config, Controller};
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+use tracing::{debug, info};
+
+use self::build::{
+    ACCESS_LABEL, ARCHIVED_LABEL, PROFILE_LABEL, Placement, PodInputs, ProfileMount,
+    RESET_BY_ANNOTATION, SERVER_LABEL, ZONE_LABEL,
+};
+use self::plan::{AdmissionInputs, PoolKind, Refusal, ServerCandidate, reasons};
+use super::stores::{Reflectors, Stores, in_namespace};
+use super::{CONTROLLER_NAME, Context, Error};
+use crate::crd::v1alpha1::{
+    DesiredState, ProfileMode, ProfileOutcome, ProfileStatus, Session, SessionPhase, SessionStatus,
+    User, Workspace,
+};
+use crate::resolve::{self, Directory};
+
+/// Field manager of the Session controller's writes.
+pub const FIELD_MANAGER: &str = "cubicle";
+/// Annotation the expiry sets with `spec.state` when it stops or pauses a session, so the
+/// permission check (allowKasmStop/allowKasmPause) applies to users, not to the expiry.
+pub const STATE_SET_BY_ANNOTATION: &str = "cubicle.dev/state-set-by";
+const KIND: &str = "Session";
+/// How long a launched pod may stay pending before the status says so.
+const PENDING_REPORT_AFTER: Duration = Duration::from_secs(5);
+
+/// In-memory launch bookkeeping of this replica.
+#[derive(Default)]
+pub struct Launches {
+    /// Sessions whose pod this replica created, with the server, until the pod cache shows it.
+    launched: Mutex<HashMap<String, Option<String>>>,
+    /// Per-user and per-pool launch locks.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Launches {
+    fn lock(&self, key: String) -> Arc<tokio::sync::Mutex<()>> {
+        let mut l = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        l.entry(key).or_default().clone()
+    }
+    fn remember(&self, session: String, server: Option<String>) {
+        self.launched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(session, server);
+    }
+    fn forget(&self, session: &str) {
+        self.launched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(session);
+    }
+    fn snapshot(&self) -> HashMap<String, Option<String>> {
+        self.launched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// Builds the controller over the shared reflectors.
+pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, ()> {
+    let stores = ctx.stores.clone();
+    let by_user = {
+        let stores = stores.clone();
+        move |u: Arc<User>| sessions_where(&stores, u.namespace(), |s| s.spec.user == u.name_any())
+    };
+    let all_pending =
+        |stores: Stores| move |ns: Option<String>| sessions_where(&stores, ns, |s| !is_steady(s));
+    let groups = all_pending(stores.clone());
+    let workspaces = {
+        let stores = stores.clone();
+        move |w: Arc<Workspace>| {
+            sessions_where(&stores, w.namespace(), |s| s.spec.workspace == w.name_any())
+        }
+    };
+    let servers = all_pending(stores.clone());
+    let pools = all_pending(stores.clone());
+    let assignments = all_pending(stores.clone());
+    let siblings = {
+        let stores = stores.clone();
+        move |s: Arc<Session>| {
+            let user = s.spec.user.clone();
+            let me = s.name_any();
+            sessions_where(&stores, s.namespace(), move |o| {
+                o.spec.user == user && o.name_any() != me && !is_steady(o)
+            })
+        }
+    };
+    let claims = {
+        let stores = stores.clone();
+        move |c: Arc<PersistentVolumeClaim>| {
+            let user = c
+                .labels()
+                .get(build::USER_LABEL)
+                .cloned()
+                .unwrap_or_default();
+            sessions_where(&stores, c.namespace(), move |s| {
+                build::label_value(&s.spec.user) == user
+            })
+        }
+    };
+    // Deletions are not broadcast to shared subscribers: a deleted session may free a slot for
+    // its user's waiting sessions, and a deleted pod (eviction) must be re-created.
+    let freed = {
+        let stores = stores.clone();
+        r.sessions
+            .subscribe_deletes()
+            .flat_map(move |s: Arc<Session>| {
+                let user = s.spec.user.clone();
+                futures::stream::iter(sessions_where(&stores, s.namespace(), move |o| {
+                    o.spec.user == user && !is_steady(o)
+                }))
+            })
+    };
+    let lost_pods = r.pods.subscribe_deletes().filter_map(|p: Arc<Pod>| {
+        let owner = p
+            .owner_references()
+            .iter()
+            .find(|o| o.kind == "Session" && o.controller == Some(true))
+            .map(|o| ObjectRef::<Session>::new(&o.name).within(&p.namespace().unwrap_or_default()));
+        futures::future::ready(owner)
+    });
+    let concurrency = ctx.config.concurrency;
+    let resync = ctx.config.resync;
+    Controller::for_shared_stream(r.sessions.subscribe(), r.sessions.reader.clone())
+        .owns_shared_stream(r.pods.subscribe())
+        .watches_shared_stream(r.users.subscribe(), by_user)
+        .watches_shared_stream(r.groups.subscribe(), move |g| groups(g.namespace()))
+        .watches_shared_stream(r.workspaces.subscribe(), workspaces)
+        .watches_shared_stream(r.servers.subscribe(), move |s| servers(s.namespace()))
+        .watches_shared_stream(r.pools.subscribe(), move |p| pools(p.namespace()))
+        .watches_shared_stream(r.assignments.subscribe(), move |a| {
+            assignments(a.namespace())
+        })
+        .watches_shared_stream(r.sessions.subscribe(), siblings)
+        .watches_shared_stream(r.claims.subscribe(), claims)
+        .reconcile_on(freed)
+        .reconcile_on(lost_pods)
+        .with_config(Config::default().concurrency(concurrency))
+        .run(
+            move |s, ctx| reconcile(s, ctx, resync),
+            |s, e, ctx: Arc<Context>| ctx.on_error(KIND, &ObjectRef::from_obj(s.as_ref()), e),
+            ctx,
+        )
+        .for_each(|res| {
+            match res {
+                Ok((obj, _)) => debug!(session = %obj, "reconciled"),
+                Err(e) => debug!(error = %e, "session controller event"),
+            }
+            futures::future::ready(())
+        })
+        .boxed()
+}
+
+fn sessions_where(
+    stores: &Stores,
+    ns: Option<String>,
+    pred: impl Fn(&Session) -> bool,
+) -> Vec<ObjectRef<Session>> {
+    let Some(ns) = ns else { return Vec::new() };
+    in_namespace(&stores.sessions, &ns)
+        .into_iter()
+        .filter(|s| pred(s))
+        .map(|s| ObjectRef::from_obj(s.as_ref()))
+        .collect()
+}
+
+/// Running or paused with a ready pod, or stopped: nothing for another object to unblock.
+fn is_steady(s: &Session) -> bool {
+    matches!(
+        s.status.as_ref().and_then(|st| st.phase),
+        Some(SessionPhase::Running | SessionPhase::Paused | SessionPhase::Stopped)
+    )
+}
+
+fn session_key(ns: &str, name: &str) -> String {
+    format!("{ns}/{name}")
+}
+
+/// The small kinds of one namespace, for the resolution library.
+pub fn directory(stores: &Stores, ns: &str) -> Directory {
+    Directory {
+        namespace: ns.to_string(),
+        groups: in_namespace(&stores.groups, ns),
+        workspaces: in_namespace(&stores.workspaces, ns),
+        pools: in_namespace(&stores.pools, ns),
+        servers: in_namespace(&stores.servers, ns),
+        assignments: in_namespace(&stores.assignments, ns),
+    }
+}
+
+fn node_zone(stores: &Stores, node: &str) -> Option<String> {
+    stores.nodes.get(&ObjectRef::new(node)).and_then(|n| {
+        n.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(ZONE_LABEL).cloned())
+    })
+}
+
+fn zones_with_nodes(stores: &Stores, selector: &BTreeMap<String, String>) -> Vec<String> {
+    let mut zones: Vec<String> = stores
+        .nodes
+        .state()
+        .iter()
+        .filter_map(|n| {
+            let labels = n.metadata.labels.as_ref()?;
+            selector
+                .iter()
+                .all(|(k, v)| labels.get(k) == Some(v))
+                .then(|| labels.get(ZONE_LABEL).cloned())?
+        })
+        .collect();
+    zones.sort();
+    zones.dedup();
+    zones
+}
+
+/// The zone a bound claim's volume is pinned to (node affinity or the zone label).
+pub fn volume_zone(pv: &PersistentVolume) -> Option<String> {
+    let from_affinity = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_affinity.as_ref())
+        .and_then(|a| a.required.as_ref())
+        .and_then(|r| {
+            let zones: HashSet<&String> = r
+                .node_selector_terms
+                .iter()
+                .flat_map(|t| t.match_expressions.iter().flatten())
+                .filter(|e| e.key == ZONE_LABEL && e.operator == "In")
+                .flat_map(|e| e.values.iter().flatten())
+                .collect();
+            (zones.len() == 1)
+                .then(|| zones.into_iter().next().cloned())
+                .flatten()
+        });
+    from_affinity.or_else(|| pv.labels().get(ZONE_LABEL).cloned())
+}
+
+fn condition(
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    old: &[Condition],
+    now: &Time,
+) -> Condition {
+    let status = if ok { "True" } else { "False" };
+    let last = old
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| now.clone());
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message: message.into(),
+        observed_generation: generation,
+        last_transition_time: last,
+    }
+}
+
+/// Status equality that ignores condition transition times (they are carried over anyway).
+fn same_status(a: &SessionStatus, b: &SessionStatus) -> bool {
+    let strip = |s: &SessionStatus| {
+        let mut s = s.clone();
+        for c in &mut s.conditions {
+            c.last_transition_time = Time(jiff::Timestamp::UNIX_EPOCH);
+        }
+        s.conditions.sort_by(|x, y| x.type_.cmp(&y.type_));
+        s
+    };
+    strip(a) == strip(b)
+}
+
+struct Shell<'a> {
+    ctx: &'a Context,
+    session: &'a Session,
+    ns: String,
+    name: String,
+    now: Time,
+}
+
+impl Shell<'_> {
+    async fn patch_status(&self, status: &SessionStatus) -> Result<(), Error> {
+        let api: Api<Session> = Api::namespaced(self.ctx.client.clone(), &self.ns);
+        let body =
+            json!({"apiVersion": "cubicle.dev/v1alpha1", "kind": "Session", "status": status});
+        api.patch_status(
+            &self.name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(body),
+        )
+        .await
+        .map_err(|source| Error::Status {
+            kind: KIND,
+            name: self.name.clone(),
+            source,
+        })?;
+        Ok(())
+    }
+
+    async fn event(&self, type_: EventType, reason: &str, note: String, action: &str) {
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note.chars().take(1000).collect()),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(e) = self
+            .ctx
+            .recorder
+            .publish(&ev, &self.session.object_ref(&()))
+            .await
+        {
+            debug!(error = %e, "event not recorded");
+        }
+    }
+}
+
+async fn reconcile(
+    session: Arc<Session>,
+    ctx: Arc<Context>,
+    resync: Duration,
+) -> Result<Action, Error> {
+    debug!(session = %ObjectRef::from_obj(session.as_ref()), "reconcile");
+    ctx.wait_synced().await;
+    let _timer = ctx.metrics.reconcile_timer(KIND);
+    let name = session.name_any();
+    let Some(ns) = session.namespace() else {
+        return Err(Error::NoNamespace { kind: KIND, name });
+    };
+    let key = session_key(&ns, &name);
+    if session.metadata.deletion_timestamp.is_some() {
+        ctx.launches.forget(&key);
+        return Ok(Action::await_change());
+    }
+    let sh = Shell {
+        ctx: &ctx,
+        session: &session,
+        ns: ns.clone(),
+        name: name.clone(),
+        now: Time(jiff::Timestamp::now()),
+    };
+    let old = session.status.clone().unwrap_or_default();
+    let stores = &ctx.stores;
+    let generation = session.metadata.generation;
+
+    // The pod, if it is this session's (a pod of an older session of the same name waits for GC).
+    let pod = stores
+        .pods
+        .get(&ObjectRef::new(&build::pod_name(&session)).within(&ns));
+    let uid = session.uid().unwrap_or_default();
+    let pod = match pod {
+        Some(p) if p.owner_references().iter().any(|o| o.uid == uid) => Some(p),
+        Some(_) => return Ok(Action::requeue(Duration::from_secs(2))),
+        None => None,
+    };
+    if pod.is_some() {
+        ctx.launches.forget(&key);
+    }
+
+    let user = stores
+        .users
+        .get(&ObjectRef::new(&session.spec.user).within(&ns));
+    let workspace = stores
+        .workspaces
+        .get(&ObjectRef::new(&session.spec.workspace).within(&ns));
+    let dir = directory(stores, &ns);
+    let resolved = user.as_ref().map(|u| resolve::resolve_user(&dir, u));
+    let access = match (&user, &resolved, &workspace) {
+        (Some(u), Some(r), Some(w)) => Some(resolve::access(&dir, u, r, w)),
+        _ => None,
+    };
+    let settings = resolved.as_ref().map(|r| &r.settings);
+    let allow_stop = settings.is_some_and(|s| s.allow_kasm_stop);
+    let allow_pause = settings.is_some_and(|s| s.allow_kasm_pause);
+
+    let desired = session.spec.state.unwrap_or(DesiredState::Running);
+    let by_expiry = session
+        .annotations()
+        .get(STATE_SET_BY_ANNOTATION)
+        .is_some_and(|v| v == "expiry");
+    let state_refusal = plan::check_state_change(desired, allow_stop, allow_pause, by_expiry).err();
+    // A refused state change leaves the session as it was.
+    let effective = if state_refusal.is_some() {
+        match old.phase {
+            Some(SessionPhase::Stopped) => DesiredState::Stopped,
+            Some(SessionPhase::Paused) => DesiredState::Paused,
+            _ => DesiredState::Running,
+        }
+    } else {
+        desired
+    };
+
+    let mut status = old.clone();
+    status.observed_generation = generation;
+    let mut conditions: Vec<Condition> = Vec::new();
+    let requeue = resync;
+    let mut events: Vec<(EventType, &'static str, String, &'static str)> = Vec::new();
+
+    let admitted_before = pod.is_some()
+        || matches!(
+            old.phase,
+            Some(SessionPhase::Running | SessionPhase::Paused | SessionPhase::Stopped)
+        );
+
+    match effective {
+        DesiredState::Stopped => {
+            if let Some(p) = &pod {
+                delete_pod(&ctx, &ns, p).await?;
+                events.push((
+                    EventType::Normal,
+                    "Stopped",
+                    "session stopped: pod removed, volumes kept".into(),
+                    "Stop",
+                ));
+            }
+            ctx.launches.forget(&key);
+            if admitted_before || old.phase == Some(SessionPhase::Stopped) {
+                status.phase = Some(SessionPhase::Stopped);
+                status.node = None;
+                status.pod = None;
+            }
+        }
+        DesiredState::Running | DesiredState::Paused => {
+            let paused = effective == DesiredState::Paused;
+            if let Some(p) = &pod {
+                // Pause keeps the pod and cuts access (label); resume restores it.
+                let is_paused = p.labels().get(ACCESS_LABEL).is_some_and(|v| v == "paused");
+                if is_paused != paused {
+                    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+                    let value = if paused {
+                        json!("paused")
+                    } else {
+                        serde_json::Value::Null
+                    };
+                    api.patch(
+                        &p.name_any(),
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"metadata": {"labels": {ACCESS_LABEL: value}}})),
+                    )
+                    .await
+                    .map_err(|source| Error::Child {
+                        verb: "patch",
+                        kind: "Pod",
+                        name: p.name_any(),
+                        source,
+                    })?;
+                    let (reason, note) = if paused {
+                        (
+                            "Paused",
+                            "session paused: access cut, pod and resources kept",
+                        )
+                    } else {
+                        ("Resumed", "session resumed from pause")
+                    };
+                    events.push((EventType::Normal, reason, note.into(), "Pause"));
+                }
+                let obs = plan::observe(Some(p), paused);
+                status.phase = Some(obs.phase);
+                status.node = obs.node.clone();
+                status.pod = Some(p.name_any());
+                let record = build::launch_record(p);
+                status.server = record.server.or(status.server.clone());
+                if record.profile.is_some() {
+                    status.profile = record.profile;
+                }
+                if obs.ready && status.started_at.is_none() {
+                    status.started_at = Some(sh.now.clone());
+                }
+                if obs.phase == SessionPhase::Pending {
+                    let age = p
+                        .creation_timestamp()
+                        .map(|t| sh.now.0.duration_since(t.0).as_secs_f64())
+                        .unwrap_or_default();
+                    if age < PENDING_REPORT_AFTER.as_secs_f64() && state_refusal.is_none() {
+                        // Not worth a status write yet: the pod usually starts within seconds.
+                        for (t, reason, note, action) in events {
+                            sh.event(t, reason, note, action).await;
+                        }
+                        let left = PENDING_REPORT_AFTER.as_secs_f64() - age;
+                        return Ok(Action::requeue(Duration::from_secs_f64(left.max(0.1))));
+                    } else {
+                        conditions.push(condition(
+                            "Ready",
+                            false,
+                            "PodPending",
+                            obs.message
+                                .as_deref()
+                                .unwrap_or("waiting for the session pod to start"),
+                            generation,
+                            &old.conditions,
+                            &sh.now,
+                        ));
+                    }
+                }
+                if obs.phase == SessionPhase::Failed {
+                    conditions.push(condition(
+                        "Ready",
+                        false,
+                        "PodFailed",
+                        obs.message.as_deref().unwrap_or("the session pod failed"),
+                        generation,
+                        &old.conditions,
+                        &sh.now,
+                    ));
+                }
+                if obs.ready {
+                    conditions.push(condition(
+                        "Ready",
+                        true,
+                        if paused { "Paused" } else { "Running" },
+                        "",
+                        generation,
+                        &old.conditions,
+                        &sh.now,
+                    ));
+                    if old.phase != Some(obs.phase) {
+                        events.push((
+                            EventType::Normal,
+                            if paused { "Paused" } else { "Running" },
+                            format!(
+                                "session running on node {}",
+                                obs.node.clone().unwrap_or_default()
+                            ),
+                            "Launch",
+                        ));
+                    }
+                }
+                conditions.push(condition(
+                    "Admitted",
+                    true,
+                    reasons::ADMITTED,
+                    "",
+                    generation,
+                    &old.conditions,
+                    &sh.now,
+                ));
+            } else {
+                // Launch (or resume after a stop, or re-create a pod lost to eviction).
+                let launch = launch(
+                    &sh,
+                    &dir,
+                    user.as_deref(),
+                    workspace.as_deref(),
+                    resolved.as_ref(),
+                    access.as_ref(),
+                    admitted_before,
+                    paused,
+                )
+                .await?;
+                match launch {
+                    Launched::Created => {
+                        // Status is written once the pod runs (or after PENDING_REPORT_AFTER):
+                        // what the launch decided travels on the pod (LAUNCH_ANNOTATION).
+                        return Ok(Action::requeue(PENDING_REPORT_AFTER));
+                    }
+                    Launched::Refused(r) => {
+                        let resuming = old.phase == Some(SessionPhase::Stopped);
+                        if resuming {
+                            // A stopped session that cannot resume stays stopped and says why.
+                            conditions.push(condition(
+                                "Resumed",
+                                false,
+                                r.reason,
+                                &r.message,
+                                generation,
+                                &old.conditions,
+                                &sh.now,
+                            ));
+                        } else {
+                            status.phase = Some(SessionPhase::Refused);
+                            conditions.push(condition(
+                                "Admitted",
+                                false,
+                                r.reason,
+                                &r.message,
+                                generation,
+                                &old.conditions,
+                                &sh.now,
+                            ));
+                        }
+                        if old.conditions.iter().all(|c| c.reason != r.reason) {
+                            events.push((
+                                EventType::Warning,
+                                r.reason,
+                                r.message.clone(),
+                                if resuming { "Resume" } else { "Launch" },
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if let Some(r) = &state_refusal {
+        conditions.push(condition(
+            "StateChange",
+            false,
+            r.reason,
+            &r.message,
+            generation,
+            &old.conditions,
+            &sh.now,
+        ));
+        if old.conditions.iter().all(|c| c.reason != r.reason) {
+            events.push((
+                EventType::Warning,
+                r.reason,
+                r.message.clone(),
+                "ChangeState",
+            ));
+        }
+    }
+    if !conditions.is_empty() || status.phase != old.phase {
+        // Keep conditions this pass did not compute only if they still apply.
+        for c in &old.conditions {
+            let recomputed = conditions.iter().any(|n| n.type_ == c.type_);
+            let stale = (c.type_ == "StateChange" && state_refusal.is_none())
+                || (c.type_ == "Resumed" && effective != DesiredState::Stopped)
+                || (c.type_ == "Admitted"
+                    && status.phase != Some(SessionPhase::Refused)
+                    && c.status == "False");
+            if !recomputed && !stale {
+                conditions.push(c.clone());
+            }
+        }
+        status.conditions = conditions;
+    }
+    if !same_status(&status, &old) {
+        sh.patch_status(&status).await?;
+        info!(session = %key, phase = ?status.phase, "session status updated");
+    }
+    for (t, reason, note, action) in events {
+        sh.event(t, reason, note, action).await;
+    }
+    ctx.backoff.succeeded(&key);
+    Ok(Action::requeue(requeue))
+}
+
+async fn delete_pod(ctx: &Context, ns: &str, p: &Pod) -> Result<(), Error> {
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let dp = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: p.uid(),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    match api.delete(&p.name_any(), &dp).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
+        Err(source) => Err(Error::Child {
+            verb: "delete",
+            kind: "Pod",
+            name: p.name_any(),
+            source,
+        }),
+    }
+}
+
+enum Launched {
+    Created,
+    Refused(Refusal),
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn launch(
+    sh: &Shell<'_>,
+    dir: &Directory,
+    user: Option<&User>,
+    workspace: Option<&Workspace>,
+    resolved: Option<&resolve::Resolved>,
+    access: Option<&resolve::Access>,
+    admitted_before: bool,
+    paused: bool,
+) -> Result<Launched, Error> {
+    let ctx = sh.ctx;
+    let stores = &ctx.stores;
+    let session = sh.session;
+    let ns = &sh.ns;
+    let key = session_key(ns, &sh.name);
+    let settings = resolved.map(|r| &r.settings);
+    let mut inputs = AdmissionInputs {
+        user: session.spec.user.clone(),
+        workspace: session.spec.workspace.clone(),
+        user_found: user.is_some(),
+        user_disabled: user.is_some_and(|u| u.spec.disabled.unwrap_or(false)),
+        workspace_found: workspace.is_some(),
+        access_denial: access
+            .and_then(|a| a.allowed.as_ref().err())
+            .map(|d| Refusal::new(d.reason(), d.to_string())),
+        max_sessions: settings.and_then(|s| s.max_kasms_per_user),
+        earlier_active: 0,
+        usage_exhausted: None,
+        requested_zone: session.spec.zone.clone(),
+        allow_zone_selection: settings.is_some_and(|s| s.allow_zone_selection),
+        requested_profile: session.spec.persistent_profile,
+        allow_persistent_profile: settings.is_some_and(|s| s.allow_persistent_profile),
+        workspace_has_profile: workspace.is_some_and(|w| w.spec.persistent_profile.is_some()),
+    };
+    let (Some(user), Some(workspace), Some(resolved), Some(access)) =
+        (user, workspace, resolved, access)
+    else {
+        return Ok(Launched::Refused(
+            plan::admit(&inputs).expect_err("a missing object is refused"),
+        ));
+    };
+    let settings = &resolved.settings;
+
+    // Serialise launches that compete for the same limited slots.
+    let user_lock = settings.max_kasms_per_user.map(|_| {
+        ctx.launches
+            .lock(format!("user/{ns}/{}", session.spec.user))
+    });
+    let _user_guard = match &user_lock {
+        Some(l) => Some(l.lock().await),
+        None => None,
+    };
+    let pool_lock = access
+        .pool
+        .as_ref()
+        .map(|p| ctx.launches.lock(format!("pool/{ns}/{}", p.name_any())));
+    let _pool_guard = match &pool_lock {
+        Some(l) => Some(l.lock().await),
+        None => None,
+    };
+
+    let launched = ctx.launches.snapshot();
+    if !admitted_before {
+        inputs.earlier_active = count_active_before(stores, session, &launched);
+        if let Err(r) = plan::admit(&inputs) {
+            return Ok(Launched::Refused(r));
+        }
+    }
+    let mode = plan::profile_mode(&inputs);
+    let username = user
+        .spec
+        .username
+        .clone()
+        .unwrap_or_else(|| user.name_any());
+    let user_id = resolve::user_id(ns, user);
+
+    // The profile: its claim (existing or to create), and the zone it is bound to.
+    let profile_cfg = workspace
+        .spec
+        .persistent_profile
+        .as_ref()
+        .filter(|_| mode != ProfileMode::Disabled);
+    let mut profile_status = ProfileStatus {
+        outcome: Some(ProfileOutcome::Disabled),
+        ..Default::default()
+    };
+    let mut profile_zone = None;
+    let mut claim_plan: Option<ClaimPlan> = None;
+    let mut mount: Option<ProfileMount> = None;
+    let already_reset = session
+        .status
+        .as_ref()
+        .and_then(|s| s.profile.as_ref())
+        .and_then(|p| p.outcome)
+        .is_some_and(|o| {
+            matches!(
+                o,
+                ProfileOutcome::ResetArchived | ProfileOutcome::ResetFresh
+            )
+        });
+    let reset = mode == ProfileMode::Reset && !already_reset;
+    if let Some(cfg) = profile_cfg {
+        if let Some(t) = &cfg.claim_template {
+            let base = build::dns_name(&build::render_template(&t.name, &username, &user_id));
+            let active = active_claim(stores, ns, &base);
+            let uid = session.uid().unwrap_or_default();
+            let done_by_me = active
+                .as_ref()
+                .is_some_and(|c| c.annotations().get(RESET_BY_ANNOTATION) == Some(&uid));
+            let (claim_name, plan) = match (&active, reset && !done_by_me) {
+                (Some(c), false) => {
+                    profile_zone = bound_zone(stores, c);
+                    (c.name_any(), None)
+                }
+                (old, true) => {
+                    let name = next_claim_name(stores, ns, &base, sh.now.0.as_second());
+                    (
+                        name.clone(),
+                        Some(ClaimPlan {
+                            name,
+                            base: base.clone(),
+                            archive: old.as_ref().map(|c| c.name_any()),
+                            reset_by: Some(uid.clone()),
+                        }),
+                    )
+                }
+                (None, false) => (
+                    base.clone(),
+                    Some(ClaimPlan {
+                        name: base.clone(),
+                        base: base.clone(),
+                        archive: None,
+                        reset_by: None,
+                    }),
+                ),
+            };
+            profile_status = ProfileStatus {
+                claim: Some(claim_name.clone()),
+                outcome: Some(if reset || done_by_me {
+                    if plan.as_ref().is_some_and(|p| p.archive.is_some())
+                        || (done_by_me
+                            && session
+                                .status
+                                .as_ref()
+                                .and_then(|s| s.profile.as_ref())
+                                .and_then(|p| p.archived_as.clone())
+                                .is_some())
+                    {
+                        ProfileOutcome::ResetArchived
+                    } else {
+                        ProfileOutcome::ResetFresh
+                    }
+                } else {
+                    ProfileOutcome::Mounted
+                }),
+                archived_as: plan.as_ref().and_then(|p| p.archive.clone()),
+                ..Default::default()
+            };
+            claim_plan = plan;
+            mount = Some(ProfileMount::Claim {
+                claim: claim_name,
+                mount_path: cfg.mount_path.clone(),
+            });
+        } else if let Some(sv) = &cfg.shared_volume {
+            let sub_path = build::render_template(&sv.sub_path, &username, &user_id);
+            let archive_to = reset.then(|| format!("{sub_path}.archived-{}", sh.now.0.as_second()));
+            profile_status = ProfileStatus {
+                claim: Some(sv.claim_name.clone()),
+                sub_path: Some(sub_path.clone()),
+                outcome: Some(if reset { ProfileOutcome::ResetArchived } else { ProfileOutcome::Mounted }),
+                archived_as: archive_to.clone(),
+                message: reset.then(|| "the old profile directory is renamed (never deleted) by the profile-reset init container".to_string()),
+            };
+            if let Some(c) = stores
+                .claims
+                .get(&ObjectRef::new(&sv.claim_name).within(ns))
+            {
+                profile_zone = bound_zone(stores, &c);
+            }
+            mount = Some(ProfileMount::SubPath {
+                claim: sv.claim_name.clone(),
+                sub_path,
+                mount_path: cfg.mount_path.clone(),
+                archive_to,
+            });
+        }
+    }
+
+    // Placement.
+    let pool_kind = match &access.pool {
+        None => PoolKind::None {
+            zones: zones_with_nodes(stores, &BTreeMap::new()),
+        },
+        Some(p) => match &p.spec.autoscale {
+            Some(a) => PoolKind::Autoscale {
+                pool: p.name_any(),
+                node_selector: a.node_selector.clone(),
+                zones: zones_with_nodes(stores, &a.node_selector),
+            },
+            None => PoolKind::Servers {
+                pool: p.name_any(),
+                candidates: access
+                    .servers
+                    .iter()
+                    .map(|c| {
+                        let s = &c.server;
+                        let name = s.name_any();
+                        ServerCandidate {
+                            load: server_load(stores, ns, &name, &launched, &key),
+                            zone: s
+                                .spec
+                                .zone
+                                .clone()
+                                .or_else(|| node_zone(stores, &s.spec.node_name)),
+                            node: s.spec.node_name.clone(),
+                            capacity: s.spec.max_sessions,
+                            name,
+                        }
+                    })
+                    .collect(),
+            },
+        },
+    };
+    let placement = match plan::place(
+        &pool_kind,
+        session.spec.zone.as_deref(),
+        profile_zone.as_deref(),
+    ) {
+        Ok(p) => p,
+        Err(r) => return Ok(Launched::Refused(r)),
+    };
+    let server = match &placement {
+        Placement::Server { server, .. } => Some(server.clone()),
+        _ => None,
+    };
+
+    // Writes: archive + claim (first launch or reset), then the pod.
+    if let Some(cp) = &claim_plan
+        && let Some(t) = profile_cfg.and_then(|c| c.claim_template.as_ref())
+    {
+        let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
+        if let Some(old) = &cp.archive {
+            let patch =
+                json!({"metadata": {"labels": {ARCHIVED_LABEL: sh.now.0.as_second().to_string()}}});
+            api.patch(old, &PatchParams::default(), &Patch::Merge(patch))
+                .await
+                .map_err(|source| Error::Child {
+                    verb: "patch",
+                    kind: "PersistentVolumeClaim",
+                    name: old.clone(),
+                    source,
+                })?;
+        }
+        let pvc = build::profile_claim(
+            &cp.name,
+            &cp.base,
+            t,
+            &session.spec.user,
+            &workspace.name_any(),
+            ns,
+            cp.reset_by.as_deref(),
+        );
+        match api.create(&PostParams::default(), &pvc).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(source) => {
+                return Err(Error::Child {
+                    verb: "create",
+                    kind: "PersistentVolumeClaim",
+                    name: cp.name.clone(),
+                    source,
+                });
+            }
+        }
+    }
+    let record = build::LaunchRecord {
+        server: server.clone(),
+        profile: Some(profile_status),
+    };
+    let settings_json = serde_json::to_string(&settings.raw).unwrap_or_else(|_| "{}".into());
+    let file_mappings: Vec<_> = resolve::file_mappings_for(resolved, workspace)
+        .into_iter()
+        .map(|f| f.mapping)
+        .collect();
+    let ssh_secret = settings
+        .inject_ssh_keys
+        .then(|| {
+            user.spec
+                .ssh_keys
+                .as_ref()
+                .map(|k| k.secret_ref.name.clone())
+        })
+        .flatten();
+    let inputs = PodInputs {
+        session,
+        user: &session.spec.user,
+        username: &username,
+        user_id: &user_id,
+        workspace,
+        placement: &placement,
+        profile: mount.as_ref(),
+        expose_user_env: settings.expose_user_env,
+        ssh_keys_secret: ssh_secret.as_deref(),
+        group_volume_mappings: &settings.volume_mappings,
+        file_mappings: &file_mappings,
+        group_run_config: settings.run_config.as_ref(),
+        settings_json: &settings_json,
+        paused,
+        launch: &record,
+    };
+    let pod = build::pod(&inputs);
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    match api.create(&PostParams::default(), &pod).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(source) => {
+            return Err(Error::Child {
+                verb: "create",
+                kind: "Pod",
+                name: build::pod_name(session),
+                source,
+            });
+        }
+    }
+    ctx.launches.remember(key, server);
+    let _ = dir;
+    Ok(Launched::Created)
+}
+
+struct ClaimPlan {
+    name: String,
+    base: String,
+    archive: Option<String>,
+    reset_by: Option<String>,
+}
+
+fn active_claim(stores: &Stores, ns: &str, base: &str) -> Option<Arc<PersistentVolumeClaim>> {
+    let key = build::profile_key(base);
+    in_namespace(&stores.claims, ns)
+        .into_iter()
+        .filter(|c| {
+            c.labels().get(PROFILE_LABEL) == Some(&key) && !c.labels().contains_key(ARCHIVED_LABEL)
+        })
+        .filter(|c| c.metadata.deletion_timestamp.is_none())
+        .max_by(|a, b| {
+            a.creation_timestamp()
+                .map(|t| t.0)
+                .cmp(&b.creation_timestamp().map(|t| t.0))
+                .then_with(|| a.name_any().cmp(&b.name_any()))
+        })
+}
+
+fn next_claim_name(stores: &Stores, ns: &str, base: &str, stamp: i64) -> String {
+    let taken = |n: &str| stores.claims.get(&ObjectRef::new(n).within(ns)).is_some();
+    if !taken(base) {
+        return base.to_string();
+    }
+    let suffix = format!("-r{stamp}");
+    let keep: String = base.chars().take(253 - suffix.len()).collect();
+    format!("{keep}{suffix}")
+}
+
+fn bound_zone(stores: &Stores, claim: &PersistentVolumeClaim) -> Option<String> {
+    let pv = claim.spec.as_ref()?.volume_name.as_ref()?;
+    stores
+        .volumes
+        .get(&ObjectRef::new(pv))
+        .and_then(|v| volume_zone(&v))
+}
+
+/// Sessions of the same user that hold (or are about to hold) a slot and come before this one:
+/// every session with a pod or in a held phase, and earlier sessions not yet decided.
+fn count_active_before(
+    stores: &Stores,
+    me: &Session,
+    launched: &HashMap<String, Option<String>>,
+) -> u32 {
+    let ns = me.namespace().unwrap_or_default();
+    let my_key = (me.creation_timestamp().map(|t| t.0), me.name_any());
+    in_namespace(&stores.sessions, &ns)
+        .iter()
+        .filter(|o| o.spec.user == me.spec.user && o.name_any() != me.name_any())
+        .filter(|o| o.metadata.deletion_timestamp.is_none())
+        .filter(|o| {
+            let phase = o.status.as_ref().and_then(|s| s.phase);
+            let has_pod = stores
+                .pods
+                .get(&ObjectRef::new(&build::pod_name(o)).within(&ns))
+                .is_some()
+                || launched.contains_key(&session_key(&ns, &o.name_any()));
+            let earlier = (o.creation_timestamp().map(|t| t.0), o.name_any()) < my_key;
+            match phase {
+                Some(SessionPhase::Running | SessionPhase::Paused | SessionPhase::Stopped) => true,
+                Some(SessionPhase::Refused | SessionPhase::Expired | SessionPhase::Failed) => {
+                    has_pod
+                }
+                Some(SessionPhase::Pending) | None => has_pod || earlier,
+            }
+        })
+        .count() as u32
+}
+
+/// Sessions on a server: pods labelled with it, plus launches not yet in the pod cache.
+fn server_load(
+    stores: &Stores,
+    ns: &str,
+    server: &str,
+    launched: &HashMap<String, Option<String>>,
+    me: &str,
+) -> u32 {
+    let label = build::label_value(server);
+    let mut keys: HashSet<String> = in_namespace(&stores.pods, ns)
+        .iter()
+        .filter(|p| {
+            p.labels().get(SERVER_LABEL) == Some(&label) && p.metadata.deletion_timestamp.is_none()
+        })
+        .map(|p| session_key(ns, &p.name_any()))
+        .collect();
+    keys.extend(
+        launched
+            .iter()
+            .filter(|(_, s)| s.as_deref() == Some(server))
+            .map(|(k, _)| k.clone()),
+    );
+    keys.remove(me);
+    keys.len() as u32
+}
+
+/// The controller name, for the record.
+pub const NAME: &str = CONTROLLER_NAME;
