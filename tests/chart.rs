@@ -36,6 +36,7 @@ const EVERYTHING_ON: &[&str] = &[
     "priorityClassName=system-cluster-critical",
     "imagePullSecrets[0].name=pull",
 ];
+const CLUSTER_WITH_POLICY: &[&str] = &["networkPolicy.pausedSessions.namespaces={team-a,team-c}"];
 const ALL_SETS: &[&[&str]] = &[
     DEFAULTS,
     NAMESPACED,
@@ -43,6 +44,7 @@ const ALL_SETS: &[&[&str]] = &[
     NAMESPACED_HA,
     SINGLE_WITH_LEASE,
     EVERYTHING_ON,
+    CLUSTER_WITH_POLICY,
 ];
 
 fn root() -> &'static Path {
@@ -710,6 +712,14 @@ fn schema_and_guards_reject_bad_values() {
         ),
         (&["metrics.port=70000"], "/metrics/port"),
         (&["concurrency=0"], "/concurrency"),
+        (
+            &["networkPolicy.pausedSessions.enabled=maybe"],
+            "/networkPolicy/pausedSessions/enabled",
+        ),
+        (
+            &["networkPolicy.pausedSessions.namespaces={Bad_Name}"],
+            "/networkPolicy/pausedSessions/namespaces",
+        ),
         (&["typo=1"], "typo"),
         (&["rbac.typo=1"], "typo"),
         (
@@ -840,4 +850,48 @@ fn rbac_covers_exactly_the_chart_crds() {
         with_crds.matches("kind: CustomResourceDefinition").count(),
         plurals.len()
     );
+}
+
+/// Pause keeps the pod and cuts access: the operator labels the pod, and the chart's
+/// NetworkPolicy denies pods with that label all ingress, in every session namespace it knows.
+#[test]
+fn paused_sessions_lose_all_ingress() {
+    let label = cubicle::controller::session::build::ACCESS_LABEL;
+    let policies = |set: &[&str]| -> Vec<(String, Value)> {
+        of_kind(&objects(set), "NetworkPolicy")
+            .into_iter()
+            .map(|p| (namespace(p).unwrap().to_owned(), p["spec"].clone()))
+            .collect()
+    };
+    for (set, want) in [
+        (NAMESPACED, vec!["team-a", "team-b"]),
+        (NAMESPACED_HA, vec!["team-a", "team-b"]),
+        (CLUSTER_WITH_POLICY, vec!["team-a", "team-c"]),
+        // Cluster scope without a list: the chart cannot know the session namespaces.
+        (DEFAULTS, vec![]),
+    ] {
+        let got = policies(set);
+        let namespaces: Vec<&str> = got.iter().map(|(ns, _)| ns.as_str()).collect();
+        assert_eq!(namespaces, want, "{set:?}");
+        for (ns, spec) in &got {
+            assert_eq!(
+                spec["podSelector"]["matchLabels"][label].as_str(),
+                Some("paused"),
+                "{set:?} {ns}: selects exactly the paused pods"
+            );
+            assert_eq!(
+                spec["podSelector"]["matchLabels"]
+                    .as_mapping()
+                    .map(|m| m.len()),
+                Some(1)
+            );
+            assert_eq!(strings(&spec["policyTypes"]), ["Ingress"], "{set:?} {ns}");
+            assert!(
+                spec.get("ingress").is_none(),
+                "{set:?} {ns}: no ingress rule, so all ingress is denied"
+            );
+        }
+    }
+    let off = [NAMESPACED, &["networkPolicy.pausedSessions.enabled=false"]].concat();
+    assert!(policies(&off).is_empty(), "disabled: no NetworkPolicy");
 }
