@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 pub mod apicount;
+pub mod bench;
 pub mod client;
 pub mod controller;
 pub mod crd;

@@ -26,6 +26,10 @@ enum Command {
     Dev(DevCommand),
     /// Run the operator (in a cluster, or against the cluster of the current kubeconfig).
     Run(Box<RunArgs>),
+    /// Measure the operator against the floor on its own local control plane: API requests per
+    /// launch and per resync, burst convergence (N sessions at once) against a plain client
+    /// creating the same claims and pods, memory and CPU. Prints a table (or JSON).
+    Bench(Box<cubicle::bench::BenchArgs>),
     /// Print the CustomResourceDefinitions of the Cubicle API as one multi-document YAML stream,
     /// or write one file per CRD (`<plural>.cubicle.dev.yaml`) into a directory.
     Crds {
@@ -155,6 +159,7 @@ async fn main() -> ExitCode {
     cubicle::telemetry::init(format);
     match cli.command {
         Command::Run(args) => run(*args).await,
+        Command::Bench(args) => cubicle::bench::main(*args).await,
         Command::Dev(DevCommand::Up {
             dir,
             nodes,

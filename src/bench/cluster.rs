@@ -1,0 +1,483 @@
+//! What the benchmark does on the control plane as an administrator: CRDs, the tenant, sessions,
+//! the floor's plain PVCs and Pods, watching progress, and cleaning up between runs.
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt, stream};
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use super::{BenchError, Context};
+use crate::controller::session::build::pod_name;
+use crate::crd::v1alpha1::{Group, Session, SessionPhase, User, Workspace};
+
+const MANAGER: &str = "cubicle-bench";
+/// The one Workspace of the tenant.
+pub const WORKSPACE: &str = "desktop";
+/// How many requests the harness keeps in flight when it creates or deletes objects.
+pub const HARNESS_CONCURRENCY: usize = 64;
+
+/// Installs the CRDs (server-side apply) and waits until they are Established.
+pub async fn install_crds(client: &Client) -> Result<(), BenchError> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let ssa = PatchParams::apply(MANAGER).force();
+    let mut names = Vec::new();
+    for crd in crate::crd::all() {
+        let name = crd.name_any();
+        api.patch(&name, &ssa, &Patch::Apply(&crd))
+            .await
+            .ctx(format!("apply CRD {name}"))?;
+        names.push(name);
+    }
+    for name in names {
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            await_condition(api.clone(), &name, conditions::is_crd_established()),
+        )
+        .await
+        .map_err(|_| BenchError(format!("CRD {name} not Established after 60 s")))?
+        .ctx(format!("wait for CRD {name}"))?;
+    }
+    Ok(())
+}
+
+/// Creates namespace `name`.
+pub async fn create_namespace(client: &Client, name: &str) -> Result<(), BenchError> {
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .ctx(format!("create namespace {name}"))?;
+    Ok(())
+}
+
+/// The tenant: one Group that every local user joins and that allows persistent profiles, one
+/// Workspace with a per-user profile claim, and `users`.
+pub async fn create_tenant(client: &Client, ns: &str, users: &[String]) -> Result<(), BenchError> {
+    let group: Group = from_json(json!({
+        "apiVersion": "cubicle.dev/v1alpha1", "kind": "Group",
+        "metadata": {"name": "everyone"},
+        "spec": {"priority": 100, "settings": {
+            "autoAddLocalUsers": true, "allowPersistentProfile": true}},
+    }))?;
+    let workspace: Workspace = from_json(json!({
+        "apiVersion": "cubicle.dev/v1alpha1", "kind": "Workspace",
+        "metadata": {"name": WORKSPACE},
+        "spec": {
+            "image": "example.invalid/desktop:1",
+            "groups": ["everyone"],
+            "persistentProfile": {
+                "mountPath": "/home/kasm-user",
+                "claimTemplate": {"name": "profile-{username}", "size": "1Gi"},
+            },
+        },
+    }))?;
+    let pp = PostParams::default();
+    Api::<Group>::namespaced(client.clone(), ns)
+        .create(&pp, &group)
+        .await
+        .ctx("create the Group")?;
+    Api::<Workspace>::namespaced(client.clone(), ns)
+        .create(&pp, &workspace)
+        .await
+        .ctx("create the Workspace")?;
+    let api: Api<User> = Api::namespaced(client.clone(), ns);
+    let results: Vec<Result<User, kube::Error>> = stream::iter(users.iter().cloned())
+        .map(|name| {
+            let api = api.clone();
+            async move {
+                let user: User = serde_json::from_value(json!({
+                    "apiVersion": "cubicle.dev/v1alpha1", "kind": "User",
+                    "metadata": {"name": name}, "spec": {"realm": "local"},
+                }))
+                .expect("static user");
+                api.create(&PostParams::default(), &user).await
+            }
+        })
+        .buffer_unordered(HARNESS_CONCURRENCY)
+        .collect()
+        .await;
+    for r in results {
+        r.ctx("create a User")?;
+    }
+    Ok(())
+}
+
+fn from_json<T: DeserializeOwned>(v: serde_json::Value) -> Result<T, BenchError> {
+    serde_json::from_value(v).ctx("build an object")
+}
+
+/// A Session of `user` for the tenant's Workspace.
+pub fn session(name: &str, user: &str) -> Session {
+    serde_json::from_value(json!({
+        "apiVersion": "cubicle.dev/v1alpha1", "kind": "Session",
+        "metadata": {"name": name},
+        "spec": {"user": user, "workspace": WORKSPACE},
+    }))
+    .expect("static session")
+}
+
+/// Creates `sessions` (name, user) with [`HARNESS_CONCURRENCY`] requests in flight; returns how
+/// many creations failed.
+pub async fn create_sessions(client: &Client, ns: &str, sessions: Vec<(String, String)>) -> usize {
+    let api: Api<Session> = Api::namespaced(client.clone(), ns);
+    stream::iter(sessions)
+        .map(|(name, user)| {
+            let api = api.clone();
+            async move {
+                api.create(&PostParams::default(), &session(&name, &user))
+                    .await
+                    .is_err()
+            }
+        })
+        .buffer_unordered(HARNESS_CONCURRENCY)
+        .filter(|failed| futures::future::ready(*failed))
+        .count()
+        .await
+}
+
+/// Polls session `name` until it is Running (the harness's reads are not the operator's).
+pub async fn wait_running(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    timeout: Duration,
+) -> Result<Session, BenchError> {
+    let api: Api<Session> = Api::namespaced(client.clone(), ns);
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(s) = api.get_opt(name).await.ctx(format!("get session {name}"))? {
+            match s.status.as_ref().and_then(|st| st.phase) {
+                Some(SessionPhase::Running) => return Ok(s),
+                Some(p @ (SessionPhase::Refused | SessionPhase::Failed)) => {
+                    return Err(BenchError(format!("session {name} ended {p:?}: {s:?}")));
+                }
+                _ => {}
+            }
+        }
+        if start.elapsed() > timeout {
+            return Err(BenchError(format!(
+                "session {name} not Running after {timeout:?}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The PVC and Pod the operator made for one session, as templates for the floor: the same
+/// objects, created directly by a plain client.
+#[derive(Clone)]
+pub struct Template {
+    pvc: PersistentVolumeClaim,
+    pod: Pod,
+    claim_volume: String,
+}
+
+/// Reads the pod and profile claim of the operator's session `session` and strips what the
+/// API server and controllers added (node, bound volume, status, identity).
+pub async fn capture_template(
+    client: &Client,
+    ns: &str,
+    session: &Session,
+) -> Result<Template, BenchError> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+    let pod = pods
+        .get(&pod_name(session))
+        .await
+        .ctx("read the operator's pod")?;
+    let spec = pod.spec.clone().unwrap_or_default();
+    let (claim_volume, claim_name) = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find_map(|v| {
+            let c = v.persistent_volume_claim.as_ref()?;
+            Some((v.name.clone(), c.claim_name.clone()))
+        })
+        .ok_or_else(|| BenchError("the operator's pod mounts no profile claim".into()))?;
+    let pvc = claims
+        .get(&claim_name)
+        .await
+        .ctx("read the operator's profile claim")?;
+    let mut pvc_spec = pvc.spec.clone().unwrap_or_default();
+    pvc_spec.volume_name = None;
+    let mut pod_spec = spec;
+    pod_spec.node_name = None;
+    Ok(Template {
+        pvc: PersistentVolumeClaim {
+            metadata: template_meta(&pvc.metadata),
+            spec: Some(pvc_spec),
+            status: None,
+        },
+        pod: Pod {
+            metadata: template_meta(&pod.metadata),
+            spec: Some(pod_spec),
+            status: None,
+        },
+        claim_volume,
+    })
+}
+
+/// Labels, and the annotations the operator set (not those of the scheduler or PV binder).
+fn template_meta(m: &ObjectMeta) -> ObjectMeta {
+    ObjectMeta {
+        labels: m.labels.clone(),
+        annotations: m.annotations.as_ref().map(|a| {
+            a.iter()
+                .filter(|(k, _)| k.starts_with("cubicle.dev/"))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        }),
+        ..Default::default()
+    }
+}
+
+impl Template {
+    /// The claim, named `name`.
+    pub fn pvc(&self, name: &str) -> PersistentVolumeClaim {
+        let mut pvc = self.pvc.clone();
+        pvc.metadata.name = Some(name.into());
+        pvc
+    }
+
+    /// The pod, named `name`, mounting claim `claim`.
+    pub fn pod(&self, name: &str, claim: &str) -> Pod {
+        let mut pod = self.pod.clone();
+        pod.metadata.name = Some(name.into());
+        if let Some(spec) = pod.spec.as_mut() {
+            for v in spec.volumes.iter_mut().flatten() {
+                if v.name == self.claim_volume
+                    && let Some(c) = v.persistent_volume_claim.as_mut()
+                {
+                    c.claim_name = claim.into();
+                }
+            }
+        }
+        pod
+    }
+}
+
+/// Creates claim and pod `floor-<i>` for each `i < n`, claim first, with `concurrency` items in
+/// flight (as the operator's reconciles do); returns how many items failed.
+pub async fn create_floor(
+    client: &Client,
+    ns: &str,
+    template: &Template,
+    n: usize,
+    concurrency: usize,
+) -> usize {
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    stream::iter(0..n)
+        .map(|i| {
+            let (claims, pods) = (claims.clone(), pods.clone());
+            async move {
+                let name = format!("floor-{i}");
+                let pp = PostParams::default();
+                let claim = claims.create(&pp, &template.pvc(&name)).await;
+                if claim.is_err() {
+                    return true;
+                }
+                pods.create(&pp, &template.pod(&name, &name)).await.is_err()
+            }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .filter(|failed| futures::future::ready(*failed))
+        .count()
+        .await
+}
+
+/// Where an object stands in a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Exists.
+    Seen,
+    /// Reached the goal (pod Running, session Running).
+    Done,
+    /// Will not reach it.
+    Failed,
+}
+
+/// Counts of a [`Tracker`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Objects seen (in any stage).
+    pub seen: usize,
+    /// Objects done.
+    pub done: usize,
+    /// Objects failed.
+    pub failed: usize,
+}
+
+/// Follows the objects of one namespace through a watch and counts their stages.
+pub struct Tracker {
+    tally: Arc<Mutex<Tally>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Tracker {
+    /// Starts watching `api`; returns once the first list is in.
+    pub async fn start<K, F>(api: Api<K>, stage: F) -> Self
+    where
+        K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+        K::DynamicType: Default,
+        F: Fn(&K) -> Stage + Send + 'static,
+    {
+        let tally = Arc::new(Mutex::new(Tally::default()));
+        let synced = Arc::new(tokio::sync::Notify::new());
+        let (t, s) = (tally.clone(), synced.clone());
+        let task = tokio::spawn(async move {
+            let mut stages: HashMap<String, Stage> = HashMap::new();
+            let events = watcher(api, watcher::Config::default()).default_backoff();
+            futures::pin_mut!(events);
+            while let Ok(Some(ev)) = events.try_next().await {
+                let objs = match ev {
+                    watcher::Event::Apply(o) | watcher::Event::InitApply(o) => vec![o],
+                    watcher::Event::InitDone => {
+                        s.notify_one();
+                        continue;
+                    }
+                    _ => continue,
+                };
+                for o in objs {
+                    stages.insert(o.name_any(), stage(&o));
+                }
+                let mut c = Tally {
+                    seen: stages.len(),
+                    ..Tally::default()
+                };
+                for st in stages.values() {
+                    match st {
+                        Stage::Done => c.done += 1,
+                        Stage::Failed => c.failed += 1,
+                        Stage::Seen => {}
+                    }
+                }
+                *t.lock().unwrap_or_else(|p| p.into_inner()) = c;
+            }
+        });
+        synced.notified().await;
+        Self { tally, task }
+    }
+
+    /// The counts now.
+    pub fn tally(&self) -> Tally {
+        *self.tally.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A pod's stage: Running (the fake kubelet reports it) or Failed.
+pub fn pod_stage(p: &Pod) -> Stage {
+    match p.status.as_ref().and_then(|s| s.phase.as_deref()) {
+        Some("Running") => Stage::Done,
+        Some("Failed") => Stage::Failed,
+        _ => Stage::Seen,
+    }
+}
+
+/// A session's stage: Running, or refused/failed.
+pub fn session_stage(s: &Session) -> Stage {
+    match s.status.as_ref().and_then(|st| st.phase) {
+        Some(SessionPhase::Running) => Stage::Done,
+        Some(SessionPhase::Refused | SessionPhase::Failed) => Stage::Failed,
+        _ => Stage::Seen,
+    }
+}
+
+/// Empties namespace `ns` quickly and deletes it, so that the next run starts on a cluster
+/// without leftovers: sessions first (the operator is stopped by then), pods at once (grace 0),
+/// claims and their volumes with their protection finalizers removed (the volumes are
+/// `Retain`ed, and the operator caches every PersistentVolume of the cluster).
+pub async fn cleanup(client: &Client, ns: &str) -> Result<(), BenchError> {
+    let lp = ListParams::default();
+    let sessions: Api<Session> = Api::namespaced(client.clone(), ns);
+    sessions
+        .delete_collection(&DeleteParams::default(), &lp)
+        .await
+        .ctx(format!("delete the sessions of {ns}"))?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    pods.delete_collection(&DeleteParams::default().grace_period(0), &lp)
+        .await
+        .ctx(format!("delete the pods of {ns}"))?;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+    let names: Vec<String> = claims
+        .list_metadata(&lp)
+        .await
+        .ctx(format!("list the claims of {ns}"))?
+        .items
+        .iter()
+        .map(|c| c.name_any())
+        .collect();
+    drop_finalizers(&claims, names).await;
+    claims
+        .delete_collection(&DeleteParams::default(), &lp)
+        .await
+        .ctx(format!("delete the claims of {ns}"))?;
+    let volumes: Api<PersistentVolume> = Api::all(client.clone());
+    let mine: Vec<String> = volumes
+        .list(&lp)
+        .await
+        .ctx("list PersistentVolumes")?
+        .items
+        .iter()
+        .filter(|v| {
+            v.spec
+                .as_ref()
+                .and_then(|s| s.claim_ref.as_ref())
+                .and_then(|c| c.namespace.as_deref())
+                == Some(ns)
+        })
+        .map(|v| v.name_any())
+        .collect();
+    drop_finalizers(&volumes, mine.clone()).await;
+    stream::iter(mine)
+        .for_each_concurrent(HARNESS_CONCURRENCY, |name| {
+            let volumes = volumes.clone();
+            async move {
+                let _ = volumes.delete(&name, &DeleteParams::default()).await;
+            }
+        })
+        .await;
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(ns, &DeleteParams::default())
+        .await;
+    Ok(())
+}
+
+async fn drop_finalizers<K>(api: &Api<K>, names: Vec<String>)
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    let patch = Patch::Merge(json!({"metadata": {"finalizers": null}}));
+    stream::iter(names)
+        .for_each_concurrent(HARNESS_CONCURRENCY, |name| {
+            let api = api.clone();
+            let patch = &patch;
+            async move {
+                let _ = api.patch(&name, &PatchParams::default(), patch).await;
+            }
+        })
+        .await;
+}
