@@ -1,6 +1,7 @@
 //! `cubicle validate` and `cubicle plan`: the resolution library run offline over a
 //! configuration repository ([`crate::repo`]), with every finding located at a file and line.
 
+use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
@@ -260,15 +261,53 @@ pub struct UserPlan {
     pub findings: Vec<Finding>,
 }
 
+/// The servers assigned to each user of a namespace (one pass over the assignments).
+pub fn assigned_index(ns: &Namespace) -> HashMap<String, Vec<AssignedServer>> {
+    let dir = &ns.directory;
+    let mut servers: HashMap<&str, BTreeSet<&str>> = HashMap::new();
+    for a in &dir.assignments {
+        for u in &a.spec.users {
+            servers
+                .entry(u.as_str())
+                .or_default()
+                .extend(a.spec.servers.iter().map(String::as_str));
+        }
+    }
+    servers
+        .into_iter()
+        .map(|(u, ss)| {
+            let rows = ss
+                .into_iter()
+                .map(|s| {
+                    let server = dir.server(s);
+                    AssignedServer {
+                        server: s.to_string(),
+                        pool: server.map(|x| x.spec.pool.clone()),
+                        in_effect: server
+                            .is_some_and(|x| resolve::views::assignment_state(dir, x).is_ok()),
+                    }
+                })
+                .collect();
+            (u.to_string(), rows)
+        })
+        .collect()
+}
+
 /// Builds the plan of one user.
 pub fn user_plan(ns: &Namespace, user: &User) -> UserPlan {
+    let assigned = resolve::user_assigned_servers(&ns.directory, &user.name_any());
+    user_plan_with(ns, user, assigned)
+}
+
+fn user_plan_with(ns: &Namespace, user: &User, assigned_servers: Vec<AssignedServer>) -> UserPlan {
     let dir = &ns.directory;
     let r = resolve::resolve_user(dir, user);
+    let assigned: Vec<String> = assigned_servers.iter().map(|s| s.server.clone()).collect();
     let workspaces = dir
         .workspaces
         .iter()
         .map(|w| {
-            let a = resolve::access(dir, user, &r, w);
+            let a = resolve::access_assigned(dir, user, &r, w, &assigned);
             WorkspacePlan {
                 workspace: w.name_any(),
                 allowed: a.allowed.is_ok(),
@@ -307,7 +346,7 @@ pub fn user_plan(ns: &Namespace, user: &User) -> UserPlan {
         disabled: user.spec.disabled == Some(true),
         groups: r.groups,
         settings: r.provenance,
-        assigned_servers: resolve::user_assigned_servers(dir, &user.name_any()),
+        assigned_servers,
         workspaces,
         findings: r.findings,
     }
@@ -377,12 +416,14 @@ fn write_json(
     let mut first = true;
     let mut n = 0;
     for ns in repo.namespaces.values() {
+        let index = assigned_index(ns);
         for u in selected(ns, user) {
             if !first {
                 out.write_all(b",")?;
             }
             first = false;
-            serde_json::to_writer(&mut *out, &user_plan(ns, u))?;
+            let assigned = index.get(&u.name_any()).cloned().unwrap_or_default();
+            serde_json::to_writer(&mut *out, &user_plan_with(ns, u, assigned))?;
             n += 1;
         }
     }
@@ -546,8 +587,10 @@ fn write_text(
 ) -> std::io::Result<()> {
     let mut n = 0;
     for ns in repo.namespaces.values() {
+        let index = assigned_index(ns);
         for u in selected(ns, user) {
-            write_user_text(&user_plan(ns, u), out)?;
+            let assigned = index.get(&u.name_any()).cloned().unwrap_or_default();
+            write_user_text(&user_plan_with(ns, u, assigned), out)?;
             n += 1;
         }
     }

@@ -161,6 +161,17 @@ impl Repo {
 
     /// The file, relative to the current directory when possible, for messages.
     pub fn display_path(path: &Path) -> String {
+        if path.is_relative() {
+            let clean: PathBuf = path
+                .components()
+                .filter(|c| !matches!(c, std::path::Component::CurDir))
+                .collect();
+            return if clean.as_os_str().is_empty() {
+                ".".into()
+            } else {
+                clean.display().to_string()
+            };
+        }
         let cwd = std::env::current_dir().ok();
         cwd.as_deref()
             .and_then(|c| path.strip_prefix(c).ok())
@@ -560,8 +571,19 @@ impl Loader {
 fn check<T: DeserializeOwned + serde::Serialize>(value: &Value) -> Result<T, (String, String)> {
     let typed: T = serde_path_to_error::deserialize(value.clone()).map_err(|e| {
         let path = e.path().to_string();
-        let path = if path == "." { "-".to_string() } else { path };
-        (path, e.into_inner().to_string())
+        let path = if path == "." { String::new() } else { path };
+        let msg = e.into_inner().to_string();
+        // A missing required field is reported at the field itself.
+        let missing = msg
+            .strip_prefix("missing field `")
+            .and_then(|m| m.split('`').next());
+        let field = match (missing, path.is_empty()) {
+            (Some(f), true) => f.to_string(),
+            (Some(f), false) => format!("{path}.{f}"),
+            (None, true) => "-".to_string(),
+            (None, false) => path,
+        };
+        (field, msg)
     })?;
     let back = serde_json::to_value(&typed).map_err(|e| ("-".to_string(), e.to_string()))?;
     let mut unknown = Vec::new();

@@ -73,6 +73,7 @@ pub fn desired_status(
             &dir.namespace,
             &name,
             uname(user),
+            user.spec.username.is_some(),
             &all,
         ));
     }

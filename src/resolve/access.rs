@@ -157,6 +157,22 @@ pub struct Access {
 
 /// Decides whether `user` (resolved as `resolved`) may launch `workspace`, and where.
 pub fn access(dir: &Directory, user: &User, resolved: &Resolved, workspace: &Workspace) -> Access {
+    let assigned: Vec<String> = user_assigned_servers(dir, &user.name_any())
+        .into_iter()
+        .map(|s| s.server)
+        .collect();
+    access_assigned(dir, user, resolved, workspace, &assigned)
+}
+
+/// [`access`] with the names of the servers assigned to the user already known (e.g. from
+/// [`super::user_assigned_servers`], computed once for all of a user's workspaces).
+pub fn access_assigned(
+    dir: &Directory,
+    user: &User,
+    resolved: &Resolved,
+    workspace: &Workspace,
+    assigned: &[String],
+) -> Access {
     let user_name = user.name_any();
     let ws_name = workspace.name_any();
     let mut denial = None;
@@ -189,17 +205,17 @@ pub fn access(dir: &Directory, user: &User, resolved: &Resolved, workspace: &Wor
             }
             Some(p) => {
                 pool = Some(p.clone());
-                let assigned: Vec<String> = user_assigned_servers(dir, &user_name)
-                    .into_iter()
-                    .map(|s| s.server)
-                    .collect();
                 if p.spec.autoscale.is_none() {
                     let enabled = assignment_enabled(p);
                     servers = dir
                         .servers_of_pool(pool_name)
                         .into_iter()
                         .map(|s| {
-                            let is_assigned = assigned.contains(&s.name_any());
+                            let is_assigned = s
+                                .metadata
+                                .name
+                                .as_ref()
+                                .is_some_and(|n| assigned.contains(n));
                             Candidate {
                                 server: s,
                                 assigned: is_assigned,

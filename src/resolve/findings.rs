@@ -267,23 +267,38 @@ pub fn duplicate_usernames(users: &[Arc<User>]) -> BTreeMap<String, Vec<String>>
     by
 }
 
-/// The finding of a User whose username is also used by `others`.
-pub fn duplicate_username_finding(ns: &str, user: &str, name: &str, others: &[String]) -> Finding {
+/// The finding of User `user` whose username `name` is also used by `others` (object names;
+/// `user` itself is skipped). `explicit`: the username is set in `spec.username` rather than
+/// defaulted from `metadata.name`.
+pub fn duplicate_username_finding(
+    ns: &str,
+    user: &str,
+    name: &str,
+    explicit: bool,
+    others: &[String],
+) -> Finding {
     let others: Vec<String> = others
         .iter()
         .filter(|o| *o != user)
         .map(|o| format!("User/{o}"))
         .collect();
+    let (field, from) = if explicit {
+        ("spec.username", "")
+    } else {
+        (
+            "metadata.name",
+            " (spec.username is unset, so it defaults to metadata.name)",
+        )
+    };
     finding(
         Severity::Error,
         Code::DuplicateUsername,
         "User",
         ns,
         user,
-        "spec.username",
+        field,
         format!(
-            "username {name} is also used by {}; usernames must be unique in the namespace \
-             (spec.username defaults to metadata.name)",
+            "username {name}{from} is also used by {}; usernames must be unique in the namespace",
             others.join(", ")
         ),
     )
@@ -316,7 +331,10 @@ pub fn findings(dir: &Directory, users: &[Arc<User>], sessions: &[Arc<Session>])
     // Users: duplicates, then each user's resolution.
     for (name, objects) in duplicate_usernames(users) {
         for o in &objects {
-            out.push(duplicate_username_finding(ns, o, &name, &objects));
+            let explicit = users
+                .iter()
+                .any(|u| u.metadata.name.as_ref() == Some(o) && u.spec.username.is_some());
+            out.push(duplicate_username_finding(ns, o, &name, explicit, &objects));
         }
     }
     // Aggregated: (winner, loser) → (settings, users, priority).

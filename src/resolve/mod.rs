@@ -31,7 +31,9 @@ use crate::crd::v1alpha1::{
     Group, Realm, Server, ServerAssignment, ServerPool, Session, SessionPhase, User, Workspace,
 };
 
-pub use access::{Access, Candidate, Denial, access, file_mappings_for, volume_mappings_for};
+pub use access::{
+    Access, Candidate, Denial, access, access_assigned, file_mappings_for, volume_mappings_for,
+};
 pub use findings::{Code, Finding, Severity, findings};
 pub use settings::{
     Conflict, EffectiveControlPanel, EffectiveSettings, Origin, Resolved, ResolvedFileMapping,
@@ -63,22 +65,30 @@ pub struct Directory {
 impl Directory {
     /// The group named `name`.
     pub fn group(&self, name: &str) -> Option<&Arc<Group>> {
-        self.groups.iter().find(|g| g.name_any() == name)
+        self.groups
+            .iter()
+            .find(|g| g.metadata.name.as_deref() == Some(name))
     }
 
     /// The workspace named `name`.
     pub fn workspace(&self, name: &str) -> Option<&Arc<Workspace>> {
-        self.workspaces.iter().find(|w| w.name_any() == name)
+        self.workspaces
+            .iter()
+            .find(|w| w.metadata.name.as_deref() == Some(name))
     }
 
     /// The pool named `name`.
     pub fn pool(&self, name: &str) -> Option<&Arc<ServerPool>> {
-        self.pools.iter().find(|p| p.name_any() == name)
+        self.pools
+            .iter()
+            .find(|p| p.metadata.name.as_deref() == Some(name))
     }
 
     /// The server named `name`.
     pub fn server(&self, name: &str) -> Option<&Arc<Server>> {
-        self.servers.iter().find(|s| s.name_any() == name)
+        self.servers
+            .iter()
+            .find(|s| s.metadata.name.as_deref() == Some(name))
     }
 
     /// The servers of pool `pool`, sorted by name.
@@ -89,7 +99,7 @@ impl Directory {
             .filter(|s| s.spec.pool == pool)
             .cloned()
             .collect();
-        v.sort_by_key(|s| s.name_any());
+        v.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
         v
     }
 }
