@@ -10,7 +10,7 @@ use kube::ResourceExt;
 use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::reflector::ObjectRef;
 
-use super::status::{self, Cond, comparable, conditions, directory, owned_conditions};
+use super::status::{self, Cond, Written, comparable, conditions, directory, owned_conditions};
 use super::stores::{Reflectors, Stores};
 use super::{Context, Error};
 use crate::crd::v1alpha1::{
@@ -98,7 +98,11 @@ pub fn changed(current: Option<&ServerAssignmentStatus>, desired: &ServerAssignm
     comparable(&owned.unwrap_or_default()) != comparable(desired)
 }
 
-async fn reconcile(a: Arc<ServerAssignment>, ctx: Arc<Context>) -> Result<Action, Error> {
+async fn reconcile(
+    a: Arc<ServerAssignment>,
+    ctx: Arc<Context>,
+    written: Arc<Written>,
+) -> Result<Action, Error> {
     ctx.wait_synced().await;
     let _timer = ctx.metrics.reconcile_timer(KIND);
     let name = a.name_any();
@@ -111,8 +115,9 @@ async fn reconcile(a: Arc<ServerAssignment>, ctx: Arc<Context>) -> Result<Action
     let user_exists = |u: &str| users.get(&ObjectRef::new(u).within(&ns)).is_some();
     let now = Time(jiff::Timestamp::now());
     let desired = desired_status(&dir, &a, &user_exists, a.status.as_ref(), &now);
-    if changed(a.status.as_ref(), &desired) {
+    if changed(a.status.as_ref(), &desired) && !written.already(a.as_ref(), &desired) {
         status::apply::<ServerAssignment>(&ctx.client, &ns, &name, MANAGER, &desired).await?;
+        written.record(a.as_ref(), &desired);
     }
     ctx.backoff
         .succeeded(&ObjectRef::from_obj(a.as_ref()).to_string());
@@ -143,6 +148,7 @@ fn servers_of_pool(stores: &Stores, p: &ServerPool) -> Vec<String> {
 
 /// Builds the ServerAssignment status controller over the shared caches.
 pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, ()> {
+    let written = Arc::new(Written::default());
     let s = ctx.stores.clone();
     let on_user = {
         let s = s.clone();
@@ -203,7 +209,7 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
         .reconcile_on(deleted_pools)
         .with_config(Config::default().concurrency(ctx.config.concurrency))
         .run(
-            reconcile,
+            move |obj, ctx| reconcile(obj, ctx, written.clone()),
             |x, e, ctx: Arc<Context>| ctx.on_error(KIND, &ObjectRef::from_obj(x.as_ref()), e),
             ctx,
         )

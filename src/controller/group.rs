@@ -10,7 +10,7 @@ use kube::ResourceExt;
 use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::reflector::ObjectRef;
 
-use super::status::{self, Cond, comparable, conditions, directory, owned_conditions};
+use super::status::{self, Cond, Written, comparable, conditions, directory, owned_conditions};
 use super::stores::{Reflectors, Stores, in_namespace};
 use super::{Context, Error};
 use crate::crd::v1alpha1::{Group, GroupStatus, User, Workspace};
@@ -104,7 +104,11 @@ pub fn changed(current: Option<&GroupStatus>, desired: &GroupStatus) -> bool {
     comparable(&owned.unwrap_or_default()) != comparable(desired)
 }
 
-async fn reconcile(group: Arc<Group>, ctx: Arc<Context>) -> Result<Action, Error> {
+async fn reconcile(
+    group: Arc<Group>,
+    ctx: Arc<Context>,
+    written: Arc<Written>,
+) -> Result<Action, Error> {
     ctx.wait_synced().await;
     let _timer = ctx.metrics.reconcile_timer(KIND);
     let name = group.name_any();
@@ -116,8 +120,9 @@ async fn reconcile(group: Arc<Group>, ctx: Arc<Context>) -> Result<Action, Error
     let users = in_namespace(&ctx.stores.users, &ns);
     let now = Time(jiff::Timestamp::now());
     let desired = desired_status(&dir, &group, &users, group.status.as_ref(), &now);
-    if changed(group.status.as_ref(), &desired) {
+    if changed(group.status.as_ref(), &desired) && !written.already(group.as_ref(), &desired) {
         status::apply::<Group>(&ctx.client, &ns, &name, MANAGER, &desired).await?;
+        written.record(group.as_ref(), &desired);
     }
     ctx.backoff
         .succeeded(&ObjectRef::from_obj(group.as_ref()).to_string());
@@ -153,6 +158,7 @@ fn groups_with_default_image(stores: &Stores, w: &Workspace) -> Vec<ObjectRef<Gr
 
 /// Builds the Group status controller over the shared caches.
 pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, ()> {
+    let written = Arc::new(Written::default());
     let s = ctx.stores.clone();
     let on_user = {
         let s = s.clone();
@@ -181,7 +187,7 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
         .reconcile_on(deleted_workspaces)
         .with_config(Config::default().concurrency(ctx.config.concurrency))
         .run(
-            reconcile,
+            move |obj, ctx| reconcile(obj, ctx, written.clone()),
             |g, e, ctx: Arc<Context>| ctx.on_error(KIND, &ObjectRef::from_obj(g.as_ref()), e),
             ctx,
         )

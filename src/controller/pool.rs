@@ -13,7 +13,7 @@ use kube::ResourceExt;
 use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::reflector::ObjectRef;
 
-use super::status::{self, Cond, comparable, conditions, directory, owned_conditions};
+use super::status::{self, Cond, Written, comparable, conditions, directory, owned_conditions};
 use super::stores::{Reflectors, Stores};
 use super::{Context, Error};
 use crate::crd::v1alpha1::{Server, ServerPool, ServerPoolStatus, Session, Workspace};
@@ -99,7 +99,11 @@ pub fn changed(current: Option<&ServerPoolStatus>, desired: &ServerPoolStatus) -
     comparable(&owned.unwrap_or_default()) != comparable(desired)
 }
 
-async fn reconcile(pool: Arc<ServerPool>, ctx: Arc<Context>) -> Result<Action, Error> {
+async fn reconcile(
+    pool: Arc<ServerPool>,
+    ctx: Arc<Context>,
+    written: Arc<Written>,
+) -> Result<Action, Error> {
     ctx.wait_synced().await;
     let _timer = ctx.metrics.reconcile_timer(KIND);
     let name = pool.name_any();
@@ -127,8 +131,9 @@ async fn reconcile(pool: Arc<ServerPool>, ctx: Arc<Context>) -> Result<Action, E
         .state_filter(|s| s.metadata.namespace.as_deref() == Some(ns.as_str()));
     let now = Time(jiff::Timestamp::now());
     let desired = desired_status(&dir, &pool, matching, &sessions, pool.status.as_ref(), &now);
-    if changed(pool.status.as_ref(), &desired) {
+    if changed(pool.status.as_ref(), &desired) && !written.already(pool.as_ref(), &desired) {
         status::apply::<ServerPool>(&ctx.client, &ns, &name, MANAGER, &desired).await?;
+        written.record(pool.as_ref(), &desired);
     }
     ctx.backoff
         .succeeded(&ObjectRef::from_obj(pool.as_ref()).to_string());
@@ -166,6 +171,7 @@ fn pools_of_session(stores: &Stores, s: &Session) -> Vec<ObjectRef<ServerPool>> 
 
 /// Builds the ServerPool status controller over the shared caches.
 pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, ()> {
+    let written = Arc::new(Written::default());
     let s = ctx.stores.clone();
     let on_server = {
         let s = s.clone();
@@ -201,7 +207,7 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
         .reconcile_on(deleted_sessions)
         .with_config(Config::default().concurrency(ctx.config.concurrency))
         .run(
-            reconcile,
+            move |obj, ctx| reconcile(obj, ctx, written.clone()),
             |x, e, ctx: Arc<Context>| ctx.on_error(KIND, &ObjectRef::from_obj(x.as_ref()), e),
             ctx,
         )

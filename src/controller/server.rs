@@ -15,7 +15,7 @@ use kube::ResourceExt;
 use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::reflector::ObjectRef;
 
-use super::status::{self, Cond, comparable, conditions, directory, owned_conditions};
+use super::status::{self, Cond, Written, comparable, conditions, directory, owned_conditions};
 use super::stores::{Reflectors, Stores};
 use super::{Context, Error};
 use crate::crd::v1alpha1::{Server, ServerAssignment, ServerPool, ServerStatus, Session, User};
@@ -113,7 +113,11 @@ pub fn changed(current: Option<&ServerStatus>, desired: &ServerStatus) -> bool {
     comparable(&owned.unwrap_or_default()) != comparable(desired)
 }
 
-async fn reconcile(server: Arc<Server>, ctx: Arc<Context>) -> Result<Action, Error> {
+async fn reconcile(
+    server: Arc<Server>,
+    ctx: Arc<Context>,
+    written: Arc<Written>,
+) -> Result<Action, Error> {
     ctx.wait_synced().await;
     let _timer = ctx.metrics.reconcile_timer(KIND);
     let name = server.name_any();
@@ -149,8 +153,9 @@ async fn reconcile(server: Arc<Server>, ctx: Arc<Context>) -> Result<Action, Err
         server.status.as_ref(),
         &now,
     );
-    if changed(server.status.as_ref(), &desired) {
+    if changed(server.status.as_ref(), &desired) && !written.already(server.as_ref(), &desired) {
         status::apply::<Server>(&ctx.client, &ns, &name, MANAGER, &desired).await?;
+        written.record(server.as_ref(), &desired);
     }
     ctx.backoff
         .succeeded(&ObjectRef::from_obj(server.as_ref()).to_string());
@@ -224,6 +229,7 @@ fn server_of_session(s: &Session) -> Vec<ObjectRef<Server>> {
 
 /// Builds the Server status controller over the shared caches.
 pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, ()> {
+    let written = Arc::new(Written::default());
     let s = ctx.stores.clone();
     let on_assignment = {
         let s = s.clone();
@@ -271,7 +277,7 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
         .reconcile_on(deleted_sessions)
         .with_config(Config::default().concurrency(ctx.config.concurrency))
         .run(
-            reconcile,
+            move |obj, ctx| reconcile(obj, ctx, written.clone()),
             |x, e, ctx: Arc<Context>| ctx.on_error(KIND, &ObjectRef::from_obj(x.as_ref()), e),
             ctx,
         )

@@ -199,6 +199,54 @@ fn kind_name<K: Resource<DynamicType = ()>>() -> &'static str {
     }
 }
 
+/// What each status controller last wrote, so that a reconcile that runs again before the
+/// cache has seen its own write (a second trigger arriving in between) does not write the same
+/// status again. Keyed by object; remembers the uid and the resourceVersion the object had when
+/// the status was written, and a hash of that status.
+#[derive(Default)]
+pub struct Written {
+    last: std::sync::Mutex<std::collections::HashMap<String, (String, String, u64)>>,
+}
+
+impl Written {
+    /// Whether `status` was already written for this version of the object (the cache still
+    /// shows the object as it was before that write).
+    pub fn already<K: Resource>(&self, obj: &K, status: &impl Serialize) -> bool {
+        let (key, uid, rv) = identity(obj);
+        let h = hash_of(status);
+        let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        last.get(&key) == Some(&(uid, rv, h))
+    }
+
+    /// Records that `status` was written for this version of the object.
+    pub fn record<K: Resource>(&self, obj: &K, status: &impl Serialize) {
+        let (key, uid, rv) = identity(obj);
+        let h = hash_of(status);
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        last.insert(key, (uid, rv, h));
+    }
+}
+
+fn identity<K: Resource>(obj: &K) -> (String, String, String) {
+    let m = obj.meta();
+    (
+        format!(
+            "{}/{}",
+            m.namespace.as_deref().unwrap_or(""),
+            m.name.as_deref().unwrap_or("")
+        ),
+        m.uid.clone().unwrap_or_default(),
+        m.resource_version.clone().unwrap_or_default(),
+    )
+}
+
+fn hash_of(status: &impl Serialize) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    comparable(status).to_string().hash(&mut h);
+    h.finish()
+}
+
 /// `ObjectRef`s of `objects` (for mappers).
 pub fn refs<K>(
     objects: impl IntoIterator<Item = Arc<K>>,
@@ -281,6 +329,34 @@ mod tests {
             value: json!(1),
         };
         assert_ne!(comparable(&a), comparable(&c));
+    }
+
+    #[test]
+    fn a_status_written_for_a_version_is_not_written_again_for_it() {
+        let mut obj = k8s_openapi::api::core::v1::ConfigMap::default();
+        obj.metadata.name = Some("x".into());
+        obj.metadata.uid = Some("u1".into());
+        obj.metadata.resource_version = Some("5".into());
+        let w = Written::default();
+        let status = json!({"a": 1});
+        assert!(!w.already(&obj, &status));
+        w.record(&obj, &status);
+        assert!(w.already(&obj, &status));
+        assert!(
+            !w.already(&obj, &json!({"a": 2})),
+            "a different status is written"
+        );
+        obj.metadata.resource_version = Some("6".into());
+        assert!(
+            !w.already(&obj, &status),
+            "a newer object is compared afresh"
+        );
+        obj.metadata.resource_version = Some("5".into());
+        obj.metadata.uid = Some("u2".into());
+        assert!(
+            !w.already(&obj, &status),
+            "a re-created object is another object"
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use kube::ResourceExt;
 use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::reflector::ObjectRef;
 
-use super::status::{self, Cond, comparable, conditions, directory, owned_conditions};
+use super::status::{self, Cond, Written, comparable, conditions, directory, owned_conditions};
 use super::stores::{Reflectors, Stores};
 use super::{Context, Error};
 use crate::crd::v1alpha1::{
@@ -167,7 +167,11 @@ pub fn changed(current: Option<&UserStatus>, desired: &UserStatus) -> bool {
     comparable(&owned.unwrap_or_default()) != comparable(desired)
 }
 
-async fn reconcile(user: Arc<User>, ctx: Arc<Context>) -> Result<Action, Error> {
+async fn reconcile(
+    user: Arc<User>,
+    ctx: Arc<Context>,
+    written: Arc<Written>,
+) -> Result<Action, Error> {
     ctx.wait_synced().await;
     let _timer = ctx.metrics.reconcile_timer(KIND);
     let name = user.name_any();
@@ -195,8 +199,9 @@ async fn reconcile(user: Arc<User>, ctx: Arc<Context>) -> Result<Action, Error> 
         .collect();
     let now = Time(jiff::Timestamp::now());
     let desired = desired_status(&dir, &user, &sessions, &same, user.status.as_ref(), &now);
-    if changed(user.status.as_ref(), &desired) {
+    if changed(user.status.as_ref(), &desired) && !written.already(user.as_ref(), &desired) {
         status::apply::<User>(&ctx.client, &ns, &name, MANAGER, &desired).await?;
+        written.record(user.as_ref(), &desired);
     }
     ctx.backoff
         .succeeded(&ObjectRef::from_obj(user.as_ref()).to_string());
@@ -329,6 +334,7 @@ fn users_sharing_username(stores: &Stores, u: &User) -> Vec<ObjectRef<User>> {
 
 /// Builds the User status controller over the shared caches.
 pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, ()> {
+    let written = Arc::new(Written::default());
     let s = ctx.stores.clone();
     let on_group = {
         let s = s.clone();
@@ -405,7 +411,7 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
         .reconcile_on(deleted_users)
         .with_config(Config::default().concurrency(ctx.config.concurrency))
         .run(
-            reconcile,
+            move |obj, ctx| reconcile(obj, ctx, written.clone()),
             |u, e, ctx: Arc<Context>| ctx.on_error(KIND, &ObjectRef::from_obj(u.as_ref()), e),
             ctx,
         )
