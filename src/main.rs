@@ -26,6 +26,15 @@ enum Command {
     Dev(DevCommand),
     /// Run the operator (in a cluster, or against the cluster of the current kubeconfig).
     Run(Box<RunArgs>),
+    /// Mark a session as active (one small API call: sets its `cubicle.dev/keepalive`
+    /// annotation to now). Clients send this every keepaliveInterval while a user is connected.
+    Keepalive {
+        /// The Session's name.
+        session: String,
+        /// Its namespace (default: the kubeconfig's).
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
+    },
     /// Measure the operator against the floor on its own local control plane: API requests per
     /// launch and per resync, burst convergence (N sessions at once) against a plain client
     /// creating the same claims and pods, memory and CPU. Prints a table (or JSON).
@@ -159,6 +168,7 @@ async fn main() -> ExitCode {
     cubicle::telemetry::init(format);
     match cli.command {
         Command::Run(args) => run(*args).await,
+        Command::Keepalive { session, namespace } => keepalive(&session, namespace).await,
         Command::Bench(args) => cubicle::bench::main(*args).await,
         Command::Dev(DevCommand::Up {
             dir,
@@ -377,4 +387,33 @@ fn plan(dir: &std::path::Path, output: cubicle::plan::Format, user: Option<&str>
     let code = cubicle::plan::plan(dir, output, user, &mut out, &mut std::io::stderr());
     drop(out);
     ExitCode::from(code)
+}
+
+async fn keepalive(session: &str, namespace: Option<String>) -> ExitCode {
+    use cubicle::crd::v1alpha1::{KEEPALIVE_ANNOTATION, Session};
+    use kube::api::{Api, Patch, PatchParams};
+    let client = match kube::Client::try_default().await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("cubicle keepalive: no Kubernetes configuration: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let ns = namespace.unwrap_or_else(|| client.default_namespace().to_string());
+    let api: Api<Session> = Api::namespaced(client, &ns);
+    let now = jiff::Timestamp::now().to_string();
+    let patch = serde_json::json!({"metadata": {"annotations": {KEEPALIVE_ANNOTATION: now}}});
+    match api
+        .patch(session, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+    {
+        Ok(_) => {
+            println!("{ns}/{session}: keepalive {now}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("cubicle keepalive: Session {ns}/{session}: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

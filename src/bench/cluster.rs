@@ -1,24 +1,30 @@
 //! What the benchmark does on the control plane as an administrator: CRDs, the tenant, sessions,
 //! the floor's plain PVCs and Pods, watching progress, and cleaning up between runs.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt, stream};
-use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::wait::{await_condition, conditions};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
+use super::operator::parse_labels;
+use super::report::CacheEntry;
 use super::{BenchError, Context};
 use crate::controller::session::build::pod_name;
-use crate::crd::v1alpha1::{Group, Session, SessionPhase, User, Workspace};
+use crate::controller::stores::{MANAGED_BY, MANAGED_BY_LABEL};
+use crate::crd::v1alpha1::{
+    Group, Server, ServerAssignment, ServerPool, Session, SessionPhase, User, Workspace,
+};
 
 const MANAGER: &str = "cubicle-bench";
 /// The one Workspace of the tenant.
@@ -480,4 +486,144 @@ where
             }
         })
         .await;
+}
+
+/// Error responses the API server has served so far, by `"VERB resource code"`, from its own
+/// `apiserver_request_total` (every client counted; empty if the metrics cannot be read).
+pub async fn apiserver_errors(client: &Client) -> BTreeMap<String, f64> {
+    let Ok(req) = http::Request::get("/metrics").body(Vec::new()) else {
+        return BTreeMap::new();
+    };
+    let Ok(text) = client.request_text(req).await else {
+        return BTreeMap::new();
+    };
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
+            continue;
+        };
+        let Some((labels, value)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        let l = parse_labels(labels);
+        let code = l.get("code").map(String::as_str).unwrap_or_default();
+        if !code.starts_with('4') && !code.starts_with('5') {
+            continue;
+        }
+        let get = |k: &str| l.get(k).cloned().unwrap_or_default();
+        let sub = get("subresource");
+        let resource = if sub.is_empty() {
+            get("resource")
+        } else {
+            format!("{}/{sub}", get("resource"))
+        };
+        if let Ok(v) = value.trim().parse::<f64>() {
+            *out.entry(format!("{} {resource} {code}", get("verb")))
+                .or_default() += v;
+        }
+    }
+    out
+}
+
+/// What the operator of namespace `ns` holds in its caches: objects and their JSON size
+/// (without `managedFields`, which the operator strips), by kind. Pods and claims are the
+/// operator's own (label-selected); PersistentVolumes and Node metadata are cluster-wide.
+pub async fn cache_profile(
+    client: &Client,
+    ns: &str,
+) -> Result<BTreeMap<String, CacheEntry>, BenchError> {
+    let all = ListParams::default();
+    let managed = ListParams::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
+    let c = client;
+    let mut out = BTreeMap::new();
+    out.insert(
+        "User".into(),
+        sizes(Api::<User>::namespaced(c.clone(), ns), &all).await?,
+    );
+    out.insert(
+        "Group".into(),
+        sizes(Api::<Group>::namespaced(c.clone(), ns), &all).await?,
+    );
+    out.insert(
+        "Workspace".into(),
+        sizes(Api::<Workspace>::namespaced(c.clone(), ns), &all).await?,
+    );
+    out.insert(
+        "ServerPool".into(),
+        sizes(Api::<ServerPool>::namespaced(c.clone(), ns), &all).await?,
+    );
+    out.insert(
+        "Server".into(),
+        sizes(Api::<Server>::namespaced(c.clone(), ns), &all).await?,
+    );
+    out.insert(
+        "ServerAssignment".into(),
+        sizes(Api::<ServerAssignment>::namespaced(c.clone(), ns), &all).await?,
+    );
+    out.insert(
+        "Session".into(),
+        sizes(Api::<Session>::namespaced(c.clone(), ns), &all).await?,
+    );
+    out.insert(
+        "Pod".into(),
+        sizes(Api::<Pod>::namespaced(c.clone(), ns), &managed).await?,
+    );
+    out.insert(
+        "PersistentVolumeClaim".into(),
+        sizes(
+            Api::<PersistentVolumeClaim>::namespaced(c.clone(), ns),
+            &managed,
+        )
+        .await?,
+    );
+    out.insert(
+        "PersistentVolume".into(),
+        sizes(Api::<PersistentVolume>::all(c.clone()), &all).await?,
+    );
+    let mut nodes = Api::<Node>::all(c.clone())
+        .list_metadata(&all)
+        .await
+        .ctx("list Node metadata")?
+        .items;
+    let bytes: usize = nodes
+        .iter_mut()
+        .map(|n| {
+            n.metadata.managed_fields = None;
+            serde_json::to_vec(&n.metadata)
+                .map(|v| v.len())
+                .unwrap_or(0)
+        })
+        .sum();
+    out.insert(
+        "Node (metadata)".into(),
+        CacheEntry {
+            objects: nodes.len(),
+            json_mb: bytes as f64 / 1e6,
+        },
+    );
+    out.retain(|_, e| e.objects > 0);
+    Ok(out)
+}
+
+async fn sizes<K>(api: Api<K>, lp: &ListParams) -> Result<CacheEntry, BenchError>
+where
+    K: Resource + Clone + DeserializeOwned + Serialize + Debug,
+    K::DynamicType: Default,
+{
+    let mut items = api
+        .list(lp)
+        .await
+        .ctx(format!("list {}", K::kind(&Default::default())))?
+        .items;
+    let bytes: usize = items
+        .iter_mut()
+        .map(|o| {
+            o.meta_mut().managed_fields = None;
+            serde_json::to_vec(o).map(|v| v.len()).unwrap_or(0)
+        })
+        .sum();
+    Ok(CacheEntry {
+        objects: items.len(),
+        json_mb: bytes as f64 / 1e6,
+    })
 }

@@ -300,6 +300,7 @@ struct Probe {
 /// One floor run.
 struct FloorRun {
     wall: f64,
+    api_errors: BTreeMap<String, f64>,
     failures: usize,
     peak_rps: f64,
     phases: BTreeMap<String, f64>,
@@ -309,6 +310,7 @@ struct FloorRun {
 /// One operator burst.
 struct BurstRun {
     wall: f64,
+    api_errors: BTreeMap<String, f64>,
     failures: usize,
     errors: f64,
     peak_rps: f64,
@@ -323,6 +325,7 @@ struct BurstRun {
 struct Footprint {
     idle: Memory,
     steady: Memory,
+    cache: BTreeMap<String, report::CacheEntry>,
     quiet: Quiet,
     quiet_cpu: f64,
     relist: Option<(Memory, Resync)>,
@@ -412,6 +415,7 @@ impl Bench {
             rss_mb: mb(probe.idle.rss_kib),
             peak_mb: mb(probe.idle.hwm_kib),
             target_mb: Some(memory_target_mb(0)),
+            cache: BTreeMap::new(),
         }];
         let mut cpu = vec![CpuRow {
             what: "idle, no sessions".into(),
@@ -441,6 +445,7 @@ impl Bench {
                         rss_mb: mb(f.idle.rss_kib),
                         peak_mb: mb(f.idle.hwm_kib),
                         target_mb: Some(memory_target_mb(0)),
+                        cache: BTreeMap::new(),
                     });
                     memory.push(MemoryRow {
                         what: "steady after the burst (peak: the burst)".into(),
@@ -448,6 +453,7 @@ impl Bench {
                         rss_mb: mb(f.steady.rss_kib),
                         peak_mb: mb(f.steady.hwm_kib),
                         target_mb: Some(memory_target_mb(n)),
+                        cache: f.cache.clone(),
                     });
                     if let Some((m, r)) = &f.relist {
                         memory.push(MemoryRow {
@@ -456,6 +462,7 @@ impl Bench {
                             rss_mb: mb(m.rss_kib),
                             peak_mb: mb(m.hwm_kib),
                             target_mb: Some(2.0 * mb(f.steady.rss_kib)),
+                            cache: BTreeMap::new(),
                         });
                         resyncs.push(r.clone());
                     }
@@ -494,6 +501,8 @@ impl Bench {
                     floor_phases: median_map(floors.iter().map(|f| &f.phases)),
                     cpu_s: median_map(runs.iter().map(|r| &r.cpu)),
                     floor_cpu_s: median_map(floors.iter().map(|f| &f.cpu)),
+                    api_errors: median_map(runs.iter().map(|r| &r.api_errors)),
+                    floor_api_errors: median_map(floors.iter().map(|f| &f.api_errors)),
                 };
                 cpu.push(CpuRow {
                     what: format!("per launch, burst of {n}, {budget}"),
@@ -644,6 +653,7 @@ impl Bench {
             cluster::pod_stage,
         )
         .await;
+        let errors0 = cluster::apiserver_errors(&self.client).await;
         let cpu0 = self.cpu_snapshot(None);
         let t0 = Instant::now();
         let create = {
@@ -682,11 +692,13 @@ impl Bench {
         };
         let wall = t0.elapsed().as_secs_f64();
         let cpu = self.cpu_since(&cpu0, None);
+        let api_errors = delta(&cluster::apiserver_errors(&self.client).await, &errors0);
         drop(pods);
         cluster::cleanup(&self.client, &ns).await?;
         progress(format!("floor of {n}: {wall:.1} s"));
         Ok(FloorRun {
             wall,
+            api_errors,
             failures: n - done.min(n),
             peak_rps: rate.peak,
             phases,
@@ -730,6 +742,7 @@ impl Bench {
             cluster::session_stage,
         )
         .await;
+        let errors0 = cluster::apiserver_errors(&self.client).await;
         let before = op.scrape().await?;
         let cpu0 = self.cpu_snapshot(Some(op.pid));
         let op_cpu0 = op.cpu();
@@ -785,6 +798,7 @@ impl Bench {
         };
         let wall = t0.elapsed().as_secs_f64();
         let cpu = self.cpu_since(&cpu0, Some(op.pid));
+        let api_errors = delta(&cluster::apiserver_errors(&self.client).await, &errors0);
         drop(pods);
         drop(sessions);
         let after = op
@@ -801,6 +815,7 @@ impl Bench {
         ));
         let footprint = if measure {
             let steady = op.memory();
+            let cache = cluster::cache_profile(&self.client, &ns).await?;
             let (quiet, quiet_cpu) = self.quiet_period(&op, running).await?;
             progress(format!(
                 "forced relist: restarting the operator with {running} sessions"
@@ -824,6 +839,7 @@ impl Bench {
                     rss_kib: steady_rss.rss_kib,
                     hwm_kib: steady.hwm_kib.max(steady_rss.hwm_kib),
                 },
+                cache,
                 quiet,
                 quiet_cpu,
                 relist: Some((relist, resync)),
@@ -835,6 +851,7 @@ impl Bench {
         cluster::cleanup(&self.client, &ns).await?;
         Ok(BurstRun {
             wall,
+            api_errors,
             failures: n - running.min(n),
             errors: after.errors - before.errors,
             peak_rps: rate.peak,
@@ -876,6 +893,15 @@ impl RateMeter {
 
 fn mb(kib: u64) -> f64 {
     kib as f64 * 1024.0 / 1e6
+}
+
+/// `after - before`, by key, without zeros.
+fn delta(after: &BTreeMap<String, f64>, before: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
+    after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or_default()))
+        .filter(|(_, v)| *v != 0.0)
+        .collect()
 }
 
 fn median_map<'a>(maps: impl Iterator<Item = &'a BTreeMap<String, f64>>) -> BTreeMap<String, f64> {

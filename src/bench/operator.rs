@@ -246,7 +246,8 @@ impl Scrape {
     }
 }
 
-fn parse_labels(s: &str) -> BTreeMap<String, String> {
+/// The labels of a Prometheus series: `a="x",b="y"`.
+pub(crate) fn parse_labels(s: &str) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     let mut rest = s;
     while let Some((key, after)) = rest.split_once("=\"") {

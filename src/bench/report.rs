@@ -248,6 +248,11 @@ pub struct Burst {
     pub cpu_s: BTreeMap<String, f64>,
     /// CPU seconds by process during the floor's burst.
     pub floor_cpu_s: BTreeMap<String, f64>,
+    /// Error responses of the API server during the operator's burst, every client counted,
+    /// by `"VERB resource code"`.
+    pub api_errors: BTreeMap<String, f64>,
+    /// The same during the floor's burst.
+    pub floor_api_errors: BTreeMap<String, f64>,
 }
 
 /// A memory reading of the operator.
@@ -264,6 +269,19 @@ pub struct MemoryRow {
     pub peak_mb: f64,
     /// The target this row is held to, MB (RSS for steady rows, peak for relist rows).
     pub target_mb: Option<f64>,
+    /// What the operator cached then, by kind.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub cache: BTreeMap<String, CacheEntry>,
+}
+
+/// Objects of one kind in the operator's caches.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheEntry {
+    /// How many.
+    pub objects: usize,
+    /// Their JSON size without `managedFields`, MB.
+    pub json_mb: f64,
 }
 
 /// A CPU reading of the operator.
@@ -483,6 +501,23 @@ impl Report {
                 cpu_list(&b.floor_cpu_s),
                 cpu_list(&b.cpu_s)
             );
+            let errors = |m: &BTreeMap<String, f64>| {
+                if m.is_empty() {
+                    "none".to_string()
+                } else {
+                    m.iter()
+                        .map(|(k, v)| format!("{k} x{}", num(*v)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            };
+            let _ = writeln!(
+                o,
+                "    API server error responses (all clients) during the floor: {}; during the \
+                 operator: {}",
+                errors(&b.floor_api_errors),
+                errors(&b.api_errors)
+            );
             if b.reconcile_errors > 0.0 {
                 let _ = writeln!(
                     o,
@@ -515,6 +550,14 @@ impl Report {
                 r.peak_mb,
                 r.target_mb.map(|t| format!("{t:.1}")).unwrap_or("-".into())
             );
+            if !r.cache.is_empty() {
+                let list: Vec<String> = r
+                    .cache
+                    .iter()
+                    .map(|(k, e)| format!("{k} {} ({:.2} MB)", e.objects, e.json_mb))
+                    .collect();
+                let _ = writeln!(o, "    cached then, as JSON: {}", list.join(", "));
+            }
         }
         let _ = writeln!(o);
         let _ = writeln!(o, "Controller CPU");

@@ -92,12 +92,15 @@ pub fn desired_status(
             now,
         ),
         observed_generation: generation,
+        usage: Vec::new(),
     }
 }
 
 /// Whether `desired` differs from the fields of `current` this controller owns.
 pub fn changed(current: Option<&GroupStatus>, desired: &GroupStatus) -> bool {
     let owned = current.map(|c| GroupStatus {
+        // The shared usage budget belongs to the usage ledger (another field manager).
+        usage: Vec::new(),
         conditions: owned_conditions(&c.conditions, CONDITIONS),
         ..c.clone()
     });

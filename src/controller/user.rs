@@ -582,6 +582,8 @@ mod tests {
             used_seconds: 5,
             limit_seconds: 10,
             timezone: None,
+            closed_ms: Some(5000),
+            closed_sessions: vec!["u1".into()],
         }];
         let mut other = current.conditions[0].clone();
         other.type_ = "UsageExhausted".into();

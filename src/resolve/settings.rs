@@ -1744,6 +1744,7 @@ pub(crate) mod tests {
                     type_: UsageLimitType::PerGroup,
                     interval: UsageLimitInterval::Monthly,
                     hours: 1.5,
+                    timezone: None,
                 }),
                 ..Default::default()
             },

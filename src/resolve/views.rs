@@ -189,7 +189,10 @@ pub fn user_sessions(user: &str, sessions: &[Arc<Session>]) -> (u32, Option<Time
         if session_is_active(s) {
             active += 1;
         }
-        if let Some(t) = s.status.as_ref().and_then(|st| st.started_at.clone())
+        if let Some(t) = s
+            .status
+            .as_ref()
+            .and_then(|st| st.started_at.as_ref().map(|m| Time(m.0)))
             && newest.as_ref().is_none_or(|n| n.0 < t.0)
         {
             newest = Some(t);
@@ -518,9 +521,15 @@ pub(crate) mod tests {
     #[test]
     fn user_sessions_count_active_and_find_the_newest_start() {
         let mut a = (*session("a", "alice", "cad", None, Some(SessionPhase::Running))).clone();
-        a.status.as_mut().unwrap().started_at = Some(Time("2026-01-02T00:00:00Z".parse().unwrap()));
+        a.status.as_mut().unwrap().started_at =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+                "2026-01-02T00:00:00Z".parse().unwrap(),
+            ));
         let mut b = (*session("b", "alice", "cad", None, Some(SessionPhase::Expired))).clone();
-        b.status.as_mut().unwrap().started_at = Some(Time("2026-01-03T00:00:00Z".parse().unwrap()));
+        b.status.as_mut().unwrap().started_at =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+                "2026-01-03T00:00:00Z".parse().unwrap(),
+            ));
         let c = session("c", "bob", "cad", None, Some(SessionPhase::Running));
         let (n, t) = user_sessions("alice", &[Arc::new(a), Arc::new(b), c]);
         assert_eq!(n, 1);

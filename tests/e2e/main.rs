@@ -4,6 +4,7 @@
 //! One binary, so one control plane serves the whole run; every test gets its own namespace.
 
 mod api;
+mod expiry;
 mod foundation;
 mod operator;
 mod sessions;

@@ -10,6 +10,7 @@
 //! slot. With leader election, only one replica ever launches.
 
 pub mod build;
+pub mod expiry;
 pub mod plan;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -18,7 +19,7 @@ use std::time::Duration;
 
 use futures::{FutureExt, StreamExt, future::BoxFuture};
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::events::{Event, EventType};
@@ -35,8 +36,8 @@ use self::plan::{AdmissionInputs, PoolKind, Refusal, ServerCandidate, reasons};
 use super::stores::{Reflectors, Stores, in_namespace};
 use super::{CONTROLLER_NAME, Context, Error};
 use crate::crd::v1alpha1::{
-    DesiredState, ProfileMode, ProfileOutcome, ProfileStatus, Session, SessionPhase, SessionStatus,
-    User, Workspace,
+    DesiredState, Keepalive, KeepaliveExpirationAction, KeepaliveSource, ProfileMode,
+    ProfileOutcome, ProfileStatus, Session, SessionPhase, SessionStatus, User, Workspace,
 };
 use crate::resolve::{self, Directory};
 
@@ -293,6 +294,9 @@ fn condition(
 fn same_status(a: &SessionStatus, b: &SessionStatus) -> bool {
     let strip = |s: &SessionStatus| {
         let mut s = s.clone();
+        // Remaining usage moves every second: it is refreshed whenever the status is written
+        // for another reason, never on its own.
+        s.usage_remaining_seconds = None;
         for c in &mut s.conditions {
             c.last_transition_time = Time(jiff::Timestamp::UNIX_EPOCH);
         }
@@ -363,6 +367,26 @@ async fn reconcile(
     let key = session_key(&ns, &name);
     if session.metadata.deletion_timestamp.is_some() {
         ctx.launches.forget(&key);
+        if session
+            .finalizers()
+            .iter()
+            .any(|f| f == expiry::USAGE_FINALIZER)
+        {
+            // Account the session's running time before it disappears, then let it go.
+            let user = ctx
+                .stores
+                .users
+                .get(&ObjectRef::new(&session.spec.user).within(&ns));
+            let limit = user.as_ref().and_then(|u| {
+                resolve::resolve_user(&directory(&ctx.stores, &ns), u)
+                    .settings
+                    .usage_limit
+            });
+            let now = jiff::Timestamp::now();
+            expiry::close_session(&ctx, &ns, &session, user.as_deref(), limit.as_ref(), now)
+                .await?;
+            expiry::remove_finalizer(&ctx, &ns, &session).await?;
+        }
         return Ok(Action::await_change());
     }
     let sh = Shell {
@@ -426,7 +450,120 @@ async fn reconcile(
     let mut status = old.clone();
     status.observed_generation = generation;
     let mut conditions: Vec<Condition> = Vec::new();
-    let requeue = resync;
+    let mut requeue = resync;
+    let now_ts = sh.now.0;
+
+    // Usage budget (when a usage limit applies to the user).
+    let budget = match (&user, settings.and_then(|s| s.usage_limit.as_ref())) {
+        (Some(u), Some(l)) => Some(expiry::budget(stores, &ns, u, l, now_ts)),
+        _ => None,
+    };
+
+    // Keepalive and deadline, for admitted sessions.
+    let resuming = effective == DesiredState::Running
+        && matches!(
+            old.phase,
+            Some(SessionPhase::Stopped | SessionPhase::Paused)
+        );
+    if let Some(st) = settings
+        && expiry::armed(old.phase, pod.is_some())
+    {
+        let persisted = old.last_keepalive.as_ref().map(|k| k.time.0);
+        let reported = expiry::reported_keepalive(&session);
+        let mut next = crate::expiry::next_keepalive(persisted, reported, now_ts);
+        let mut source = if next.is_some() && next != persisted {
+            KeepaliveSource::Annotation
+        } else {
+            old.last_keepalive
+                .as_ref()
+                .map(|k| k.source)
+                .unwrap_or(KeepaliveSource::Start)
+        };
+        if resuming && state_refusal.is_none() {
+            // Resuming is activity: the keepalive clock restarts now.
+            next = Some(now_ts);
+            source = KeepaliveSource::Start;
+        }
+        // Started: persisted, or now if this pass sees the pod ready for the first time (the
+        // same instant the status write below records).
+        let started = old.started_at.as_ref().map(|t| t.0).or_else(|| {
+            pod.as_ref()
+                .filter(|p| plan::observe(Some(p), false).ready)
+                .map(|_| now_ts)
+        });
+        if next.is_none() {
+            // No keepalive yet: the session's start counts as the first one.
+            next = started;
+        }
+        let created = session.creation_timestamp().map(|t| t.0).unwrap_or(now_ts);
+        let stopped = old.phase == Some(SessionPhase::Stopped) && !resuming;
+        let policy = crate::expiry::Policy {
+            // A stopped session has no client: only the hard limits apply to it.
+            keepalive_expiration: if stopped {
+                Duration::MAX
+            } else {
+                st.keepalive_expiration
+            },
+            session_time_limit: st.session_time_limit,
+            action: st.keepalive_expiration_action,
+        };
+        // This session consumes the budget from its start (even before the cache shows it).
+        let uid = session.uid().unwrap_or_default();
+        let usage_deadline = match (&budget, started) {
+            (Some(b), Some(start)) => {
+                let mut b = b.clone();
+                if !b.open.iter().any(|o| o.uid == uid) {
+                    b.open.push(crate::expiry::Open {
+                        uid: uid.clone(),
+                        start: expiry::ceil_ms(start),
+                    });
+                }
+                b.exhausted_at(now_ts)
+            }
+            _ => None,
+        };
+        let times = crate::expiry::SessionTimes {
+            created,
+            started,
+            last_keepalive: next.or(started),
+        };
+        let d = crate::expiry::deadline(&times, &policy, usage_deadline);
+        // Stop and pause are done once requested (the pod follows spec.state).
+        let noop = match d.action {
+            KeepaliveExpirationAction::Delete => false,
+            KeepaliveExpirationAction::Stop => stopped || effective == DesiredState::Stopped,
+            KeepaliveExpirationAction::Pause => {
+                stopped || matches!(effective, DesiredState::Paused | DesiredState::Stopped)
+            }
+        };
+        if crate::expiry::is_due(&d, now_ts) && !noop && !resuming {
+            return enforce(&sh, &d, now_ts).await;
+        }
+        if let Some(k) = next {
+            status.last_keepalive = Some(Keepalive {
+                time: MicroTime(k),
+                source,
+            });
+        }
+        if d.at < jiff::Timestamp::MAX {
+            status.expires_at = Some(MicroTime(d.at));
+            status.expiry_rule = Some(d.rule);
+            status.expiry_action = Some(d.action);
+            if !noop {
+                requeue = requeue.min(expiry::until(d.at, now_ts));
+            }
+        } else {
+            status.expires_at = None;
+            status.expiry_rule = None;
+            status.expiry_action = None;
+        }
+        if let Some(b) = &budget {
+            status.usage_remaining_seconds = Some(b.remaining_ms(now_ts) / 1000);
+            if let Some(end) = b.window.end {
+                requeue = requeue.min(expiry::until(end, now_ts));
+            }
+        }
+    }
     let mut events: Vec<(EventType, &'static str, String, &'static str)> = Vec::new();
 
     let admitted_before = pod.is_some()
@@ -497,7 +634,7 @@ async fn reconcile(
                     status.profile = record.profile;
                 }
                 if obs.ready && status.started_at.is_none() {
-                    status.started_at = Some(sh.now.clone());
+                    status.started_at = Some(MicroTime(now_ts));
                 }
                 if obs.phase == SessionPhase::Pending {
                     let age = p
@@ -510,7 +647,8 @@ async fn reconcile(
                             sh.event(t, reason, note, action).await;
                         }
                         let left = PENDING_REPORT_AFTER.as_secs_f64() - age;
-                        return Ok(Action::requeue(Duration::from_secs_f64(left.max(0.1))));
+                        let wait = Duration::from_secs_f64(left.max(0.1)).min(requeue);
+                        return Ok(Action::requeue(wait));
                     } else {
                         conditions.push(condition(
                             "Ready",
@@ -571,6 +709,7 @@ async fn reconcile(
                 // Launch (or resume after a stop, or re-create a pod lost to eviction).
                 let launch = launch(
                     &sh,
+                    budget.as_ref(),
                     &dir,
                     user.as_deref(),
                     workspace.as_deref(),
@@ -583,8 +722,17 @@ async fn reconcile(
                 match launch {
                     Launched::Created => {
                         // Status is written once the pod runs (or after PENDING_REPORT_AFTER):
-                        // what the launch decided travels on the pod (LAUNCH_ANNOTATION).
-                        return Ok(Action::requeue(PENDING_REPORT_AFTER));
+                        // what the launch decided travels on the pod (LAUNCH_ANNOTATION). A
+                        // resume records its keepalive at once, so the old one cannot expire it.
+                        if resuming && status.last_keepalive != old.last_keepalive {
+                            let mut s = old.clone();
+                            s.last_keepalive = status.last_keepalive.clone();
+                            s.expires_at = status.expires_at.clone();
+                            s.expiry_rule = status.expiry_rule;
+                            s.expiry_action = status.expiry_action;
+                            sh.patch_status(&s).await?;
+                        }
+                        return Ok(Action::requeue(PENDING_REPORT_AFTER.min(requeue)));
                     }
                     Launched::Refused(r) => {
                         let resuming = old.phase == Some(SessionPhase::Stopped);
@@ -698,6 +846,7 @@ enum Launched {
 #[allow(clippy::too_many_arguments)]
 async fn launch(
     sh: &Shell<'_>,
+    budget: Option<&expiry::Budget>,
     dir: &Directory,
     user: Option<&User>,
     workspace: Option<&Workspace>,
@@ -723,7 +872,12 @@ async fn launch(
             .map(|d| Refusal::new(d.reason(), d.to_string())),
         max_sessions: settings.and_then(|s| s.max_kasms_per_user),
         earlier_active: 0,
-        usage_exhausted: None,
+        usage_exhausted: budget.filter(|b| b.spent(sh.now.0)).map(|b| {
+            format!(
+                "{}: new sessions are refused until the window resets",
+                b.describe(sh.now.0)
+            )
+        }),
         requested_zone: session.spec.zone.clone(),
         allow_zone_selection: settings.is_some_and(|s| s.allow_zone_selection),
         requested_profile: session.spec.persistent_profile,
@@ -1007,6 +1161,10 @@ async fn launch(
         launch: &record,
     };
     let pod = build::pod(&inputs);
+    if budget.is_some() {
+        // Usage-limited: the session must be accounted before it can disappear.
+        expiry::add_finalizer(ctx, ns, session).await?;
+    }
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     match api.create(&PostParams::default(), &pod).await {
         Ok(_) => {}
@@ -1126,3 +1284,76 @@ fn server_load(
 
 /// The controller name, for the record.
 pub const NAME: &str = CONTROLLER_NAME;
+
+/// Carries out a due expiry: delete the session, or stop/pause it through `spec.state` (marked
+/// as set by the expiry, so the users' stop/pause permissions do not apply). Records how late
+/// the action started.
+async fn enforce(
+    sh: &Shell<'_>,
+    d: &crate::expiry::Deadline,
+    now: jiff::Timestamp,
+) -> Result<Action, Error> {
+    let ctx = sh.ctx;
+    let late = now.duration_since(d.at).as_secs_f64().max(0.0);
+    let action = match d.action {
+        KeepaliveExpirationAction::Delete => "delete",
+        KeepaliveExpirationAction::Stop => "stop",
+        KeepaliveExpirationAction::Pause => "pause",
+    };
+    ctx.metrics
+        .expiry_lateness
+        .get_or_create(&crate::metrics::ActionLabel { action })
+        .observe(late);
+    let api: Api<Session> = Api::namespaced(ctx.client.clone(), &sh.ns);
+    let rule = format!("{:?}", d.rule);
+    let note = format!(
+        "{rule} deadline {} reached ({:.3} s late): {action}",
+        d.at, late
+    );
+    info!(session = %session_key(&sh.ns, &sh.name), rule = %rule, action, late_seconds = late, "session expired");
+    match d.action {
+        KeepaliveExpirationAction::Delete => {
+            let dp = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid: sh.session.uid(),
+                    resource_version: None,
+                }),
+                ..Default::default()
+            };
+            sh.event(EventType::Normal, "Expired", note, "Expire").await;
+            match api.delete(&sh.name, &dp).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+                Err(source) => {
+                    return Err(Error::Child {
+                        verb: "delete",
+                        kind: KIND,
+                        name: sh.name.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+        KeepaliveExpirationAction::Stop | KeepaliveExpirationAction::Pause => {
+            let state = if d.action == KeepaliveExpirationAction::Stop {
+                "Stopped"
+            } else {
+                "Paused"
+            };
+            let patch = json!({
+                "metadata": {"annotations": {STATE_SET_BY_ANNOTATION: "expiry"}},
+                "spec": {"state": state},
+            });
+            api.patch(&sh.name, &PatchParams::default(), &Patch::Merge(patch))
+                .await
+                .map_err(|source| Error::Child {
+                    verb: "patch",
+                    kind: KIND,
+                    name: sh.name.clone(),
+                    source,
+                })?;
+            sh.event(EventType::Normal, "Expired", note, "Expire").await;
+        }
+    }
+    Ok(Action::await_change())
+}

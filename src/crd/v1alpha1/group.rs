@@ -356,6 +356,10 @@ pub struct UsageLimit {
     /// Kasm: `usage_limit.hours`.
     #[schemars(range(min = 0.0, max = 100000.0))]
     pub hours: f64,
+    /// Time zone of the interval boundaries (IANA name, e.g. Europe/Paris); default UTC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub timezone: Option<String>,
 }
 
 /// Whose budget a usage limit is. Kasm: `usage_limit.type`.
@@ -395,6 +399,10 @@ pub struct GroupStatus {
     /// Number of members (for `kubectl get`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub member_count: Option<u32>,
+    /// The shared (`perGroup`) usage budget of the group's usage limit and how much of it is
+    /// spent; per-user budgets are on each User. Written by the operator's usage accounting.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub usage: Vec<super::user::UsageEntry>,
     /// Conditions: `Ready`; `SettingsInconsistent` when, for example, `keepaliveExpiration` is
     /// less than twice `keepaliveInterval` or `idleDisconnect` is not longer than it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -1,6 +1,6 @@
 //! `Session`: one user's running instance of one Workspace (Kasm: a Kasm / session).
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -114,13 +114,13 @@ pub struct SessionStatus {
     pub pod: Option<String>,
     /// When the session was admitted and started.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub started_at: Option<Time>,
+    pub started_at: Option<MicroTime>,
     /// The last keepalive the operator has recorded.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_keepalive: Option<Keepalive>,
     /// The exact time the session expires under `expiryRule`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub expires_at: Option<Time>,
+    pub expires_at: Option<MicroTime>,
     /// Which rule sets `expiresAt`: `keepalive`, `sessionTimeLimit` or `usageLimit`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expiry_rule: Option<ExpiryRule>,
@@ -167,7 +167,7 @@ pub enum SessionPhase {
 #[serde(rename_all = "camelCase")]
 pub struct Keepalive {
     /// When it was sent.
-    pub time: Time,
+    pub time: MicroTime,
     /// Where it came from: `annotation` (the `cubicle.dev/keepalive` annotation) or `start`
     /// (the session's start counts as the first keepalive).
     pub source: KeepaliveSource,

@@ -365,4 +365,13 @@ pub struct UsageEntry {
     /// Time zone the windows are computed in (IANA name, e.g. `UTC`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timezone: Option<String>,
+    /// Milliseconds of sessions that have ended in the window (the durable part of the ledger;
+    /// running sessions are counted from their start on top of it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub closed_ms: Option<u64>,
+    /// Uids of the sessions already closed into this window, so that a retry after a crash
+    /// never counts a session twice.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10000))]
+    pub closed_sessions: Vec<String>,
 }

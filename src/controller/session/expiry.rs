@@ -1,0 +1,433 @@
+//! Expiry and usage metering in the Session controller: the I/O around the pure
+//! [`crate::expiry`] library.
+//!
+//! - Keepalive: clients set the `cubicle.dev/keepalive` annotation (RFC 3339 time, or empty for
+//!   "now" as seen by the API server's write); the controller persists it in
+//!   `status.lastKeepalive`, never moving it backwards and never later than now.
+//! - Deadlines: every admitted session has `status.expiresAt`, the binding rule and action. The
+//!   controller requeues itself at the exact deadline (a timer per session, no sweep) and acts
+//!   only when `now >= expiresAt`, recording how late it was.
+//! - Usage: budgets live in `User.status.usage` (perUser) or `Group.status.usage` (perGroup),
+//!   written with their own field manager. A usage-limited session carries the
+//!   `cubicle.dev/usage-accounting` finalizer: before it disappears, its running time is closed
+//!   into the ledger (idempotently, by uid), and only then is the finalizer removed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use jiff::tz::TimeZone;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, ResourceExt};
+use serde_json::json;
+
+use super::super::stores::{Stores, in_namespace};
+use super::super::{Context, Error};
+use crate::crd::v1alpha1::{
+    Group, KEEPALIVE_ANNOTATION, Session, SessionPhase, UsageEntry, UsageLimitInterval,
+    UsageLimitType, User,
+};
+use crate::expiry::{self, Ledger, Open, Window};
+use crate::resolve::settings::ResolvedUsageLimit;
+
+/// The finalizer that guarantees a usage-limited session is accounted before it disappears.
+pub const USAGE_FINALIZER: &str = "cubicle.dev/usage-accounting";
+/// Field manager of the usage ledger (distinct from the status controllers' manager, so that
+/// server-side apply never lets one remove the other's fields).
+pub const USAGE_MANAGER: &str = "cubicle-usage";
+
+/// The keepalive the client reported: the annotation's time, clamped later by the caller.
+pub fn reported_keepalive(s: &Session) -> Option<Timestamp> {
+    s.annotations()
+        .get(KEEPALIVE_ANNOTATION)
+        .and_then(|v| v.trim().parse::<Timestamp>().ok())
+}
+
+/// One usage budget as seen at `now`.
+#[derive(Debug, Clone)]
+pub struct Budget {
+    /// perUser or perGroup.
+    pub scope: UsageLimitType,
+    /// The group whose limit it is.
+    pub group: String,
+    /// Interval.
+    pub interval: UsageLimitInterval,
+    /// Time zone name.
+    pub timezone: String,
+    /// The window at `now`.
+    pub window: Window,
+    /// The persisted ledger, rolled into the window.
+    pub ledger: Ledger,
+    /// The budget's sessions that exist and have started.
+    pub open: Vec<Open>,
+    /// The limit in ms.
+    pub limit_ms: u64,
+}
+
+impl Budget {
+    /// Remaining ms at `now`.
+    pub fn remaining_ms(&self, now: Timestamp) -> u64 {
+        expiry::remaining_ms(self.limit_ms, &self.ledger, &self.window, &self.open, now)
+    }
+
+    /// When the open sessions would spend it (None: not within this window).
+    pub fn exhausted_at(&self, now: Timestamp) -> Option<Timestamp> {
+        expiry::exhausted_at(self.limit_ms, &self.ledger, &self.window, &self.open, now)
+    }
+
+    /// Spent: new sessions are refused.
+    pub fn spent(&self, now: Timestamp) -> bool {
+        expiry::is_spent(self.limit_ms, &self.ledger, &self.window, &self.open, now)
+    }
+
+    /// A message for refusals.
+    pub fn describe(&self, now: Timestamp) -> String {
+        let used = expiry::used_ms(&self.ledger, &self.window, &self.open, now) / 1000;
+        let window = match (self.window.start, self.window.end) {
+            (Some(a), Some(b)) => format!("window {a} to {b} ({})", self.timezone),
+            _ => "total (never resets)".to_string(),
+        };
+        format!(
+            "usage limit of group {:?} ({:?}, {:?}): {} s used of {} s in the {window}",
+            self.group,
+            self.scope,
+            self.interval,
+            used,
+            self.limit_ms / 1000
+        )
+    }
+}
+
+fn tz(name: Option<&str>) -> (TimeZone, String) {
+    match name {
+        Some(n) => match TimeZone::get(n) {
+            Ok(t) => (t, n.to_string()),
+            Err(_) => (TimeZone::UTC, "UTC".into()),
+        },
+        None => (TimeZone::UTC, "UTC".into()),
+    }
+}
+
+fn entry_ledger(e: &UsageEntry) -> Ledger {
+    Ledger {
+        window_start: e.window_start.as_ref().map(|t| t.0),
+        closed_ms: e.closed_ms.unwrap_or(0),
+        closed_sessions: e.closed_sessions.clone(),
+    }
+}
+
+fn find_entry<'a>(
+    entries: &'a [UsageEntry],
+    group: &str,
+    scope: UsageLimitType,
+) -> Option<&'a UsageEntry> {
+    entries
+        .iter()
+        .find(|e| e.group.as_deref() == Some(group) && e.scope == scope)
+}
+
+/// Whether a session counts against the budget of `limit` for `user`.
+fn in_budget(
+    stores: &Stores,
+    ns: &str,
+    limit: &ResolvedUsageLimit,
+    budget_user: &str,
+    s: &Session,
+) -> bool {
+    match limit.limit.type_ {
+        UsageLimitType::PerUser => s.spec.user == budget_user,
+        UsageLimitType::PerGroup => stores
+            .groups
+            .get(&ObjectRef::new(&limit.group).within(ns))
+            .and_then(|g| {
+                g.status
+                    .as_ref()
+                    .map(|st| st.members.contains(&s.spec.user))
+            })
+            .unwrap_or(s.spec.user == budget_user),
+    }
+}
+
+/// The budget that applies to `user`, with its ledger and open sessions.
+pub fn budget(
+    stores: &Stores,
+    ns: &str,
+    user: &User,
+    limit: &ResolvedUsageLimit,
+    now: Timestamp,
+) -> Budget {
+    let (zone, tz_name) = tz(limit.limit.timezone.as_deref());
+    let window = expiry::window(limit.limit.interval, now, &zone);
+    let scope = limit.limit.type_;
+    let entries: Vec<UsageEntry> = match scope {
+        UsageLimitType::PerUser => user
+            .status
+            .as_ref()
+            .map(|s| s.usage.clone())
+            .unwrap_or_default(),
+        UsageLimitType::PerGroup => stores
+            .groups
+            .get(&ObjectRef::new(&limit.group).within(ns))
+            .and_then(|g| g.status.as_ref().map(|s| s.usage.clone()))
+            .unwrap_or_default(),
+    };
+    let persisted = find_entry(&entries, &limit.group, scope)
+        .map(entry_ledger)
+        .unwrap_or_default();
+    let ledger = expiry::roll(&persisted, &window);
+    let user_name = user.name_any();
+    let open = in_namespace(&stores.sessions, ns)
+        .iter()
+        .filter(|s| in_budget(stores, ns, limit, &user_name, s))
+        .filter_map(|s| {
+            let start = s.status.as_ref()?.started_at.as_ref()?.0;
+            Some(Open {
+                uid: s.uid()?,
+                start: ceil_ms(start),
+            })
+        })
+        .collect();
+    Budget {
+        scope,
+        group: limit.group.clone(),
+        interval: limit.limit.interval,
+        timezone: tz_name,
+        window,
+        ledger,
+        open,
+        limit_ms: expiry::limit_ms(limit.limit.hours),
+    }
+}
+
+/// Rounds up to the millisecond: the ledger counts whole milliseconds, and rounding a start up
+/// (never down) keeps every usage deadline at or after the exact one.
+pub fn ceil_ms(t: Timestamp) -> Timestamp {
+    let ns = t.as_nanosecond();
+    let rem = ns.rem_euclid(1_000_000);
+    if rem == 0 {
+        t
+    } else {
+        Timestamp::from_nanosecond(ns - rem + 1_000_000).unwrap_or(t)
+    }
+}
+
+fn to_time(t: Option<Timestamp>) -> Option<Time> {
+    t.map(Time)
+}
+
+/// Closes an ending session into its budget's ledger and persists it (idempotent by uid).
+pub async fn close_session(
+    ctx: &Context,
+    ns: &str,
+    session: &Session,
+    user: Option<&User>,
+    limit: Option<&ResolvedUsageLimit>,
+    now: Timestamp,
+) -> Result<(), Error> {
+    let (Some(user), Some(limit)) = (user, limit) else {
+        return Ok(());
+    };
+    let Some(start) = session
+        .status
+        .as_ref()
+        .and_then(|s| s.started_at.as_ref())
+        .map(|t| t.0)
+    else {
+        return Ok(()); // never ran: nothing to charge
+    };
+    let uid = session.uid().unwrap_or_default();
+    let b = budget(&ctx.stores, ns, user, limit, now);
+    // The session (and its pod) exists until its finalizer is removed, so it is charged up to
+    // now. (deletionTimestamp has whole-second precision and would drop up to a second.)
+    let end = now;
+    let start = ceil_ms(start);
+    let closed = expiry::close(&b.ledger, &b.window, &uid, start, end.max(start));
+    if closed == b.ledger {
+        return Ok(());
+    }
+    // Drop uids of sessions that no longer exist, except this one (still present, finalizing).
+    let closed = expiry::prune(&closed, |u| {
+        u == uid
+            || in_namespace(&ctx.stores.sessions, ns)
+                .iter()
+                .any(|s| s.uid().as_deref() == Some(u))
+    });
+    write_ledger(ctx, ns, user, limit, &b, &closed, now).await
+}
+
+/// Persists a budget's ledger (and its view: used and limit seconds, window, time zone).
+async fn write_ledger(
+    ctx: &Context,
+    ns: &str,
+    user: &User,
+    limit: &ResolvedUsageLimit,
+    b: &Budget,
+    ledger: &Ledger,
+    now: Timestamp,
+) -> Result<(), Error> {
+    let open: Vec<Open> = b
+        .open
+        .iter()
+        .filter(|o| !ledger.closed_sessions.contains(&o.uid))
+        .cloned()
+        .collect();
+    let used = expiry::used_ms(ledger, &b.window, &open, now);
+    let entry = UsageEntry {
+        scope: b.scope,
+        group: Some(limit.group.clone()),
+        interval: b.interval,
+        window_start: to_time(b.window.start),
+        window_end: to_time(b.window.end),
+        used_seconds: used / 1000,
+        limit_seconds: b.limit_ms / 1000,
+        timezone: Some(b.timezone.clone()),
+        closed_ms: Some(ledger.closed_ms),
+        closed_sessions: ledger.closed_sessions.clone(),
+    };
+    let pp = PatchParams::apply(USAGE_MANAGER).force();
+    match b.scope {
+        UsageLimitType::PerUser => {
+            let mut entries: Vec<UsageEntry> = user
+                .status
+                .as_ref()
+                .map(|s| s.usage.clone())
+                .unwrap_or_default();
+            entries.retain(|e| !(e.group.as_deref() == Some(&limit.group) && e.scope == b.scope));
+            entries.push(entry);
+            let api: Api<User> = Api::namespaced(ctx.client.clone(), ns);
+            let body = json!({"apiVersion": "cubicle.dev/v1alpha1", "kind": "User", "status": {"usage": entries}});
+            api.patch_status(&user.name_any(), &pp, &Patch::Apply(body))
+                .await
+                .map_err(|source| Error::Status {
+                    kind: "User",
+                    name: user.name_any(),
+                    source,
+                })?;
+        }
+        UsageLimitType::PerGroup => {
+            let group = ctx
+                .stores
+                .groups
+                .get(&ObjectRef::new(&limit.group).within(ns));
+            let mut entries: Vec<UsageEntry> = group
+                .as_ref()
+                .and_then(|g| g.status.as_ref().map(|s| s.usage.clone()))
+                .unwrap_or_default();
+            entries.retain(|e| !(e.group.as_deref() == Some(&limit.group) && e.scope == b.scope));
+            entries.push(entry);
+            let api: Api<Group> = Api::namespaced(ctx.client.clone(), ns);
+            let body = json!({"apiVersion": "cubicle.dev/v1alpha1", "kind": "Group", "status": {"usage": entries}});
+            api.patch_status(&limit.group, &pp, &Patch::Apply(body))
+                .await
+                .map_err(|source| Error::Status {
+                    kind: "Group",
+                    name: limit.group.clone(),
+                    source,
+                })?;
+        }
+    }
+    Ok(())
+}
+
+/// Adds the usage finalizer (JSON patch guarded by the resourceVersion).
+pub async fn add_finalizer(ctx: &Context, ns: &str, s: &Session) -> Result<(), Error> {
+    if s.finalizers().iter().any(|f| f == USAGE_FINALIZER) {
+        return Ok(());
+    }
+    let api: Api<Session> = Api::namespaced(ctx.client.clone(), ns);
+    let rv = s.resource_version().unwrap_or_default();
+    let ops = if s.finalizers().is_empty() {
+        json!([{"op": "test", "path": "/metadata/resourceVersion", "value": rv},
+               {"op": "add", "path": "/metadata/finalizers", "value": [USAGE_FINALIZER]}])
+    } else {
+        json!([{"op": "test", "path": "/metadata/resourceVersion", "value": rv},
+               {"op": "add", "path": "/metadata/finalizers/-", "value": USAGE_FINALIZER}])
+    };
+    let patch: json_patch::Patch = serde_json::from_value(ops).expect("static JSON patch");
+    api.patch(
+        &s.name_any(),
+        &PatchParams::default(),
+        &Patch::<()>::Json(patch),
+    )
+    .await
+    .map_err(|source| Error::Finalizer {
+        kind: "Session",
+        name: s.name_any(),
+        source,
+    })?;
+    Ok(())
+}
+
+/// Removes the usage finalizer.
+pub async fn remove_finalizer(ctx: &Context, ns: &str, s: &Session) -> Result<(), Error> {
+    let Some(i) = s.finalizers().iter().position(|f| f == USAGE_FINALIZER) else {
+        return Ok(());
+    };
+    let api: Api<Session> = Api::namespaced(ctx.client.clone(), ns);
+    let ops = json!([{"op": "test", "path": format!("/metadata/finalizers/{i}"), "value": USAGE_FINALIZER},
+                     {"op": "remove", "path": format!("/metadata/finalizers/{i}")}]);
+    let patch: json_patch::Patch = serde_json::from_value(ops).expect("static JSON patch");
+    match api
+        .patch(
+            &s.name_any(),
+            &PatchParams::default(),
+            &Patch::<()>::Json(patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(st)) if st.code == 404 => Ok(()),
+        Err(source) => Err(Error::Finalizer {
+            kind: "Session",
+            name: s.name_any(),
+            source,
+        }),
+    }
+}
+
+/// Time until `at` from `now`, at least 1 ms (a timer never fires early: the reconcile checks
+/// `now >= at` again when it wakes).
+pub fn until(at: Timestamp, now: Timestamp) -> Duration {
+    let d = at.duration_since(now);
+    if d.is_negative() {
+        Duration::from_millis(1)
+    } else {
+        Duration::try_from(d)
+            .unwrap_or(Duration::from_millis(1))
+            .max(Duration::from_millis(1))
+    }
+}
+
+/// Whether the session is subject to expiry now: admitted and not refused/failed/expired.
+pub fn armed(phase: Option<SessionPhase>, has_pod: bool) -> bool {
+    has_pod
+        || matches!(
+            phase,
+            Some(SessionPhase::Running | SessionPhase::Paused | SessionPhase::Stopped)
+        )
+}
+
+/// Sessions in `ns` that share a usage budget with `s`'s user: re-evaluated when `s` starts or
+/// ends, since their usage deadline moves.
+pub fn budget_peers(stores: &Stores, ns: &str, s: &Session) -> Vec<Arc<Session>> {
+    let groups: Vec<String> = stores
+        .groups
+        .state()
+        .iter()
+        .filter(|g| g.namespace().as_deref() == Some(ns))
+        .filter(|g| g.spec.settings.usage_limit.is_some())
+        .filter(|g| {
+            g.status
+                .as_ref()
+                .is_some_and(|st| st.members.contains(&s.spec.user))
+        })
+        .filter_map(|g| g.status.as_ref().map(|st| st.members.clone()))
+        .flatten()
+        .collect();
+    in_namespace(&stores.sessions, ns)
+        .into_iter()
+        .filter(|o| o.spec.user == s.spec.user || groups.contains(&o.spec.user))
+        .collect()
+}
