@@ -1,8 +1,10 @@
 //! Prometheus metrics (`prometheus-client`). Labels are bounded: kinds, error categories,
 //! phases, verbs and resources; never object names.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
+
+use kube::runtime::reflector::Store;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -12,6 +14,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::apicount::{ApiCounter, RequestKey};
+use crate::crd::v1alpha1::{Session, SessionPhase};
 
 /// `kind` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -68,6 +71,8 @@ pub struct Metrics {
     pub expiry_lateness: Family<ActionLabel, Histogram>,
     /// API requests made, by verb and resource.
     pub api_requests: Family<RequestLabels, Counter>,
+    /// The session caches `sessions` is counted from at each scrape.
+    session_stores: Mutex<Vec<Store<Session>>>,
 }
 
 impl Default for Metrics {
@@ -114,7 +119,26 @@ impl Default for Metrics {
             sessions,
             expiry_lateness,
             api_requests,
+            session_stores: Mutex::default(),
         }
+    }
+}
+
+/// Every phase label of `cubicle_sessions` (`None`: no phase recorded yet).
+pub const PHASES: &[&str] = &[
+    "None", "Pending", "Running", "Stopped", "Paused", "Expired", "Refused", "Failed",
+];
+
+fn phase_label(phase: Option<SessionPhase>) -> &'static str {
+    match phase {
+        None => "None",
+        Some(SessionPhase::Pending) => "Pending",
+        Some(SessionPhase::Running) => "Running",
+        Some(SessionPhase::Stopped) => "Stopped",
+        Some(SessionPhase::Paused) => "Paused",
+        Some(SessionPhase::Expired) => "Expired",
+        Some(SessionPhase::Refused) => "Refused",
+        Some(SessionPhase::Failed) => "Failed",
     }
 }
 
@@ -149,8 +173,38 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts the sessions of `store` in `cubicle_sessions` (at each scrape, from the cache: no
+    /// API request, and never stale by more than the watch).
+    pub fn observe_sessions(&self, store: Store<Session>) {
+        if let Ok(mut s) = self.session_stores.lock() {
+            s.push(store);
+        }
+    }
+
+    fn count_sessions(&self) {
+        let Ok(stores) = self.session_stores.lock() else {
+            return;
+        };
+        if stores.is_empty() {
+            return;
+        }
+        let mut counts: std::collections::BTreeMap<&'static str, i64> =
+            PHASES.iter().map(|p| (*p, 0)).collect();
+        for store in stores.iter() {
+            for s in store.state() {
+                *counts
+                    .entry(phase_label(s.status.as_ref().and_then(|st| st.phase)))
+                    .or_default() += 1;
+            }
+        }
+        for (phase, n) in counts {
+            self.sessions.get_or_create(&PhaseLabel { phase }).set(n);
+        }
+    }
+
     /// Encodes the registry in the OpenMetrics text format.
     pub fn encode(&self) -> String {
+        self.count_sessions();
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -192,5 +246,44 @@ mod tests {
             text.contains("cubicle_reconcile_errors_total{kind=\"Session\",category=\"kube\"} 1")
         );
         assert!(text.contains("cubicle_reconcile_duration_seconds_count{kind=\"Session\"} 1"));
+    }
+
+    #[test]
+    fn sessions_are_counted_by_phase_from_the_caches() {
+        use kube::runtime::reflector::store::Writer;
+        use kube::runtime::watcher::Event;
+        let m = Metrics::default();
+        assert!(
+            !m.encode().contains("cubicle_sessions{"),
+            "no cache, no gauge"
+        );
+        let mut writer = Writer::<Session>::default();
+        let session = |name: &str, phase: Option<&str>| -> Session {
+            let mut v = serde_json::json!({
+                "apiVersion": "cubicle.dev/v1alpha1", "kind": "Session",
+                "metadata": {"name": name, "namespace": "ns"},
+                "spec": {"user": "u", "workspace": "w"}
+            });
+            if let Some(p) = phase {
+                v["status"] = serde_json::json!({ "phase": p });
+            }
+            serde_json::from_value(v).unwrap()
+        };
+        for s in [
+            session("a", Some("Running")),
+            session("b", Some("Running")),
+            session("c", Some("Paused")),
+            session("d", None),
+        ] {
+            writer.apply_watcher_event(&Event::Apply(s));
+        }
+        m.observe_sessions(writer.as_reader());
+        let text = m.encode();
+        for (phase, n) in [("Running", 2), ("Paused", 1), ("None", 1), ("Failed", 0)] {
+            assert!(
+                text.contains(&format!("cubicle_sessions{{phase=\"{phase}\"}} {n}\n")),
+                "{phase} {n}: {text}"
+            );
+        }
     }
 }

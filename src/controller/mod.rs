@@ -220,6 +220,7 @@ pub async fn run(
     for scope in scopes {
         let mut reflectors = Reflectors::new(client.clone(), scope.clone());
         let stores = reflectors.stores();
+        metrics.observe_sessions(stores.sessions.clone());
         let ctx = Arc::new(Context::new(
             client.clone(),
             stores.clone(),
