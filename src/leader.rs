@@ -7,7 +7,9 @@
 //! - the leader renews every `retry_period`; every write is a compare-and-swap on the Lease's
 //!   `resourceVersion`, so two candidates can never both win;
 //! - a leader that has not renewed for `renew_deadline` (shorter than the lease duration) stops:
-//!   the process exits, before anyone else can take the lease, so two replicas never both write.
+//!   the process exits, before anyone else can take the lease, so two replicas never both write;
+//! - on a graceful shutdown the leader empties the holder once its controllers have stopped, so a
+//!   standby takes over at its next retry rather than after a lease duration.
 //!
 //! The decision is a pure function ([`decide`]), tested without a cluster.
 
@@ -17,7 +19,8 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::Client;
 use kube::api::{Api, PostParams};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 /// Lease timings.
@@ -90,19 +93,51 @@ pub enum Leadership {
     Lost,
 }
 
-/// Runs the election loop forever, publishing the state on the returned channel.
+/// A running election: its published state, and a way to step down on shutdown.
+pub struct Election {
+    /// The state, for [`crate::controller::run`].
+    pub leadership: watch::Receiver<Leadership>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Election {
+    /// Stops the election loop and, if this replica holds the lease, releases it (empty holder,
+    /// written with the same compare-and-swap as a renewal), so that a standby takes over at its
+    /// next retry instead of after a whole lease duration. Call it only after the controllers have
+    /// stopped: from here on this replica must not write.
+    pub async fn step_down(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if tokio::time::timeout(Duration::from_secs(5), &mut self.task)
+            .await
+            .is_err()
+        {
+            warn!("the leader election did not stop in time");
+            self.task.abort();
+        }
+    }
+}
+
+/// Starts the election loop, publishing the state on [`Election::leadership`].
 pub fn spawn(
     client: Client,
     namespace: &str,
     name: &str,
     me: String,
     timings: LeaseTimings,
-) -> watch::Receiver<Leadership> {
+) -> Election {
     let (tx, rx) = watch::channel(Leadership::Follower);
+    let (stop_tx, stop_rx) = oneshot::channel();
     let api: Api<Lease> = Api::namespaced(client, namespace);
     let name = name.to_string();
-    tokio::spawn(async move { run(api, name, me, timings, tx).await });
-    rx
+    let task = tokio::spawn(async move { run(api, name, me, timings, tx, stop_rx).await });
+    Election {
+        leadership: rx,
+        stop: Some(stop_tx),
+        task,
+    }
 }
 
 async fn run(
@@ -111,6 +146,7 @@ async fn run(
     me: String,
     t: LeaseTimings,
     tx: watch::Sender<Leadership>,
+    mut stop: oneshot::Receiver<()>,
 ) {
     let mut observed: Option<Observed> = None;
     let mut last_renew: Option<Instant> = None;
@@ -139,7 +175,38 @@ async fn run(
             }
             Err(e) => warn!(lease = %name, error = %e, "lease update failed"),
         }
-        tokio::time::sleep(t.retry_period).await;
+        tokio::select! {
+            _ = tokio::time::sleep(t.retry_period) => {}
+            _ = &mut stop => {
+                if *tx.borrow() == Leadership::Leader {
+                    let _ = tx.send(Leadership::Lost);
+                    match release(&api, &name, &me).await {
+                        Ok(true) => info!(lease = %name, "released the lease"),
+                        Ok(false) => {}
+                        Err(e) => warn!(lease = %name, error = %e, "could not release the lease"),
+                    }
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Empties the lease's holder if it is still `me` (compare-and-swap). Ok(true) when released.
+async fn release(api: &Api<Lease>, name: &str, me: &str) -> Result<bool, kube::Error> {
+    let Some(mut lease) = api.get_opt(name).await? else {
+        return Ok(false);
+    };
+    let spec = lease.spec.get_or_insert_with(Default::default);
+    if spec.holder_identity.as_deref() != Some(me) {
+        return Ok(false);
+    }
+    spec.holder_identity = None;
+    spec.renew_time = Some(MicroTime(jiff::Timestamp::now()));
+    match api.replace(name, &PostParams::default(), &lease).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+        Err(e) => Err(e),
     }
 }
 

@@ -10,6 +10,7 @@ pub mod client;
 pub mod controller;
 pub mod crd;
 pub mod devenv;
+pub mod docs;
 pub mod expiry;
 pub mod http;
 pub mod leader;

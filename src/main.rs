@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use cubicle::devenv::{DevCluster, DevOptions};
-use tokio::io::AsyncReadExt;
 
 #[derive(Parser)]
 #[command(
@@ -68,6 +67,15 @@ enum Command {
         #[arg(long)]
         user: Option<String>,
     },
+    /// Documentation generated from the API (for the README).
+    #[command(subcommand, hide = true)]
+    Docs(DocsCommand),
+}
+
+#[derive(Subcommand)]
+enum DocsCommand {
+    /// Print the Kasm-name-to-Cubicle-field table (Markdown) from the CRD descriptions.
+    KasmTable,
 }
 
 #[derive(clap::Args)]
@@ -111,6 +119,10 @@ struct RunArgs {
     /// Parallel reconciles per controller.
     #[arg(long, env = "CUBICLE_CONCURRENCY", default_value_t = 16)]
     concurrency: u16,
+    /// Also shut down when standard input closes (used by `cubicle dev` and the tests, so the
+    /// operator never outlives the process that started it).
+    #[arg(long, hide = true)]
+    exit_on_stdin_eof: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -155,7 +167,47 @@ enum DevCommand {
         /// Also stop when standard input closes (used by the test harness).
         #[arg(long)]
         exit_on_stdin_eof: bool,
+        /// The quickstart: also install the CRDs, apply the examples, run the operator
+        /// (`cubicle run`, logging to DIR/logs/operator.log) and print session phase changes.
+        #[arg(long)]
+        demo: bool,
+        #[command(flatten)]
+        demo_args: DemoArgs,
     },
+    /// The quickstart on the cluster of a kubeconfig: install the CRDs, apply the examples, run
+    /// the operator (`cubicle run`) on their namespace and print session phase changes until
+    /// interrupted (Ctrl-C).
+    Demo {
+        /// The cluster's kubeconfig (default: $KUBECONFIG, then ~/.kube/config).
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// Directory of operator.log.
+        #[arg(long, default_value = ".cubicle/demo")]
+        log_dir: PathBuf,
+        /// Put every namespaced example object into this namespace instead.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Also stop when standard input closes (used by the tests).
+        #[arg(long, hide = true)]
+        exit_on_stdin_eof: bool,
+        /// Create the PriorityClasses and RuntimeClasses the examples refer to and the cluster
+        /// lacks. Only for clusters whose nodes run nothing, like `cubicle dev up`'s (where
+        /// `dev up --demo` always does it).
+        #[arg(long)]
+        stub_missing_classes: bool,
+        #[command(flatten)]
+        demo_args: DemoArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// The kustomize tree the demo applies.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/examples"))]
+    examples: PathBuf,
+    /// The demo operator's /metrics, /healthz and /readyz address (port 0: a free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    operator_metrics_addr: std::net::SocketAddr,
 }
 
 #[tokio::main]
@@ -176,7 +228,35 @@ async fn main() -> ExitCode {
             zones,
             timeout,
             exit_on_stdin_eof,
-        }) => dev_up(dir, nodes, zones, timeout, exit_on_stdin_eof).await,
+            demo,
+            demo_args,
+        }) => {
+            let demo = demo.then_some(demo_args);
+            dev_up(dir, nodes, zones, timeout, exit_on_stdin_eof, demo).await
+        }
+        Command::Dev(DevCommand::Demo {
+            kubeconfig,
+            log_dir,
+            namespace,
+            exit_on_stdin_eof,
+            stub_missing_classes,
+            demo_args,
+        }) => {
+            let stub = stub_missing_classes;
+            dev_demo(
+                kubeconfig,
+                log_dir,
+                namespace,
+                exit_on_stdin_eof,
+                stub,
+                demo_args,
+            )
+            .await
+        }
+        Command::Docs(DocsCommand::KasmTable) => {
+            print!("{}", cubicle::docs::kasm_table());
+            ExitCode::SUCCESS
+        }
         Command::Crds { dir } => crds(dir),
         Command::Validate { dir, strict } => validate(&dir, strict),
         Command::Plan { dir, output, user } => plan(&dir, output, user.as_deref()),
@@ -189,6 +269,7 @@ async fn dev_up(
     zones: usize,
     timeout: u64,
     exit_on_stdin_eof: bool,
+    demo: Option<DemoArgs>,
 ) -> ExitCode {
     let dir = std::path::absolute(&dir).unwrap_or(dir);
     let opts = DevOptions {
@@ -224,10 +305,49 @@ async fn dev_up(
         cluster.ready.kubeconfig.display(),
         cluster.ready.log_dir.display(),
     );
+    let code = match demo {
+        None => {
+            interrupted(exit_on_stdin_eof).await;
+            ExitCode::SUCCESS
+        }
+        Some(args) => {
+            // The nodes are the fake kubelet: a RuntimeClass handler runs nothing here.
+            let opts = demo_options(
+                cluster.ready.kubeconfig.clone(),
+                cluster.ready.log_dir.clone(),
+                None,
+                true,
+                args,
+            );
+            match cubicle::devenv::demo::run(&cluster.client, &opts, interrupted(exit_on_stdin_eof))
+                .await
+            {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("cubicle dev up --demo: {}", error_chain(&e));
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    };
+    eprintln!("stopping the local control plane");
+    let _ = std::fs::remove_file(&ready_path);
+    cluster.stop().await;
+    code
+}
+
+/// Resolves on Ctrl-C, SIGTERM or (if asked) when standard input closes.
+async fn interrupted(exit_on_stdin_eof: bool) {
     let stdin_closed = async {
         if exit_on_stdin_eof {
-            let mut sink = Vec::new();
-            let _ = tokio::io::stdin().read_to_end(&mut sink).await;
+            // A plain thread, not tokio's stdin: a read blocked in tokio's blocking pool would
+            // keep the runtime, and so the process, from exiting after a signal.
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+                let _ = tx.send(());
+            });
+            let _ = rx.await;
         } else {
             std::future::pending::<()>().await;
         }
@@ -239,10 +359,57 @@ async fn dev_up(
         _ = term.recv() => {},
         _ = stdin_closed => {},
     }
-    eprintln!("stopping the local control plane");
-    let _ = std::fs::remove_file(&ready_path);
-    cluster.stop().await;
-    ExitCode::SUCCESS
+}
+
+fn demo_options(
+    kubeconfig: PathBuf,
+    log_dir: PathBuf,
+    namespace: Option<String>,
+    stub_classes: bool,
+    args: DemoArgs,
+) -> cubicle::devenv::demo::DemoOptions {
+    cubicle::devenv::demo::DemoOptions {
+        kubeconfig,
+        examples: args.examples,
+        namespace,
+        log_dir,
+        metrics_addr: args.operator_metrics_addr,
+        operator_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("cubicle")),
+        stub_classes,
+    }
+}
+
+async fn dev_demo(
+    kubeconfig: Option<PathBuf>,
+    log_dir: PathBuf,
+    namespace: Option<String>,
+    exit_on_stdin_eof: bool,
+    stub_classes: bool,
+    args: DemoArgs,
+) -> ExitCode {
+    let kubeconfig = kubeconfig
+        .or_else(|| std::env::var_os("KUBECONFIG").map(PathBuf::from))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".kube/config")));
+    let Some(kubeconfig) = kubeconfig else {
+        eprintln!("cubicle dev demo: no kubeconfig (--kubeconfig or KUBECONFIG)");
+        return ExitCode::FAILURE;
+    };
+    let client = match cubicle::devenv::client_from_kubeconfig(&kubeconfig).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("cubicle dev demo: {}", error_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let log_dir = std::path::absolute(&log_dir).unwrap_or(log_dir);
+    let opts = demo_options(kubeconfig, log_dir, namespace, stub_classes, args);
+    match cubicle::devenv::demo::run(&client, &opts, interrupted(exit_on_stdin_eof)).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cubicle dev demo: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn crds(dir: Option<PathBuf>) -> ExitCode {
@@ -319,11 +486,19 @@ async fn run(args: RunArgs) -> ExitCode {
         metrics: metrics.clone(),
         ready: ready.clone(),
     };
+    let listener = match tokio::net::TcpListener::bind(args.metrics_addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("cubicle run: cannot listen on {}: {e}", args.metrics_addr);
+            return ExitCode::FAILURE;
+        }
+    };
+    let http_addr = listener.local_addr().unwrap_or(args.metrics_addr);
     let mut http_stop = stop_rx.clone();
-    let http_task = tokio::spawn(http::serve(args.metrics_addr, http_state, async move {
+    let http_task = tokio::spawn(http::serve(listener, http_state, async move {
         let _ = http_stop.wait_for(|s| *s).await;
     }));
-    let leadership = args.leader_elect.then(|| {
+    let election = args.leader_elect.then(|| {
         let timings = LeaseTimings {
             lease_duration: args.lease_duration,
             renew_deadline: args.renew_deadline,
@@ -344,26 +519,27 @@ async fn run(args: RunArgs) -> ExitCode {
         ..OperatorConfig::default()
     };
     let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
-            _ = term.recv() => {},
-        }
+        interrupted(args.exit_on_stdin_eof).await;
+        tracing::info!("shutdown requested");
     };
-    tracing::info!(namespaces = ?args.namespaces, metrics = %args.metrics_addr, leader_elect = args.leader_elect, "starting");
+    tracing::info!(namespaces = ?args.namespaces, metrics = %http_addr, leader_elect = args.leader_elect, "starting");
     let result = controller::run(
         client,
         config,
         metrics,
         controller::ALL,
         ready,
-        leadership,
+        election.as_ref().map(|e| e.leadership.clone()),
         shutdown,
     )
     .await;
+    // The controllers have stopped: only now may a leader hand the lease over.
+    if let Some(e) = election {
+        e.step_down().await;
+    }
     let _ = stop_tx.send(true);
     let _ = http_task.await;
+    tracing::info!(ok = result.is_ok(), "stopped");
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -7,6 +7,7 @@
 //! tries is what CI tests.
 
 pub mod controlplane;
+pub mod demo;
 pub mod kubelet;
 pub mod provisioner;
 

@@ -1,0 +1,742 @@
+//! The quickstart: install the CRDs, apply the example configuration repository, run the real
+//! operator binary, and print every session's phase as it changes.
+//!
+//! `cubicle dev up --demo` does this on a fresh local control plane; `cubicle dev demo` does it
+//! against the cluster of a kubeconfig (the end-to-end tests run it against theirs).
+//!
+//! The examples are read the way `kubectl apply -k` reads them, for the kustomize features the
+//! examples use (`resources` and `namespace`); any other kustomize feature is refused rather
+//! than silently applied differently. Every document is server-side applied, Namespaces first.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DynamicObject, Patch, PatchParams, ValidationDirective};
+use kube::core::GroupVersionKind;
+use kube::discovery::{ApiCapabilities, ApiResource, Scope, pinned_kind};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use serde_json::Value;
+use tokio::process::{Child, ChildStdin, Command};
+
+use crate::crd::v1alpha1::Session;
+
+/// Field manager of everything the demo applies.
+pub const MANAGER: &str = "cubicle-dev";
+
+/// Errors of the demo.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// A file of the configuration repository is unusable.
+    #[error("{file}: {message}")]
+    Config {
+        /// The file.
+        file: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A Kubernetes API call failed.
+    #[error("failed to {what}")]
+    Kube {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// A local I/O step failed.
+    #[error("failed to {what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The operator process failed.
+    #[error("{0}")]
+    Operator(String),
+    /// Something did not happen in time.
+    #[error("timed out: {0}")]
+    Timeout(String),
+}
+
+fn kube_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> DemoError {
+    let what = what.into();
+    move |source| DemoError::Kube { what, source }
+}
+
+/// Server-side applies every CRD of [`crate::crd::all`] and waits until each is Established.
+/// Returns how many there are.
+pub async fn install_crds(client: &Client) -> Result<usize, DemoError> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let ssa = PatchParams::apply(MANAGER).force();
+    let crds = crate::crd::all();
+    for crd in &crds {
+        let name = crd.name_any();
+        api.patch(&name, &ssa, &Patch::Apply(crd))
+            .await
+            .map_err(kube_err(format!("apply CRD {name}")))?;
+    }
+    for crd in &crds {
+        let name = crd.name_any();
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            await_condition(api.clone(), &name, conditions::is_crd_established()),
+        )
+        .await
+        .map_err(|_| DemoError::Timeout(format!("CRD {name} to be Established")))?
+        .map_err(|e| DemoError::Operator(format!("watching CRD {name}: {e}")))?;
+    }
+    Ok(crds.len())
+}
+
+const SUPPORTED_KUSTOMIZE_KEYS: &[&str] = &["apiVersion", "kind", "namespace", "resources"];
+
+/// Every document of the kustomize tree at `dir` (which holds a `kustomization.yaml`), in
+/// `resources` order; a kustomization's `namespace` is set on each of its documents except
+/// Namespaces (cluster-scoped kinds lose it again when applied).
+pub fn kustomize(dir: &Path) -> Result<Vec<Value>, DemoError> {
+    let kfile = ["kustomization.yaml", "kustomization.yml", "Kustomization"]
+        .iter()
+        .map(|n| dir.join(n))
+        .find(|p| p.is_file())
+        .ok_or_else(|| DemoError::Config {
+            file: dir.to_path_buf(),
+            message: "no kustomization.yaml".into(),
+        })?;
+    let config = |message: String| DemoError::Config {
+        file: kfile.clone(),
+        message,
+    };
+    let text = std::fs::read_to_string(&kfile).map_err(|e| config(e.to_string()))?;
+    let k: Value = serde_yaml::from_str(&text).map_err(|e| config(e.to_string()))?;
+    let keys = k
+        .as_object()
+        .ok_or_else(|| config("not a mapping".into()))?;
+    if let Some(other) = keys
+        .keys()
+        .find(|key| !SUPPORTED_KUSTOMIZE_KEYS.contains(&key.as_str()))
+    {
+        return Err(config(format!(
+            "kustomize `{other}` is not supported by the demo (use `kubectl apply -k`)"
+        )));
+    }
+    let namespace = k["namespace"].as_str();
+    let mut docs = Vec::new();
+    for r in k["resources"].as_array().into_iter().flatten() {
+        let r = r
+            .as_str()
+            .ok_or_else(|| config("resources must be paths".into()))?;
+        let path = dir.join(r);
+        let mut found = if path.is_dir() {
+            kustomize(&path)?
+        } else {
+            read_documents(&path)?
+        };
+        if let Some(ns) = namespace {
+            for d in &mut found {
+                if d["kind"] != "Namespace" {
+                    d["metadata"]["namespace"] = Value::String(ns.to_string());
+                }
+            }
+        }
+        docs.extend(found);
+    }
+    Ok(docs)
+}
+
+fn read_documents(path: &Path) -> Result<Vec<Value>, DemoError> {
+    let config = |message: String| DemoError::Config {
+        file: path.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| config(e.to_string()))?;
+    let mut docs = Vec::new();
+    for d in serde_yaml::Deserializer::from_str(&text) {
+        let v: Value = serde::Deserialize::deserialize(d).map_err(|e| config(e.to_string()))?;
+        if v.is_null() {
+            continue;
+        }
+        if !v["kind"].is_string() || !v["metadata"]["name"].is_string() {
+            return Err(config("a document without kind or metadata.name".into()));
+        }
+        docs.push(v);
+    }
+    Ok(docs)
+}
+
+/// What [`apply_documents`] did.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// Objects applied.
+    pub objects: usize,
+    /// The namespaces the namespaced objects went to.
+    pub namespaces: BTreeSet<String>,
+    /// Objects by kind.
+    pub kinds: BTreeMap<String, usize>,
+}
+
+fn gvk_of(doc: &Value) -> GroupVersionKind {
+    let api_version = doc["apiVersion"].as_str().unwrap_or_default();
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    GroupVersionKind::gvk(group, version, doc["kind"].as_str().unwrap_or_default())
+}
+
+/// Finds the resource of `gvk`, retrying for a while: discovery lags a CRD's establishment.
+async fn discover(
+    client: &Client,
+    gvk: &GroupVersionKind,
+) -> Result<(ApiResource, ApiCapabilities), DemoError> {
+    let start = Instant::now();
+    loop {
+        match pinned_kind(client, gvk).await {
+            Ok(found) => return Ok(found),
+            Err(e) if start.elapsed() > Duration::from_secs(30) => {
+                return Err(kube_err(format!(
+                    "discover {}/{}",
+                    gvk.api_version(),
+                    gvk.kind
+                ))(e));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
+/// Server-side applies `docs` (Namespaces first), with strict field validation. With
+/// `namespace`, every namespaced object goes there and Namespace objects are renamed to it
+/// (as a kustomize `namespace:` on top would).
+pub async fn apply_documents(
+    client: &Client,
+    docs: &[Value],
+    namespace: Option<&str>,
+) -> Result<Applied, DemoError> {
+    let mut ordered: Vec<Value> = docs.to_vec();
+    ordered.sort_by_key(|d| d["kind"] != "Namespace");
+    let mut pp = PatchParams::apply(MANAGER).force();
+    pp.field_validation = Some(ValidationDirective::Strict);
+    let mut found: HashMap<GroupVersionKind, (ApiResource, ApiCapabilities)> = HashMap::new();
+    let mut applied = Applied::default();
+    for mut doc in ordered {
+        let gvk = gvk_of(&doc);
+        if !found.contains_key(&gvk) {
+            let d = discover(client, &gvk).await?;
+            found.insert(gvk.clone(), d);
+        }
+        let (ar, caps) = &found[&gvk];
+        if let Some(ns) = namespace
+            && gvk.kind == "Namespace"
+        {
+            doc["metadata"]["name"] = Value::String(ns.to_string());
+        }
+        let name = doc["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let api: Api<DynamicObject> = match caps.scope {
+            Scope::Cluster => {
+                if let Some(m) = doc["metadata"].as_object_mut() {
+                    m.remove("namespace");
+                }
+                Api::all_with(client.clone(), ar)
+            }
+            Scope::Namespaced => {
+                let ns = namespace
+                    .or(doc["metadata"]["namespace"].as_str())
+                    .unwrap_or("default")
+                    .to_string();
+                doc["metadata"]["namespace"] = Value::String(ns.clone());
+                applied.namespaces.insert(ns.clone());
+                Api::namespaced_with(client.clone(), &ns, ar)
+            }
+        };
+        api.patch(&name, &pp, &Patch::Apply(&doc))
+            .await
+            .map_err(kube_err(format!("apply {} {name}", gvk.kind)))?;
+        applied.objects += 1;
+        *applied.kinds.entry(gvk.kind.clone()).or_default() += 1;
+    }
+    Ok(applied)
+}
+
+/// Names of the PriorityClasses and RuntimeClasses `docs` refer to (`priorityClassName`,
+/// `runtimeClassName` at any depth, as in a run config).
+pub fn referenced_classes(docs: &[Value]) -> (BTreeSet<String>, BTreeSet<String>) {
+    fn walk(v: &Value, priority: &mut BTreeSet<String>, runtime: &mut BTreeSet<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, v) in m {
+                    match (k.as_str(), v.as_str()) {
+                        ("priorityClassName", Some(n)) => {
+                            priority.insert(n.to_string());
+                        }
+                        ("runtimeClassName", Some(n)) => {
+                            runtime.insert(n.to_string());
+                        }
+                        _ => walk(v, priority, runtime),
+                    }
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|v| walk(v, priority, runtime)),
+            _ => {}
+        }
+    }
+    let (mut priority, mut runtime) = (BTreeSet::new(), BTreeSet::new());
+    for d in docs {
+        walk(d, &mut priority, &mut runtime);
+    }
+    (priority, runtime)
+}
+
+/// For a cluster with the fake kubelet only: creates the PriorityClasses and RuntimeClasses that
+/// `docs` refer to and the cluster lacks, so that the pods that use them are admitted (a real
+/// cluster has its own; a RuntimeClass handler here runs nothing). Returns what it created.
+pub async fn stub_missing_classes(
+    client: &Client,
+    docs: &[Value],
+) -> Result<Vec<String>, DemoError> {
+    use k8s_openapi::api::node::v1::RuntimeClass;
+    use k8s_openapi::api::scheduling::v1::PriorityClass;
+    use kube::api::{ObjectMeta, PostParams};
+    let meta = |name: &str| ObjectMeta {
+        name: Some(name.to_string()),
+        labels: Some(
+            [(
+                "app.kubernetes.io/managed-by".to_string(),
+                MANAGER.to_string(),
+            )]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    let (priority, runtime) = referenced_classes(docs);
+    let mut created = Vec::new();
+    let pcs: Api<PriorityClass> = Api::all(client.clone());
+    for name in priority {
+        let pc = PriorityClass {
+            metadata: meta(&name),
+            value: 1000,
+            description: Some("Created by the Cubicle demo: the examples refer to it.".into()),
+            ..Default::default()
+        };
+        match pcs.create(&PostParams::default(), &pc).await {
+            Ok(_) => created.push(format!("PriorityClass {name}")),
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => return Err(kube_err(format!("create PriorityClass {name}"))(e)),
+        }
+    }
+    let rcs: Api<RuntimeClass> = Api::all(client.clone());
+    for name in runtime {
+        let rc = RuntimeClass {
+            metadata: meta(&name),
+            handler: name.clone(),
+            ..Default::default()
+        };
+        match rcs.create(&PostParams::default(), &rc).await {
+            Ok(_) => created.push(format!("RuntimeClass {name}")),
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => return Err(kube_err(format!("create RuntimeClass {name}"))(e)),
+        }
+    }
+    Ok(created)
+}
+
+/// A `cubicle run` child process. It runs with `--exit-on-stdin-eof`, so it stops (gracefully)
+/// when this process closes the pipe, and also when this process dies.
+pub struct OperatorProcess {
+    child: Child,
+    // Held apart from `child`: tokio closes a child's stdin before waiting on it.
+    stdin: Option<ChildStdin>,
+    /// Its /metrics, /healthz and /readyz address.
+    pub metrics_addr: SocketAddr,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+/// A free local address (the port is free now; it is handed to a child right away).
+pub fn free_local_addr() -> std::io::Result<SocketAddr> {
+    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
+
+impl OperatorProcess {
+    /// Starts `exe run` with `KUBECONFIG=kubeconfig`, watching `namespaces`, logging to `log`.
+    pub async fn spawn(
+        exe: &Path,
+        kubeconfig: &Path,
+        namespaces: &[String],
+        metrics_addr: SocketAddr,
+        log: &Path,
+    ) -> Result<Self, DemoError> {
+        let io = |what: String| move |source| DemoError::Io { what, source };
+        if let Some(dir) = log.parent() {
+            std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+        }
+        let file = std::fs::File::create(log).map_err(io(format!("create {}", log.display())))?;
+        let file2 = file.try_clone().map_err(io("clone the log file".into()))?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("run")
+            .arg(format!("--metrics-addr={metrics_addr}"))
+            .arg("--exit-on-stdin-eof");
+        for ns in namespaces {
+            cmd.arg(format!("--namespace={ns}"));
+        }
+        let mut child = cmd
+            .env("KUBECONFIG", kubeconfig)
+            .stdin(Stdio::piped())
+            .stdout(file)
+            .stderr(file2)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(io(format!("start {}", exe.display())))?;
+        let stdin = child.stdin.take();
+        Ok(Self {
+            child,
+            stdin,
+            metrics_addr,
+            log: log.to_path_buf(),
+        })
+    }
+
+    /// The child's process id.
+    pub fn id(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Waits until `/readyz` answers 200 (every cache synced), or fails if the process exits.
+    pub async fn wait_ready(&mut self, timeout: Duration) -> Result<Duration, DemoError> {
+        let start = Instant::now();
+        loop {
+            if let Ok((200, _)) = crate::http::probe(self.metrics_addr, "/readyz").await {
+                return Ok(start.elapsed());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(DemoError::Operator(format!(
+                    "the operator exited with {status}; see {}",
+                    self.log.display()
+                )));
+            }
+            if start.elapsed() > timeout {
+                return Err(DemoError::Timeout(format!(
+                    "the operator's /readyz after {timeout:?}; see {}",
+                    self.log.display()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Resolves when the process exits on its own.
+    pub async fn exited(&mut self) -> std::io::Result<ExitStatus> {
+        self.child.wait().await
+    }
+
+    /// Asks the operator to stop (closes its stdin) and waits up to 10 s, then kills it.
+    pub async fn stop(mut self) -> Option<ExitStatus> {
+        drop(self.stdin.take());
+        match tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await {
+            Ok(status) => status.ok(),
+            Err(_) => {
+                let _ = self.child.kill().await;
+                None
+            }
+        }
+    }
+}
+
+/// The columns printed for a session (without the time): `namespace/name phase node expiresAt
+/// rule note`, `-` where unset. The note is the reason of each condition that is not True
+/// (`Admitted`, `Ready`, `StateChange`...): why a session is refused, pending, or not in the state
+/// its spec asks for.
+pub fn session_columns(s: &Session) -> [String; 6] {
+    let status = s.status.as_ref();
+    let text = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    let enum_text = |v: Option<Value>| {
+        v.and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_else(|| "-".into())
+    };
+    let notes: Vec<&str> = status
+        .into_iter()
+        .flat_map(|st| st.conditions.iter())
+        .filter(|c| c.status != "True")
+        .map(|c| c.reason.as_str())
+        .collect();
+    [
+        format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any()),
+        enum_text(
+            status
+                .and_then(|st| st.phase)
+                .and_then(|p| serde_json::to_value(p).ok()),
+        ),
+        text(status.and_then(|st| st.node.clone())),
+        text(status.and_then(|st| st.expires_at.as_ref().map(|t| t.0.to_string()))),
+        enum_text(
+            status
+                .and_then(|st| st.expiry_rule)
+                .and_then(|r| serde_json::to_value(r).ok()),
+        ),
+        if notes.is_empty() {
+            String::new()
+        } else {
+            notes.join(",")
+        },
+    ]
+}
+
+/// The header of the session lines.
+pub const SESSION_HEADER: [&str; 6] = ["SESSION", "PHASE", "NODE", "EXPIRES-AT", "RULE", "NOTE"];
+
+/// One line: the local time, then the columns, aligned.
+pub fn format_line(time: &str, cols: &[impl AsRef<str>]) -> String {
+    let widths = [36, 9, 12, 28, 17, 0];
+    let mut line = format!("{time:<9}");
+    for (c, w) in cols.iter().zip(widths) {
+        line.push_str(&format!(" {:<w$}", c.as_ref()));
+    }
+    line.trim_end().to_string()
+}
+
+/// Watches the sessions of `namespaces` and calls `print` with a line each time a session's
+/// columns change (and once when it is deleted). Returns only if every watch ends.
+pub async fn watch_sessions(
+    client: &Client,
+    namespaces: &BTreeSet<String>,
+    mut print: impl FnMut(String),
+) {
+    let streams = namespaces.iter().map(|ns| {
+        let api: Api<Session> = Api::namespaced(client.clone(), ns);
+        watcher(api, watcher::Config::default()).boxed()
+    });
+    let mut events = futures::stream::select_all(streams);
+    let mut last: HashMap<String, [String; 6]> = HashMap::new();
+    let now = || jiff::Zoned::now().strftime("%H:%M:%S").to_string();
+    loop {
+        match events.try_next().await {
+            Ok(Some(watcher::Event::Apply(s) | watcher::Event::InitApply(s))) => {
+                let cols = session_columns(&s);
+                if last.get(&cols[0]) != Some(&cols) {
+                    print(format_line(&now(), &cols));
+                    last.insert(cols[0].clone(), cols);
+                }
+            }
+            Ok(Some(watcher::Event::Delete(s))) => {
+                let key = format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any());
+                if last.remove(&key).is_some() {
+                    print(format_line(&now(), &[key.as_str(), "deleted"]));
+                }
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => return,
+            // The watcher retries on its own; a transient error is not worth a line.
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
+/// What [`run`] needs.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// The cluster's kubeconfig (also handed to the operator).
+    pub kubeconfig: PathBuf,
+    /// The kustomize tree to apply.
+    pub examples: PathBuf,
+    /// Put every namespaced object there instead (for tests).
+    pub namespace: Option<String>,
+    /// Where `operator.log` goes.
+    pub log_dir: PathBuf,
+    /// The operator's /metrics address (port 0: a free port).
+    pub metrics_addr: SocketAddr,
+    /// The `cubicle` binary to run as the operator.
+    pub operator_exe: PathBuf,
+    /// Create the PriorityClasses and RuntimeClasses the examples refer to and the cluster
+    /// lacks (only for a cluster whose nodes are the fake kubelet).
+    pub stub_classes: bool,
+}
+
+/// Installs the CRDs, applies the examples, starts the operator on their namespaces and prints
+/// session changes on stdout until `shutdown` resolves (then stops the operator), or fails if
+/// the operator exits on its own.
+pub async fn run(
+    client: &Client,
+    opts: &DemoOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), DemoError> {
+    let start = Instant::now();
+    let n = install_crds(client).await?;
+    println!(
+        "installed {n} Cubicle CRDs (server-side apply), Established in {:.1}s",
+        start.elapsed().as_secs_f64()
+    );
+    let docs = kustomize(&opts.examples)?;
+    if opts.stub_classes {
+        let created = stub_missing_classes(client, &docs).await?;
+        if !created.is_empty() {
+            println!(
+                "created what the examples refer to and this cluster lacks: {}",
+                created.join(", ")
+            );
+        }
+    }
+    let applied = apply_documents(client, &docs, opts.namespace.as_deref()).await?;
+    let kinds: Vec<String> = applied
+        .kinds
+        .iter()
+        .map(|(k, n)| format!("{n} {k}"))
+        .collect();
+    println!(
+        "applied {} objects from {} into namespace {}: {}",
+        applied.objects,
+        opts.examples.display(),
+        applied
+            .namespaces
+            .iter()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", "),
+        kinds.join(", ")
+    );
+    let mut addr = opts.metrics_addr;
+    if addr.port() == 0 {
+        addr = free_local_addr().map_err(|source| DemoError::Io {
+            what: "find a free port".into(),
+            source,
+        })?;
+    }
+    let namespaces: Vec<String> = applied.namespaces.iter().cloned().collect();
+    let log = opts.log_dir.join("operator.log");
+    let mut operator = OperatorProcess::spawn(
+        &opts.operator_exe,
+        &opts.kubeconfig,
+        &namespaces,
+        addr,
+        &log,
+    )
+    .await?;
+    let took = operator.wait_ready(Duration::from_secs(60)).await?;
+    println!(
+        "operator `cubicle run` (pid {}) ready in {:.1}s: http://{addr}/metrics; logs {}",
+        operator.id().unwrap_or_default(),
+        took.as_secs_f64(),
+        log.display()
+    );
+    println!("watching sessions (Ctrl-C stops everything)");
+    println!("{}", format_line("TIME", &SESSION_HEADER));
+    let watch = watch_sessions(client, &applied.namespaces, |line| println!("{line}"));
+    let result = tokio::select! {
+        _ = shutdown => Ok(()),
+        status = operator.exited() => Err(DemoError::Operator(format!(
+            "the operator exited ({}); see {}",
+            status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
+            log.display()
+        ))),
+        _ = watch => Err(DemoError::Operator("the session watch ended".into())),
+    };
+    if result.is_ok() {
+        eprintln!("stopping the operator");
+        match operator.stop().await {
+            Some(s) if s.success() => {}
+            Some(s) => eprintln!("the operator exited with {s}; see {}", log.display()),
+            None => eprintln!("the operator did not stop in 10 s and was killed"),
+        }
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn examples() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")
+    }
+
+    #[test]
+    fn reads_the_examples_like_kustomize() {
+        let docs = kustomize(&examples()).unwrap();
+        assert!(docs.len() > 30, "{} documents", docs.len());
+        assert_eq!(docs[0]["kind"], "Namespace");
+        for d in &docs {
+            if d["kind"] != "Namespace" {
+                assert_eq!(d["metadata"]["namespace"], "northwind", "{}", d["metadata"]);
+            }
+        }
+        let kinds: BTreeSet<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+        for k in [
+            "User",
+            "Group",
+            "Workspace",
+            "ServerPool",
+            "Server",
+            "Session",
+        ] {
+            assert!(kinds.contains(k), "{k} missing: {kinds:?}");
+        }
+    }
+
+    #[test]
+    fn refuses_kustomize_features_it_does_not_apply() {
+        let dir = std::env::temp_dir().join(format!("cubicle-demo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("kustomization.yaml"),
+            "resources: []\ncommonLabels: {a: b}\n",
+        )
+        .unwrap();
+        let err = kustomize(&dir).unwrap_err().to_string();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(err.contains("commonLabels"), "{err}");
+    }
+
+    #[test]
+    fn finds_the_classes_the_examples_refer_to() {
+        let (priority, runtime) = referenced_classes(&kustomize(&examples()).unwrap());
+        assert!(priority.contains("northwind-interactive"), "{priority:?}");
+        assert!(runtime.contains("gvisor"), "{runtime:?}");
+    }
+
+    #[test]
+    fn session_columns_show_phase_node_deadline_and_rule() {
+        let s: Session = serde_json::from_value(serde_json::json!({
+            "apiVersion": "cubicle.dev/v1alpha1", "kind": "Session",
+            "metadata": {"name": "a", "namespace": "ns"},
+            "spec": {"user": "u", "workspace": "w"},
+            "status": {"phase": "Running", "node": "fake-node-1",
+                       "expiresAt": "2026-11-22T10:00:00Z", "expiryRule": "keepalive"}
+        }))
+        .unwrap();
+        assert_eq!(
+            session_columns(&s),
+            [
+                "ns/a",
+                "Running",
+                "fake-node-1",
+                "2026-11-22T10:00:00Z",
+                "keepalive",
+                ""
+            ]
+        );
+        let r: Session = serde_json::from_value(serde_json::json!({
+            "apiVersion": "cubicle.dev/v1alpha1", "kind": "Session",
+            "metadata": {"name": "b", "namespace": "ns"},
+            "spec": {"user": "u", "workspace": "w"},
+            "status": {"phase": "Refused", "conditions": [
+                {"type": "Admitted", "status": "False", "reason": "UserDisabled", "message": "m",
+                 "lastTransitionTime": "2026-11-22T10:00:00Z"},
+                {"type": "Ready", "status": "True", "reason": "Running", "message": "",
+                 "lastTransitionTime": "2026-11-22T10:00:00Z"}]}
+        }))
+        .unwrap();
+        let cols = session_columns(&r);
+        assert_eq!((cols[1].as_str(), cols[2].as_str()), ("Refused", "-"));
+        assert_eq!(cols[5], "UserDisabled");
+        let line = format_line("10:00:00", &cols);
+        assert!(line.starts_with("10:00:00  ns/b "), "{line}");
+        assert!(line.ends_with(" - UserDisabled"), "{line}");
+    }
+}
