@@ -4,9 +4,14 @@
 //! One binary, so one control plane serves the whole run; every test gets its own namespace.
 
 mod api;
+mod binary;
+mod demo;
 mod expiry;
 mod foundation;
+mod ha;
+mod helm;
 mod operator;
+mod process;
 mod sessions;
 mod status;
 mod support;

@@ -17,7 +17,7 @@ use crate::support::{TestNs, wait_for};
 const LONG: Duration = Duration::from_secs(90);
 
 /// A small tenant: groups with different permissions, users, workspaces, a dedicated pool.
-async fn tenant(ns: &TestNs) {
+pub(crate) async fn tenant(ns: &TestNs) {
     let docs = r#"
 apiVersion: cubicle.dev/v1alpha1
 kind: Group
@@ -145,7 +145,12 @@ async fn apply_yaml(ns: &TestNs, docs: &str) {
 
 use serde::Deserialize;
 
-fn session(name: &str, user: &str, workspace: &str, extra: serde_json::Value) -> Session {
+pub(crate) fn session(
+    name: &str,
+    user: &str,
+    workspace: &str,
+    extra: serde_json::Value,
+) -> Session {
     let mut spec = json!({"user": user, "workspace": workspace});
     if let serde_json::Value::Object(m) = extra {
         for (k, v) in m {
@@ -159,14 +164,14 @@ fn session(name: &str, user: &str, workspace: &str, extra: serde_json::Value) ->
     .unwrap()
 }
 
-async fn create(ns: &TestNs, s: &Session) {
+pub(crate) async fn create(ns: &TestNs, s: &Session) {
     ns.api::<Session>()
         .create(&PostParams::default(), s)
         .await
         .unwrap();
 }
 
-async fn wait_phase(ns: &TestNs, name: &str, phase: SessionPhase) -> Session {
+pub(crate) async fn wait_phase(ns: &TestNs, name: &str, phase: SessionPhase) -> Session {
     let api = ns.api::<Session>();
     wait_for(
         &format!("session {name} in phase {phase:?}"),

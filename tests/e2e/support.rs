@@ -133,6 +133,11 @@ pub fn env() -> &'static DevReady {
     &shared().ready
 }
 
+/// This run's directory (logs written here are kept for a failing test).
+pub fn run_dir() -> &'static Path {
+    &shared().dir
+}
+
 /// The admin kubeconfig path.
 pub fn kubeconfig() -> &'static Path {
     &shared().ready.kubeconfig

@@ -1,0 +1,155 @@
+//! The quickstart (`cubicle dev up --demo` is `dev up` plus this): `cubicle dev demo` installs
+//! the CRDs, applies `examples/`, runs the real operator binary and prints session changes; it
+//! stops everything when asked. Run here against the shared control plane, with the examples
+//! put into the test's namespace.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+
+use crate::support::{self, TestNs, wait_for};
+
+#[tokio::test]
+async fn the_quickstart_applies_the_examples_runs_the_operator_and_shows_sessions() {
+    let ns = TestNs::new("demo").await;
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let docs = cubicle::devenv::demo::kustomize(&examples).unwrap();
+    let sessions: BTreeSet<String> = docs
+        .iter()
+        .filter(|d| d["kind"] == "Session")
+        .map(|d| d["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(sessions.len() >= 3, "{sessions:?}");
+    let log_dir = support::run_dir().join(format!("demo-{}", ns.name));
+    let started = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cubicle"))
+        .args([
+            "dev",
+            "demo",
+            "--stub-missing-classes",
+            "--exit-on-stdin-eof",
+        ])
+        .arg("--kubeconfig")
+        .arg(support::kubeconfig())
+        .arg("--namespace")
+        .arg(&ns.name)
+        .arg("--log-dir")
+        .arg(&log_dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start `cubicle dev demo`");
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    for stream in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stream).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(l);
+            }
+        });
+    }
+    let output = || lines.lock().unwrap().join("\n");
+    let has = |needle: String| {
+        let lines = lines.clone();
+        async move {
+            lines
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains(&needle))
+                .then_some(())
+        }
+    };
+    let long = Duration::from_secs(90);
+    wait_for("the CRDs installed", long, || {
+        has("installed 7 Cubicle CRDs".into())
+    })
+    .await;
+    wait_for("the examples applied", long, || {
+        has(format!(
+            "applied {} objects from {} into namespace {}",
+            docs.len(),
+            examples.display(),
+            ns.name
+        ))
+    })
+    .await;
+    wait_for("the operator ready", long, || {
+        has("operator `cubicle run` (pid ".into())
+    })
+    .await;
+    let ready_after = started.elapsed();
+    for s in &sessions {
+        wait_for(&format!("a line for session {s}"), long, || {
+            has(format!("{}/{s} ", ns.name))
+        })
+        .await;
+    }
+    // At least one example session runs, and its line names the node its pod is on.
+    let pods = ns.api::<Pod>();
+    let (name, node) = wait_for("an example session Running", long, || async {
+        let text = output();
+        for s in &sessions {
+            let key = format!("{}/{s} ", ns.name);
+            let Some(line) = text
+                .lines()
+                .filter(|l| l.contains(&key) && l.contains(" Running "))
+                .next_back()
+            else {
+                continue;
+            };
+            let node = line.split_whitespace().nth(3)?.to_string();
+            return Some((s.clone(), node));
+        }
+        None
+    })
+    .await;
+    let pod = pods.get(&name).await.unwrap();
+    assert_eq!(
+        pod.spec.unwrap().node_name.as_deref(),
+        Some(node.as_str()),
+        "{}",
+        output()
+    );
+    eprintln!(
+        "[demo] CRDs, {} example objects and the operator up in {} ms; {name} Running on {node}",
+        docs.len(),
+        ready_after.as_millis()
+    );
+
+    // Closing stdin is the tests' Ctrl-C: the demo stops the operator and exits cleanly.
+    let pid_line = output()
+        .lines()
+        .find(|l| l.starts_with("operator `cubicle run` (pid "))
+        .unwrap()
+        .to_string();
+    let pid: u32 = pid_line
+        .split("(pid ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {pid_line}"));
+    drop(child.stdin.take());
+    let status = wait_for("the demo to exit", Duration::from_secs(20), || {
+        std::future::ready(child.try_wait().ok().flatten())
+    })
+    .await;
+    assert!(status.success(), "{status}\n{}", output());
+    assert!(output().contains("stopping the operator"), "{}", output());
+    assert!(
+        !Path::new("/proc").join(pid.to_string()).exists(),
+        "the operator (pid {pid}) outlived the demo"
+    );
+    let log = std::fs::read_to_string(log_dir.join("operator.log")).unwrap();
+    assert!(log.contains("stopped"), "{log}");
+    assert!(!log.contains('\u{1b}'), "no terminal colours in a log file");
+}
