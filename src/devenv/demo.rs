@@ -736,7 +736,22 @@ mod tests {
         assert_eq!((cols[1].as_str(), cols[2].as_str()), ("Refused", "-"));
         assert_eq!(cols[5], "UserDisabled");
         let line = format_line("10:00:00", &cols);
-        assert!(line.starts_with("10:00:00  ns/b "), "{line}");
-        assert!(line.ends_with(" - UserDisabled"), "{line}");
+        assert_eq!(
+            line.split_whitespace().collect::<Vec<_>>(),
+            ["10:00:00", "ns/b", "Refused", "-", "-", "-", "UserDisabled"],
+            "{line}"
+        );
+        let header = format_line("TIME", &SESSION_HEADER);
+        for (a, b) in [
+            ("SESSION", "ns/b"),
+            ("PHASE", "Refused"),
+            ("NOTE", "UserDisabled"),
+        ] {
+            assert_eq!(
+                header.find(a),
+                line.find(b),
+                "{a} aligned:\n{header}\n{line}"
+            );
+        }
     }
 }
