@@ -102,8 +102,7 @@ async fn the_quickstart_applies_the_examples_runs_the_operator_and_shows_session
             let key = format!("{}/{s} ", ns.name);
             let Some(line) = text
                 .lines()
-                .filter(|l| l.contains(&key) && l.contains(" Running "))
-                .next_back()
+                .rfind(|l| l.contains(&key) && l.contains(" Running "))
             else {
                 continue;
             };
