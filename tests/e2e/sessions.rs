@@ -699,3 +699,32 @@ async fn api_writes_per_launch_are_at_the_floor() {
     assert_eq!(reads, 0, "uncached GETs: {:?}", op.counter.snapshot());
     op.stop().await;
 }
+
+#[tokio::test]
+async fn a_pod_the_api_server_rejects_fails_the_session_with_its_reason() {
+    let (ns, op) = setup("rejected").await;
+    apply_yaml(
+        &ns,
+        r#"
+apiVersion: cubicle.dev/v1alpha1
+kind: Workspace
+metadata: {name: broken}
+spec:
+  image: example.invalid/desktop:1
+  groups: [everyone]
+  runConfig:
+    pod: {priorityClassName: no-such-priority-class, hostname: "desk-{username}"}
+"#,
+    )
+    .await;
+    create(&ns, &session("bad-1", "bob", "broken", json!({}))).await;
+    let s = wait_phase(&ns, "bad-1", SessionPhase::Failed).await;
+    let c = condition(&s, "Ready").expect("Ready condition");
+    assert_eq!(c.reason, "PodRejected", "{}", c.message);
+    assert!(
+        c.message.contains("no-such-priority-class"),
+        "{}",
+        c.message
+    );
+    op.stop().await;
+}

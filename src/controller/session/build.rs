@@ -251,6 +251,33 @@ pub fn dns_name(s: &str) -> String {
     }
 }
 
+/// A DNS-1123 label (≤ 63 characters) for a rendered hostname template.
+pub fn dns_label(s: &str) -> String {
+    let lower: String = s
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let trimmed = lower.trim_matches('-').to_string();
+    if !trimmed.is_empty() && trimmed.len() <= 63 {
+        return trimmed;
+    }
+    let h = format!("{:08x}", stable_hash(s) as u32);
+    let keep: String = trimmed.chars().take(54).collect();
+    let keep = keep.trim_matches('-');
+    if keep.is_empty() {
+        format!("session-{h}")
+    } else {
+        format!("{keep}-{h}")
+    }
+}
+
 /// The profile claim for a user, from the workspace's template. No owner reference: a profile
 /// outlives every session, and nothing the operator owns can take it down with it.
 pub fn profile_claim(
@@ -683,8 +710,10 @@ pub fn pod(i: &PodInputs<'_>) -> Pod {
             if p.runtime_class_name.is_some() {
                 spec.runtime_class_name = p.runtime_class_name.clone();
             }
-            if p.hostname.is_some() {
-                spec.hostname = p.hostname.clone();
+            if let Some(h) = &p.hostname {
+                // Templates work here as in profile paths; the result must be a DNS label.
+                let h = render_template(h, i.username, i.user_id);
+                spec.hostname = Some(dns_label(&h));
             }
             if !p.host_aliases.is_empty() {
                 spec.host_aliases = Some(p.host_aliases.clone());
@@ -835,5 +864,312 @@ fn claim_volume(name: &str, claim: &str, read_only: bool) -> Volume {
             read_only: read_only.then_some(true),
         }),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::FileMappingContent;
+
+    fn session() -> Session {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "cubicle.dev/v1alpha1", "kind": "Session",
+            "metadata": {"name": "s1", "namespace": "ns", "uid": "u-1"},
+            "spec": {"user": "alice", "workspace": "desktop"}
+        }))
+        .unwrap()
+    }
+
+    fn workspace(extra: serde_json::Value) -> Workspace {
+        let mut spec = serde_json::json!({"image": "example.invalid/desktop:1",
+            "resources": {"cores": "2", "memory": "4Gi", "gpus": 1}});
+        if let serde_json::Value::Object(m) = extra {
+            for (k, v) in m {
+                spec[k] = v;
+            }
+        }
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "cubicle.dev/v1alpha1", "kind": "Workspace",
+            "metadata": {"name": "desktop", "namespace": "ns"}, "spec": spec
+        }))
+        .unwrap()
+    }
+
+    fn build(
+        ws: &Workspace,
+        profile: Option<&ProfileMount>,
+        files: &[FileMapping],
+        ssh: Option<&str>,
+        group_rc: Option<&RunConfig>,
+    ) -> Pod {
+        let s = session();
+        let placement = Placement::Server {
+            server: "ws-a".into(),
+            node: "node-a".into(),
+            zone: Some("zone-a".into()),
+        };
+        let record = LaunchRecord {
+            server: Some("ws-a".into()),
+            profile: None,
+        };
+        pod(&PodInputs {
+            session: &s,
+            user: "alice",
+            username: "alice",
+            user_id: "id-1",
+            workspace: ws,
+            placement: &placement,
+            profile,
+            expose_user_env: true,
+            ssh_keys_secret: ssh,
+            group_volume_mappings: &[],
+            file_mappings: files,
+            group_run_config: group_rc,
+            settings_json: "{\"allowKasmStop\":true}",
+            paused: false,
+            launch: &record,
+        })
+    }
+
+    #[test]
+    fn the_pod_is_restricted_owned_and_mounts_no_token() {
+        let p = build(&workspace(serde_json::json!({})), None, &[], None, None);
+        let spec = p.spec.as_ref().unwrap();
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        let psc = spec.security_context.as_ref().unwrap();
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(
+            psc.seccomp_profile.as_ref().unwrap().type_,
+            "RuntimeDefault"
+        );
+        let c = &spec.containers[0];
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            sc.capabilities.as_ref().unwrap().drop.as_deref(),
+            Some(&["ALL".to_string()][..])
+        );
+        let owner = &p.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.controller),
+            ("Session", Some(true))
+        );
+        // Pinned to the server's node and zone; resources from the workspace.
+        let terms = &spec
+            .affinity
+            .as_ref()
+            .unwrap()
+            .node_affinity
+            .as_ref()
+            .unwrap()
+            .required_during_scheduling_ignored_during_execution
+            .as_ref()
+            .unwrap()
+            .node_selector_terms[0];
+        let keys: Vec<_> = terms
+            .match_expressions
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|e| e.key.as_str())
+            .collect();
+        assert_eq!(keys, [HOSTNAME_LABEL, ZONE_LABEL]);
+        let limits = c.resources.as_ref().unwrap().limits.as_ref().unwrap();
+        assert_eq!(limits["nvidia.com/gpu"].0, "1");
+        assert_eq!(limits["memory"].0, "4Gi");
+        // KASM_USER/KASM_USER_ID and the settings file.
+        let env: Vec<_> = c
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|e| (e.name.as_str(), e.value.as_deref()))
+            .collect();
+        assert!(
+            env.contains(&("KASM_USER", Some("alice")))
+                && env.contains(&("KASM_USER_ID", Some("id-1")))
+        );
+        assert_eq!(
+            p.annotations()[SETTINGS_ANNOTATION],
+            "{\"allowKasmStop\":true}"
+        );
+        assert!(
+            c.volume_mounts
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|m| m.mount_path == SETTINGS_DIR)
+        );
+        assert_eq!(launch_record(&p).server.as_deref(), Some("ws-a"));
+    }
+
+    #[test]
+    fn a_shared_volume_reset_renames_the_old_profile_in_an_init_container() {
+        let mount = ProfileMount::SubPath {
+            claim: "homes".into(),
+            sub_path: "profiles/alice".into(),
+            mount_path: "/home/kasm-user".into(),
+            archive_to: Some("profiles/alice.archived-100".into()),
+        };
+        let p = build(
+            &workspace(serde_json::json!({})),
+            Some(&mount),
+            &[],
+            None,
+            None,
+        );
+        let spec = p.spec.unwrap();
+        let init = &spec.init_containers.as_ref().unwrap()[0];
+        assert_eq!(init.name, "profile-reset");
+        let script = &init.command.as_ref().unwrap()[2];
+        assert!(
+            script.contains("mv") && !script.contains("rm "),
+            "archives, never deletes: {script}"
+        );
+        let env: Vec<_> = init
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|e| e.value.clone().unwrap())
+            .collect();
+        assert_eq!(env, ["profiles/alice", "profiles/alice.archived-100"]);
+        let m = spec.containers[0]
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == "profile")
+            .unwrap();
+        assert_eq!(m.sub_path.as_deref(), Some("profiles/alice"));
+        // Without a reset there is no init container.
+        let plain = ProfileMount::SubPath {
+            claim: "homes".into(),
+            sub_path: "profiles/alice".into(),
+            mount_path: "/home/kasm-user".into(),
+            archive_to: None,
+        };
+        assert!(
+            build(
+                &workspace(serde_json::json!({})),
+                Some(&plain),
+                &[],
+                None,
+                None
+            )
+            .spec
+            .unwrap()
+            .init_containers
+            .is_none()
+        );
+    }
+
+    #[test]
+    fn file_mappings_ssh_keys_and_run_config_land_in_the_pod() {
+        let files = vec![
+            FileMapping {
+                destination: "/etc/motd".into(),
+                content: FileMappingContent {
+                    inline: Some("hi".into()),
+                    ..Default::default()
+                },
+                writable: None,
+                executable: Some(true),
+                name: None,
+                description: None,
+            },
+            FileMapping {
+                destination: "/home/kasm-user/notes.txt".into(),
+                content: FileMappingContent {
+                    inline: Some("x".into()),
+                    ..Default::default()
+                },
+                writable: Some(true),
+                executable: None,
+                name: None,
+                description: None,
+            },
+        ];
+        let group_rc: RunConfig = serde_json::from_value(serde_json::json!({
+            "pod": {"nodeSelector": {"gpu": "yes"}, "shmSize": "1Gi", "hostname": "desk-{username}"},
+            "container": {"env": [{"name": "TZ", "value": "UTC"}]}
+        }))
+        .unwrap();
+        let ws = workspace(
+            serde_json::json!({"env": [{"name": "TZ", "value": "Europe/Paris"}],
+            "runConfig": {"pod": {"nodeSelector": {"gpu": "no", "disk": "ssd"}}}}),
+        );
+        let p = build(&ws, None, &files, Some("alice-ssh"), Some(&group_rc));
+        let spec = p.spec.unwrap();
+        let c = &spec.containers[0];
+        let mounts = c.volume_mounts.as_ref().unwrap();
+        let motd = mounts.iter().find(|m| m.mount_path == "/etc/motd").unwrap();
+        assert_eq!(
+            (motd.name.as_str(), motd.read_only),
+            ("cubicle-files", Some(true))
+        );
+        let notes = mounts
+            .iter()
+            .find(|m| m.mount_path == "/home/kasm-user/notes.txt")
+            .unwrap();
+        assert_eq!(
+            notes.name, "cubicle-files-rw",
+            "writable files are copies in an emptyDir"
+        );
+        assert_eq!(
+            spec.init_containers.as_ref().unwrap()[0].name,
+            "file-mappings"
+        );
+        assert!(
+            mounts
+                .iter()
+                .any(|m| m.mount_path == "/home/kasm-user/.ssh/id_rsa")
+        );
+        assert_eq!(
+            p.metadata.annotations.as_ref().unwrap()["cubicle.dev/file-0"],
+            "hi"
+        );
+        // Group run config wins over the workspace's; env merges by name with the group last.
+        let sel = spec.node_selector.unwrap();
+        assert_eq!((sel["gpu"].as_str(), sel["disk"].as_str()), ("yes", "ssd"));
+        let tz: Vec<_> = c
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .filter(|e| e.name == "TZ")
+            .collect();
+        assert_eq!(tz.len(), 1);
+        assert_eq!(tz[0].value.as_deref(), Some("UTC"));
+        assert!(mounts.iter().any(|m| m.mount_path == "/dev/shm"));
+        assert_eq!(
+            spec.hostname.as_deref(),
+            Some("desk-alice"),
+            "templates are rendered"
+        );
+    }
+
+    #[test]
+    fn names_and_labels_are_valid_and_stable() {
+        assert_eq!(
+            render_template("p-{username}-{user_id}", "bob", "42"),
+            "p-bob-42"
+        );
+        assert_eq!(dns_name("profile-bob"), "profile-bob");
+        let odd = dns_name("Profile_Bob@Example");
+        assert!(
+            odd.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.'),
+            "{odd}"
+        );
+        assert_eq!(odd, dns_name("Profile_Bob@Example"), "stable");
+        let long = "x".repeat(300);
+        assert!(dns_name(&long).len() <= 253);
+        assert!(label_value(&long).len() <= 63);
+        assert_eq!(label_value("alice"), "alice");
+        assert_ne!(profile_key("a"), profile_key("b"));
+        assert_eq!(dns_label("desk-Alice_1"), "desk-alice-1");
+        assert!(dns_label(&long).len() <= 63);
     }
 }

@@ -53,11 +53,15 @@ const PENDING_REPORT_AFTER: Duration = Duration::from_secs(5);
 /// In-memory launch bookkeeping of this replica.
 #[derive(Default)]
 pub struct Launches {
-    /// Sessions whose pod this replica created, with the server, until the pod cache shows it.
-    launched: Mutex<HashMap<String, Option<String>>>,
+    /// Sessions whose pod this replica created, with the server and when, until the pod cache
+    /// shows it.
+    launched: Mutex<HashMap<String, (Option<String>, std::time::Instant)>>,
     /// Per-user and per-pool launch locks.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
+
+/// How long a created pod may take to show up in the cache before the launch is retried.
+const LAUNCH_VISIBLE_WITHIN: Duration = Duration::from_secs(30);
 
 impl Launches {
     fn lock(&self, key: String) -> Arc<tokio::sync::Mutex<()>> {
@@ -68,7 +72,7 @@ impl Launches {
         self.launched
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(session, server);
+            .insert(session, (server, std::time::Instant::now()));
     }
     fn forget(&self, session: &str) {
         self.launched
@@ -76,11 +80,21 @@ impl Launches {
             .unwrap_or_else(|p| p.into_inner())
             .remove(session);
     }
+    /// A pod was created for `session` moments ago and the cache has not caught up yet.
+    fn in_flight(&self, session: &str) -> bool {
+        self.launched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(session)
+            .is_some_and(|(_, at)| at.elapsed() < LAUNCH_VISIBLE_WITHIN)
+    }
     fn snapshot(&self) -> HashMap<String, Option<String>> {
         self.launched
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .iter()
+            .map(|(k, (s, _))| (k.clone(), s.clone()))
+            .collect()
     }
 }
 
@@ -706,7 +720,11 @@ async fn reconcile(
                     &sh.now,
                 ));
             } else {
-                // Launch (or resume after a stop, or re-create a pod lost to eviction).
+                // Launch (or resume after a stop, or re-create a pod lost to eviction) — unless
+                // this replica just created the pod and the cache has not shown it yet.
+                if ctx.launches.in_flight(&key) {
+                    return Ok(Action::requeue(PENDING_REPORT_AFTER.min(requeue)));
+                }
                 let launch = launch(
                     &sh,
                     budget.as_ref(),
@@ -733,6 +751,26 @@ async fn reconcile(
                             sh.patch_status(&s).await?;
                         }
                         return Ok(Action::requeue(PENDING_REPORT_AFTER.min(requeue)));
+                    }
+                    Launched::Failed(r) => {
+                        status.phase = Some(SessionPhase::Failed);
+                        conditions.push(condition(
+                            "Ready",
+                            false,
+                            r.reason,
+                            &r.message,
+                            generation,
+                            &old.conditions,
+                            &sh.now,
+                        ));
+                        if old.conditions.iter().all(|c| c.reason != r.reason) {
+                            events.push((
+                                EventType::Warning,
+                                r.reason,
+                                r.message.clone(),
+                                "Launch",
+                            ));
+                        }
                     }
                     Launched::Refused(r) => {
                         let resuming = old.phase == Some(SessionPhase::Stopped);
@@ -841,6 +879,7 @@ async fn delete_pod(ctx: &Context, ns: &str, p: &Pod) -> Result<(), Error> {
 enum Launched {
     Created,
     Refused(Refusal),
+    Failed(Refusal),
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1169,6 +1208,14 @@ async fn launch(
     match api.create(&PostParams::default(), &pod).await {
         Ok(_) => {}
         Err(kube::Error::Api(s)) if s.code == 409 => {}
+        // The API server will never accept this pod (invalid, or refused by admission such as
+        // Pod Security): the session fails with the server's reason instead of retrying forever.
+        Err(kube::Error::Api(s)) if matches!(s.code, 400 | 403 | 422) => {
+            return Ok(Launched::Failed(Refusal::new(
+                reasons::POD_REJECTED,
+                format!("the API server rejected the session pod: {}", s.message),
+            )));
+        }
         Err(source) => {
             return Err(Error::Child {
                 verb: "create",

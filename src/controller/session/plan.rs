@@ -60,6 +60,8 @@ pub mod reasons {
     pub const CONFIGURATION: &str = "ConfigurationError";
     /// Admitted.
     pub const ADMITTED: &str = "Admitted";
+    /// The API server rejected the session pod (invalid spec or admission).
+    pub const POD_REJECTED: &str = "PodRejected";
 }
 
 /// What the launch checks look at.
