@@ -505,11 +505,15 @@ async fn reconcile(
                 .filter(|p| plan::observe(Some(p), false).ready)
                 .map(|_| now_ts)
         });
-        if next.is_none() {
-            // No keepalive yet: the session's start counts as the first one.
-            next = started;
-        }
+        // The start counts as activity: no keepalive yet, or one older than the start (written
+        // before the session existed, or by a client clock running behind), means the start.
         let created = session.creation_timestamp().map(|t| t.0).unwrap_or(now_ts);
+        if let Some(start) = started.or(next.map(|_| created))
+            && next.is_none_or(|k| k < start)
+        {
+            next = Some(start);
+            source = KeepaliveSource::Start;
+        }
         let stopped = old.phase == Some(SessionPhase::Stopped) && !resuming;
         let policy = crate::expiry::Policy {
             // A stopped session has no client: only the hard limits apply to it.
