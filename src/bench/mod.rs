@@ -23,6 +23,7 @@
 //! a cluster without leftovers.
 
 pub mod cluster;
+pub mod expiry;
 pub mod operator;
 pub mod report;
 pub mod sys;
@@ -595,6 +596,7 @@ impl Bench {
         let wait = Duration::from_secs(120);
         for user in &users {
             for (k, out) in [(1, &mut first), (2, &mut later)] {
+                let errors0 = cluster::apiserver_errors(&self.client).await;
                 let before = op.scrape().await?;
                 let name = format!("{user}-{k}");
                 let created =
@@ -605,7 +607,10 @@ impl Bench {
                 }
                 let s = cluster::wait_running(&self.client, ns, &name, wait).await?;
                 let after = op.settle(self.window, 0.0, self.timeout).await?;
-                out.push(Requests::from_counts(&after.requests_since(&before), 1.0));
+                let errors = delta(&cluster::apiserver_errors(&self.client).await, &errors0);
+                let mut r = Requests::from_counts(&after.requests_since(&before), 1.0);
+                r.refused_creates = refused_creates(&errors);
+                out.push(r);
                 if template.is_none() {
                     template = Some(cluster::capture_template(&self.client, ns, &s).await?);
                 }
@@ -798,7 +803,6 @@ impl Bench {
         };
         let wall = t0.elapsed().as_secs_f64();
         let cpu = self.cpu_since(&cpu0, Some(op.pid));
-        let api_errors = delta(&cluster::apiserver_errors(&self.client).await, &errors0);
         drop(pods);
         drop(sessions);
         let after = op
@@ -809,7 +813,9 @@ impl Bench {
                 before.clone()
             });
         let op_cpu = op.cpu().saturating_sub(op_cpu0).as_secs_f64() * 1000.0;
-        let per_launch = Requests::from_counts(&after.requests_since(&before), n as f64);
+        let api_errors = delta(&cluster::apiserver_errors(&self.client).await, &errors0);
+        let mut per_launch = Requests::from_counts(&after.requests_since(&before), n as f64);
+        per_launch.refused_creates = refused_creates(&api_errors) / n as f64;
         progress(format!(
             "operator burst of {n} ({budget}): {wall:.1} s, {running} of {n} Running"
         ));
@@ -895,6 +901,15 @@ fn mb(kib: u64) -> f64 {
     kib as f64 * 1024.0 / 1e6
 }
 
+/// Creates of the launch's objects answered 409 (the object already existed), from the API
+/// server's error counts of a period in which only the operator created pods and claims.
+fn refused_creates(errors: &BTreeMap<String, f64>) -> f64 {
+    ["POST pods 409", "POST persistentvolumeclaims 409"]
+        .iter()
+        .map(|k| errors.get(*k).copied().unwrap_or_default())
+        .sum()
+}
+
 /// `after - before`, by key, without zeros.
 fn delta(after: &BTreeMap<String, f64>, before: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
     after
@@ -959,6 +974,19 @@ pub fn checks(r: &Report) -> Vec<Check> {
             b.per_launch.launch_writes <= 3.0,
         );
     }
+    let dups = l.first.refused_creates
+        + l.later.refused_creates
+        + r.bursts
+            .iter()
+            .filter(|b| b.compared)
+            .map(|b| b.per_launch.refused_creates)
+            .sum::<f64>();
+    add(
+        "duplicate creates (409) per launch, probes and bursts".into(),
+        num(dups),
+        "0",
+        dups == 0.0,
+    );
     for q in &l.quiet {
         add(
             format!(

@@ -64,6 +64,10 @@ pub struct Requests {
     /// Writes (create, patch, update, delete) of the launch's own objects: profile claims,
     /// pods, sessions and their status. The launch floor: 3, then 2.
     pub launch_writes: f64,
+    /// Of `launch_writes`, the creates the API server refused because the object already
+    /// existed (409): duplicate work. From the API server's own metrics (`POST` of pods and
+    /// claims answered 409 while only the operator creates them).
+    pub refused_creates: f64,
     /// Other writes, Events aside (the User status, ...).
     pub other_writes: f64,
     /// Event writes.
@@ -119,6 +123,7 @@ impl Requests {
         let pick = |f: &dyn Fn(&Requests) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
         Requests {
             launch_writes: pick(&|r| r.launch_writes),
+            refused_creates: pick(&|r| r.refused_creates),
             other_writes: pick(&|r| r.other_writes),
             events: pick(&|r| r.events),
             gets: pick(&|r| r.gets),
@@ -381,7 +386,8 @@ impl Report {
         let _ = writeln!(
             o,
             "API requests per launch (median of {} users). launch: writes of the claim, pod and \
-             session; other: writes of anything else but Events",
+             session; dup: of those, creates refused as already existing (409); other: writes of \
+             anything else but Events",
             l.samples
         );
         let _ = writeln!(
@@ -391,6 +397,7 @@ impl Report {
                 ("", -44),
                 ("launch", 6),
                 ("target", 6),
+                ("dup", 4),
                 ("other", 5),
                 ("events", 6),
                 ("get", 4),
@@ -403,10 +410,11 @@ impl Report {
             let flag = if r.gets > 0.0 { "  ! uncached get" } else { "" };
             let _ = writeln!(
                 o,
-                "  {:<44} {:>6} {:>6} {:>5} {:>6} {:>4} {:>5} {:>5}  {}{}",
+                "  {:<44} {:>6} {:>6} {:>4} {:>5} {:>6} {:>4} {:>5} {:>5}  {}{}",
                 label,
                 num(r.launch_writes),
                 target,
+                num(r.refused_creates),
                 num(r.other_writes),
                 num(r.events),
                 num(r.gets),
