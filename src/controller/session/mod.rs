@@ -33,6 +33,7 @@ use self::build::{
     RESET_BY_ANNOTATION, SERVER_LABEL, ZONE_LABEL,
 };
 use self::plan::{AdmissionInputs, PoolKind, Refusal, ServerCandidate, reasons};
+use super::status::directory;
 use super::stores::{Reflectors, Stores, in_namespace};
 use super::{CONTROLLER_NAME, Context, Error};
 use crate::crd::v1alpha1::{
@@ -216,18 +217,6 @@ fn is_steady(s: &Session) -> bool {
 
 fn session_key(ns: &str, name: &str) -> String {
     format!("{ns}/{name}")
-}
-
-/// The small kinds of one namespace, for the resolution library.
-pub fn directory(stores: &Stores, ns: &str) -> Directory {
-    Directory {
-        namespace: ns.to_string(),
-        groups: in_namespace(&stores.groups, ns),
-        workspaces: in_namespace(&stores.workspaces, ns),
-        pools: in_namespace(&stores.pools, ns),
-        servers: in_namespace(&stores.servers, ns),
-        assignments: in_namespace(&stores.assignments, ns),
-    }
 }
 
 fn node_zone(stores: &Stores, node: &str) -> Option<String> {
