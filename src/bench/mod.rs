@@ -197,6 +197,7 @@ fn progress(msg: impl Display) {
 /// Runs the benchmark and returns its report.
 pub async fn run(args: &BenchArgs) -> Result<Report, BenchError> {
     let started = Instant::now();
+    let load_start = sys::load_average();
     if args.sessions.is_empty() || args.sessions.contains(&0) {
         return Err(BenchError("--sessions needs sizes of at least 1".into()));
     }
@@ -248,7 +249,10 @@ pub async fn run(args: &BenchArgs) -> Result<Report, BenchError> {
         bin,
         components,
     };
-    let result = bench.run(nodes, started).await;
+    let result = bench.run(nodes, started).await.map(|mut r| {
+        r.load_average = [load_start, sys::load_average()];
+        r
+    });
     cluster.stop().await;
     if result.is_ok() && temporary {
         let _ = std::fs::remove_dir_all(&dir);
@@ -570,6 +574,7 @@ impl Bench {
             checks: Vec::new(),
             notes,
             duration_s: 0.0,
+            load_average: Default::default(),
         };
         report.checks = checks(&report);
         report.duration_s = started.elapsed().as_secs_f64();

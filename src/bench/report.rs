@@ -33,6 +33,9 @@ pub struct Report {
     pub notes: Vec<String>,
     /// Wall time of the whole run, seconds.
     pub duration_s: f64,
+    /// `/proc/loadavg` (1, 5 and 15 minutes) when the run started and when it ended: other
+    /// work on the machine shows here.
+    pub load_average: [String; 2],
 }
 
 /// The run's parameters.
@@ -372,6 +375,11 @@ impl Report {
             o,
             "cubicle bench: {} cores, {}, {:.1} GiB RAM, Linux {}; {} build; {:.0} s",
             m.cores, m.cpu_model, m.memory_gib, m.kernel, self.build, self.duration_s
+        );
+        let _ = writeln!(
+            o,
+            "load average at the start: {}; at the end: {}",
+            self.load_average[0], self.load_average[1]
         );
         let _ = writeln!(o, "control plane: {}", self.control_plane);
         let s = &self.settings;

@@ -72,6 +72,13 @@ fn clock_ticks() -> u64 {
     })
 }
 
+/// The 1, 5 and 15-minute load averages of `/proc/loadavg`.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
 /// The machine the benchmark ran on.
 #[derive(Debug, Clone, Serialize)]
 pub struct Machine {
