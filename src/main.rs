@@ -38,6 +38,10 @@ enum Command {
     /// launch and per resync, burst convergence (N sessions at once) against a plain client
     /// creating the same claims and pods, memory and CPU. Prints a table (or JSON).
     Bench(Box<cubicle::bench::BenchArgs>),
+    /// Measure how late session deadlines are enforced: N sessions with a sessionTimeLimit on
+    /// the local control plane, the operator as a child process; prints the lateness of the
+    /// action's start (its log) and of the deletion landing (a watch), p50/p99/max, per N.
+    BenchExpiry(Box<cubicle::bench::expiry::ExpiryArgs>),
     /// Print the CustomResourceDefinitions of the Cubicle API as one multi-document YAML stream,
     /// or write one file per CRD (`<plural>.cubicle.dev.yaml`) into a directory.
     Crds {
@@ -222,6 +226,7 @@ async fn main() -> ExitCode {
         Command::Run(args) => run(*args).await,
         Command::Keepalive { session, namespace } => keepalive(&session, namespace).await,
         Command::Bench(args) => cubicle::bench::main(*args).await,
+        Command::BenchExpiry(args) => cubicle::bench::expiry::main(*args).await,
         Command::Dev(DevCommand::Up {
             dir,
             nodes,

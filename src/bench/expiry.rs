@@ -186,8 +186,8 @@ impl ExpiryReport {
         let mut out = format!(
             "Expiry lateness (sessionTimeLimit, action delete; sessions created over {} s)\n\
              machine: {} cores, {:.1} GiB RAM, {}\n\n\
-             | armed sessions | limit | action start p50 / p99 / max | landed p50 / p99 / max | early | runs |\n\
-             |---:|---:|---:|---:|---:|---:|\n",
+             | armed sessions | deadline instants | limit | action start p50 / p99 / max | landed p50 / p99 / max | early | runs |\n\
+             |---:|---:|---:|---:|---:|---:|---:|\n",
             num(self.spread_s),
             m.cores,
             m.memory_gib,
@@ -196,9 +196,10 @@ impl ExpiryReport {
         for r in &self.rows {
             let ms = |s: &Stats| format!("{:.1} / {:.1} / {:.1} ms", s.p50, s.p99, s.max);
             out.push_str(&format!(
-                "| {} of {} | {} s | {} | {} | {} | {} |\n",
+                "| {} of {} | {} | {} s | {} | {} | {} | {} |\n",
                 r.armed,
                 r.sessions,
+                r.runs.first().map_or(0, |x| x.deadlines),
                 num(r.limit_s),
                 ms(&r.action_start_ms),
                 ms(&r.landed_ms),
