@@ -418,6 +418,7 @@ impl Bench {
             what: "idle (no sessions)".into(),
             sessions: 0,
             rss_mb: mb(probe.idle.rss_kib),
+            anon_mb: mb(probe.idle.anon_kib),
             peak_mb: mb(probe.idle.hwm_kib),
             target_mb: Some(memory_target_mb(0)),
             cache: BTreeMap::new(),
@@ -448,6 +449,7 @@ impl Bench {
                         what: format!("idle, {n} users, no sessions"),
                         sessions: 0,
                         rss_mb: mb(f.idle.rss_kib),
+                        anon_mb: mb(f.idle.anon_kib),
                         peak_mb: mb(f.idle.hwm_kib),
                         target_mb: Some(memory_target_mb(0)),
                         cache: BTreeMap::new(),
@@ -456,6 +458,7 @@ impl Bench {
                         what: "steady after the burst (peak: the burst)".into(),
                         sessions: n,
                         rss_mb: mb(f.steady.rss_kib),
+                        anon_mb: mb(f.steady.anon_kib),
                         peak_mb: mb(f.steady.hwm_kib),
                         target_mb: Some(memory_target_mb(n)),
                         cache: f.cache.clone(),
@@ -465,6 +468,7 @@ impl Bench {
                             what: "forced relist: restarted, re-listed, reconciled".into(),
                             sessions: n,
                             rss_mb: mb(m.rss_kib),
+                            anon_mb: mb(m.anon_kib),
                             peak_mb: mb(m.hwm_kib),
                             target_mb: Some(2.0 * mb(f.steady.rss_kib)),
                             cache: BTreeMap::new(),
@@ -847,8 +851,8 @@ impl Bench {
             Some(Footprint {
                 idle,
                 steady: Memory {
-                    rss_kib: steady_rss.rss_kib,
                     hwm_kib: steady.hwm_kib.max(steady_rss.hwm_kib),
+                    ..steady_rss
                 },
                 cache,
                 quiet,

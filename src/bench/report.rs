@@ -273,6 +273,8 @@ pub struct MemoryRow {
     pub sessions: usize,
     /// `VmRSS`, MB (10^6 bytes).
     pub rss_mb: f64,
+    /// Of `rss_mb`, the anonymous memory (`RssAnon`: heap and stacks), MB.
+    pub anon_mb: f64,
     /// `VmHWM` (peak since the process started), MB.
     pub peak_mb: f64,
     /// The target this row is held to, MB (RSS for steady rows, peak for relist rows).
@@ -552,6 +554,7 @@ impl Report {
                 ("", -48),
                 ("sessions", 8),
                 ("RSS MB", 7),
+                ("anon MB", 8),
                 ("peak MB", 8),
                 ("target MB", 10),
             ])
@@ -559,10 +562,11 @@ impl Report {
         for r in &self.memory {
             let _ = writeln!(
                 o,
-                "  {:<48} {:>8} {:>7.1} {:>8.1} {:>10}",
+                "  {:<48} {:>8} {:>7.1} {:>8.1} {:>8.1} {:>10}",
                 r.what,
                 r.sessions,
                 r.rss_mb,
+                r.anon_mb,
                 r.peak_mb,
                 r.target_mb.map(|t| format!("{t:.1}")).unwrap_or("-".into())
             );

@@ -12,6 +12,9 @@ pub struct Memory {
     pub rss_kib: u64,
     /// Peak resident set size since the process started (`VmHWM`), KiB.
     pub hwm_kib: u64,
+    /// Of `VmRSS`, the anonymous part (`RssAnon`: heap and stacks), KiB; the rest is mostly
+    /// the binary's own pages.
+    pub anon_kib: u64,
 }
 
 impl Memory {
@@ -31,6 +34,7 @@ pub fn memory(pid: u32) -> Option<Memory> {
     Some(Memory {
         rss_kib: status_field(&text, "VmRSS:")?,
         hwm_kib: status_field(&text, "VmHWM:")?,
+        anon_kib: status_field(&text, "RssAnon:").unwrap_or_default(),
     })
 }
 
@@ -135,7 +139,7 @@ mod tests {
     fn this_process_has_memory_and_cpu() {
         let me = std::process::id();
         let m = memory(me).expect("own /proc status");
-        assert!(m.rss_kib > 0 && m.hwm_kib >= m.rss_kib);
+        assert!(m.rss_kib > 0 && m.hwm_kib >= m.rss_kib && m.anon_kib <= m.rss_kib);
         assert!(cpu_time(me).is_some());
         assert!(Machine::detect().cores >= 1);
     }
