@@ -572,6 +572,27 @@ async fn reconcile(
         }
     }
     let mut events: Vec<(EventType, &'static str, String, &'static str)> = Vec::new();
+    // A refusal: a False condition of `type_` with the reason, and a Warning event the first
+    // time this reason appears (events on transitions only).
+    let refuse =
+        |type_: &str,
+         r: &Refusal,
+         action: &'static str,
+         conditions: &mut Vec<Condition>,
+         events: &mut Vec<(EventType, &'static str, String, &'static str)>| {
+            conditions.push(condition(
+                type_,
+                false,
+                r.reason,
+                &r.message,
+                generation,
+                &old.conditions,
+                &sh.now,
+            ));
+            if old.conditions.iter().all(|c| c.reason != r.reason) {
+                events.push((EventType::Warning, r.reason, r.message.clone(), action));
+            }
+        };
 
     let admitted_before = pod.is_some()
         || matches!(
@@ -747,56 +768,15 @@ async fn reconcile(
                     }
                     Launched::Failed(r) => {
                         status.phase = Some(SessionPhase::Failed);
-                        conditions.push(condition(
-                            "Ready",
-                            false,
-                            r.reason,
-                            &r.message,
-                            generation,
-                            &old.conditions,
-                            &sh.now,
-                        ));
-                        if old.conditions.iter().all(|c| c.reason != r.reason) {
-                            events.push((
-                                EventType::Warning,
-                                r.reason,
-                                r.message.clone(),
-                                "Launch",
-                            ));
-                        }
+                        refuse("Ready", &r, "Launch", &mut conditions, &mut events);
                     }
                     Launched::Refused(r) => {
-                        let resuming = old.phase == Some(SessionPhase::Stopped);
-                        if resuming {
+                        if old.phase == Some(SessionPhase::Stopped) {
                             // A stopped session that cannot resume stays stopped and says why.
-                            conditions.push(condition(
-                                "Resumed",
-                                false,
-                                r.reason,
-                                &r.message,
-                                generation,
-                                &old.conditions,
-                                &sh.now,
-                            ));
+                            refuse("Resumed", &r, "Resume", &mut conditions, &mut events);
                         } else {
                             status.phase = Some(SessionPhase::Refused);
-                            conditions.push(condition(
-                                "Admitted",
-                                false,
-                                r.reason,
-                                &r.message,
-                                generation,
-                                &old.conditions,
-                                &sh.now,
-                            ));
-                        }
-                        if old.conditions.iter().all(|c| c.reason != r.reason) {
-                            events.push((
-                                EventType::Warning,
-                                r.reason,
-                                r.message.clone(),
-                                if resuming { "Resume" } else { "Launch" },
-                            ));
+                            refuse("Admitted", &r, "Launch", &mut conditions, &mut events);
                         }
                     }
                 }
@@ -804,23 +784,13 @@ async fn reconcile(
         }
     }
     if let Some(r) = &state_refusal {
-        conditions.push(condition(
+        refuse(
             "StateChange",
-            false,
-            r.reason,
-            &r.message,
-            generation,
-            &old.conditions,
-            &sh.now,
-        ));
-        if old.conditions.iter().all(|c| c.reason != r.reason) {
-            events.push((
-                EventType::Warning,
-                r.reason,
-                r.message.clone(),
-                "ChangeState",
-            ));
-        }
+            r,
+            "ChangeState",
+            &mut conditions,
+            &mut events,
+        );
     }
     if !conditions.is_empty() || status.phase != old.phase {
         // Keep conditions this pass did not compute only if they still apply.
