@@ -147,7 +147,8 @@ pub struct BenchArgs {
     /// Length of each quiet period (idle CPU, steady-state writes), seconds.
     #[arg(long, default_value_t = 10.0)]
     pub quiet: f64,
-    /// The CI variant: one probe, 2 s quiet periods, shorter settling. Counts stay exact.
+    /// The CI variant: one probe, 2 s quiet periods (none after the probes), shorter settling.
+    /// Counts stay exact.
     #[arg(long)]
     pub quick: bool,
     /// Give up on a burst after this many seconds.
