@@ -97,6 +97,8 @@ pub struct Context {
     pub backoff: Backoff,
     /// The Session controller's in-memory launch bookkeeping.
     pub launches: session::Launches,
+    /// Expiry actions in flight.
+    pub expiries: session::expiry::Actions,
 }
 
 impl Context {
@@ -120,6 +122,7 @@ impl Context {
             config,
             backoff: Backoff::default(),
             launches: session::Launches::default(),
+            expiries: session::expiry::Actions::default(),
         }
     }
 

@@ -12,8 +12,11 @@
 //!   `cubicle.dev/usage-accounting` finalizer: before it disappears, its running time is closed
 //!   into the ledger (idempotently, by uid), and only then is the finalizer removed.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use futures::channel::mpsc;
 
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
@@ -387,6 +390,69 @@ pub async fn remove_finalizer(ctx: &Context, ns: &str, s: &Session) -> Result<()
     }
 }
 
+/// Expiry actions in flight in this replica.
+///
+/// A due session's action (delete, or `spec.state` Stopped/Paused) is decided in the reconcile
+/// and its API calls run in a task of their own, so deadlines that fall on the same instant do
+/// not queue behind each other in the controller's reconcile slots (each action would hold a
+/// slot for a whole API round trip). A failed action is retried through [`Actions::retries`].
+pub struct Actions {
+    in_flight: Mutex<HashSet<String>>,
+    retry_tx: mpsc::UnboundedSender<ObjectRef<Session>>,
+    retry_rx: Mutex<Option<mpsc::UnboundedReceiver<ObjectRef<Session>>>>,
+}
+
+impl Default for Actions {
+    fn default() -> Self {
+        let (retry_tx, retry_rx) = mpsc::unbounded();
+        Self {
+            in_flight: Mutex::new(HashSet::new()),
+            retry_tx,
+            retry_rx: Mutex::new(Some(retry_rx)),
+        }
+    }
+}
+
+impl Actions {
+    /// Marks `key`'s action as started; false when one is already in flight.
+    pub fn begin(&self, key: &str) -> bool {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.to_string())
+    }
+
+    /// Marks `key`'s action as finished.
+    pub fn end(&self, key: &str) {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+
+    /// Whether an action of `key` is in flight.
+    pub fn in_flight(&self, key: &str) -> bool {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(key)
+    }
+
+    /// Asks for another reconcile of `obj` (after a failed action).
+    pub fn retry(&self, obj: ObjectRef<Session>) {
+        let _ = self.retry_tx.unbounded_send(obj);
+    }
+
+    /// The stream of retries, for the controller (taken once).
+    pub fn retries(&self) -> mpsc::UnboundedReceiver<ObjectRef<Session>> {
+        self.retry_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or_else(|| mpsc::unbounded().1)
+    }
+}
+
 /// Time until `at` from `now`, at least 1 ms (a timer never fires early: the reconcile checks
 /// `now >= at` again when it wakes).
 pub fn until(at: Timestamp, now: Timestamp) -> Duration {
@@ -430,4 +496,44 @@ pub fn budget_peers(stores: &Stores, ns: &str, s: &Session) -> Vec<Arc<Session>>
         .into_iter()
         .filter(|o| o.spec.user == s.spec.user || groups.contains(&o.spec.user))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+
+    #[tokio::test]
+    async fn an_action_runs_once_at_a_time_and_retries_reach_the_controller() {
+        let a = Actions::default();
+        assert!(a.begin("ns/s1"));
+        assert!(
+            !a.begin("ns/s1"),
+            "a second action of the same session waits"
+        );
+        assert!(a.begin("ns/s2"), "other sessions are independent");
+        assert!(a.in_flight("ns/s1"));
+        a.end("ns/s1");
+        assert!(!a.in_flight("ns/s1"));
+        assert!(a.begin("ns/s1"));
+
+        let mut retries = a.retries();
+        a.retry(ObjectRef::new("s1").within("ns"));
+        let got = retries.next().await.expect("a retry");
+        assert_eq!(got, ObjectRef::new("s1").within("ns"));
+        // The stream is handed out once; a second taker gets an empty, closed stream.
+        assert!(a.retries().next().await.is_none());
+    }
+
+    #[test]
+    fn a_timer_never_fires_before_its_deadline() {
+        let now = Timestamp::from_second(1_000).unwrap();
+        assert_eq!(until(now, now), Duration::from_millis(1));
+        assert_eq!(
+            until(Timestamp::from_second(999).unwrap(), now),
+            Duration::from_millis(1)
+        );
+        let at = Timestamp::from_nanosecond(1_000_000_000_000 + 2_500_000).unwrap();
+        assert_eq!(until(at, now), Duration::from_micros(2_500));
+    }
 }

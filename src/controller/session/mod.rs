@@ -48,8 +48,37 @@ pub const FIELD_MANAGER: &str = "cubicle";
 /// permission check (allowKasmStop/allowKasmPause) applies to users, not to the expiry.
 pub const STATE_SET_BY_ANNOTATION: &str = "cubicle.dev/state-set-by";
 const KIND: &str = "Session";
-/// How long a launched pod may stay pending before the status says so.
+/// How long a pending pod may be held up by a problem (unschedulable, image pull error...)
+/// before the status says so.
 const PENDING_REPORT_AFTER: Duration = Duration::from_secs(5);
+/// How long a pod may take to start without a problem (volumes provisioning, a large image
+/// pulling) before the status reports the slow start.
+const SLOW_START_REPORT_AFTER: Duration = Duration::from_secs(300);
+
+/// The `PodPending` message to write for a pending pod, if one is due: a problem once it has
+/// lasted [`PENDING_REPORT_AFTER`], a slow start after [`SLOW_START_REPORT_AFTER`]. A problem
+/// already reported with the same reason keeps its message, so a scheduler retrying with new
+/// node counts does not rewrite the status each time.
+fn pending_report(problem: Option<&str>, age_secs: f64, old: &[Condition]) -> Option<String> {
+    let reported = old
+        .iter()
+        .find(|c| c.type_ == "Ready" && c.status == "False" && c.reason == "PodPending");
+    match problem {
+        Some(p) if age_secs >= PENDING_REPORT_AFTER.as_secs_f64() => {
+            let reason = |m: &str| m.split(':').next().unwrap_or_default().to_string();
+            match reported {
+                Some(c) if reason(&c.message) == reason(p) => Some(c.message.clone()),
+                _ => Some(p.to_string()),
+            }
+        }
+        _ if age_secs >= SLOW_START_REPORT_AFTER.as_secs_f64() => Some(
+            reported
+                .map(|c| c.message.clone())
+                .unwrap_or_else(|| "the session pod is still starting".into()),
+        ),
+        _ => None,
+    }
+}
 
 /// In-memory launch bookkeeping of this replica.
 #[derive(Default)]
@@ -178,6 +207,7 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
         .watches_shared_stream(r.claims.subscribe(), claims)
         .reconcile_on(freed)
         .reconcile_on(lost_pods)
+        .reconcile_on(ctx.expiries.retries())
         .with_config(Config::default().concurrency(concurrency))
         .run(
             move |s, ctx| reconcile(s, ctx, resync),
@@ -544,7 +574,7 @@ async fn reconcile(
             }
         };
         if crate::expiry::is_due(&d, now_ts) && !noop && !resuming {
-            return enforce(&sh, &d, now_ts).await;
+            return enforce(&ctx, &session, &ns, &name, &d, now_ts);
         }
         if let Some(k) = next {
             status.last_keepalive = Some(Keepalive {
@@ -669,27 +699,35 @@ async fn reconcile(
                         .creation_timestamp()
                         .map(|t| sh.now.0.duration_since(t.0).as_secs_f64())
                         .unwrap_or_default();
-                    if age < PENDING_REPORT_AFTER.as_secs_f64() && state_refusal.is_none() {
-                        // Not worth a status write yet: the pod usually starts within seconds.
+                    let report = pending_report(obs.problem.as_deref(), age, &old.conditions);
+                    let reported_before = old.conditions.iter().any(|c| {
+                        c.type_ == "Ready" && c.status == "False" && c.reason == "PodPending"
+                    });
+                    if report.is_none() && !reported_before && state_refusal.is_none() {
+                        // Not worth a status write: the pod is on its way (the floor writes
+                        // nothing while a pod starts either). Look again when the pod changes,
+                        // and when a slow start becomes worth reporting.
                         for (t, reason, note, action) in events {
                             sh.event(t, reason, note, action).await;
                         }
-                        let left = PENDING_REPORT_AFTER.as_secs_f64() - age;
+                        let left = if obs.problem.is_some() {
+                            PENDING_REPORT_AFTER.as_secs_f64() - age
+                        } else {
+                            SLOW_START_REPORT_AFTER.as_secs_f64() - age
+                        };
                         let wait = Duration::from_secs_f64(left.max(0.1)).min(requeue);
                         return Ok(Action::requeue(wait));
-                    } else {
-                        conditions.push(condition(
-                            "Ready",
-                            false,
-                            "PodPending",
-                            obs.message
-                                .as_deref()
-                                .unwrap_or("waiting for the session pod to start"),
-                            generation,
-                            &old.conditions,
-                            &sh.now,
-                        ));
                     }
+                    conditions.push(condition(
+                        "Ready",
+                        false,
+                        "PodPending",
+                        // A problem reported before and now gone: say the pod is on its way.
+                        &report.unwrap_or_else(|| "waiting for the session pod to start".into()),
+                        generation,
+                        &old.conditions,
+                        &sh.now,
+                    ));
                 }
                 if obs.phase == SessionPhase::Failed {
                     conditions.push(condition(
@@ -1298,12 +1336,25 @@ pub const NAME: &str = CONTROLLER_NAME;
 /// Carries out a due expiry: delete the session, or stop/pause it through `spec.state` (marked
 /// as set by the expiry, so the users' stop/pause permissions do not apply). Records how late
 /// the action started.
-async fn enforce(
-    sh: &Shell<'_>,
+///
+/// The decision is made here, in the reconcile; the API calls run in a task of their own (see
+/// [`expiry::Actions`]), so a reconcile slot is never held for a round trip and deadlines that
+/// share an instant start together. A failed call is logged and the session reconciled again
+/// after a short wait (it is still due, so the action is retried); a crash in between is
+/// covered the same way by the next reconcile after a restart.
+fn enforce(
+    ctx: &Arc<Context>,
+    session: &Arc<Session>,
+    ns: &str,
+    name: &str,
     d: &crate::expiry::Deadline,
     now: jiff::Timestamp,
 ) -> Result<Action, Error> {
-    let ctx = sh.ctx;
+    let key = session_key(ns, name);
+    if !ctx.expiries.begin(&key) {
+        // This replica is already carrying it out; look again once it is done.
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
     let late = now.duration_since(d.at).as_secs_f64().max(0.0);
     let action = match d.action {
         KeepaliveExpirationAction::Delete => "delete",
@@ -1314,56 +1365,122 @@ async fn enforce(
         .expiry_lateness
         .get_or_create(&crate::metrics::ActionLabel { action })
         .observe(late);
-    let api: Api<Session> = Api::namespaced(ctx.client.clone(), &sh.ns);
     let rule = format!("{:?}", d.rule);
     let note = format!(
         "{rule} deadline {} reached ({:.3} s late): {action}",
         d.at, late
     );
-    info!(session = %session_key(&sh.ns, &sh.name), rule = %rule, action, late_seconds = late, "session expired");
-    match d.action {
-        KeepaliveExpirationAction::Delete => {
-            let dp = DeleteParams {
-                preconditions: Some(Preconditions {
-                    uid: sh.session.uid(),
-                    resource_version: None,
-                }),
-                ..Default::default()
-            };
-            sh.event(EventType::Normal, "Expired", note, "Expire").await;
-            match api.delete(&sh.name, &dp).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
-                Err(source) => {
-                    return Err(Error::Child {
-                        verb: "delete",
-                        kind: KIND,
-                        name: sh.name.clone(),
-                        source,
+    info!(session = %key, rule = %rule, action, late_seconds = late, "session expired");
+    let ctx = ctx.clone();
+    let session = session.clone();
+    let (ns, name, kind) = (ns.to_string(), name.to_string(), d.action);
+    tokio::spawn(async move {
+        let api: Api<Session> = Api::namespaced(ctx.client.clone(), &ns);
+        let reference = session.object_ref(&());
+        let event = Event {
+            type_: EventType::Normal,
+            reason: "Expired".into(),
+            note: Some(note),
+            action: "Expire".into(),
+            secondary: None,
+        };
+        let publish = async {
+            if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+                debug!(error = %e, "event not recorded");
+            }
+        };
+        let call = async {
+            match kind {
+                KeepaliveExpirationAction::Delete => {
+                    let dp = DeleteParams {
+                        preconditions: Some(Preconditions {
+                            uid: session.uid(),
+                            resource_version: None,
+                        }),
+                        ..Default::default()
+                    };
+                    match api.delete(&name, &dp).await {
+                        Ok(_) => Ok(()),
+                        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
+                        Err(e) => Err(("delete", e)),
+                    }
+                }
+                KeepaliveExpirationAction::Stop | KeepaliveExpirationAction::Pause => {
+                    let state = if kind == KeepaliveExpirationAction::Stop {
+                        "Stopped"
+                    } else {
+                        "Paused"
+                    };
+                    let patch = json!({
+                        "metadata": {"annotations": {STATE_SET_BY_ANNOTATION: "expiry"}},
+                        "spec": {"state": state},
                     });
+                    api.patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| ("patch", e))
                 }
             }
-        }
-        KeepaliveExpirationAction::Stop | KeepaliveExpirationAction::Pause => {
-            let state = if d.action == KeepaliveExpirationAction::Stop {
-                "Stopped"
-            } else {
-                "Paused"
+        };
+        // The event and the action go out together: neither waits for the other.
+        let (result, ()) = futures::join!(call, publish);
+        ctx.expiries.end(&key);
+        if let Err((verb, source)) = result {
+            let err = Error::Child {
+                verb,
+                kind: KIND,
+                name: name.clone(),
+                source,
             };
-            let patch = json!({
-                "metadata": {"annotations": {STATE_SET_BY_ANNOTATION: "expiry"}},
-                "spec": {"state": state},
-            });
-            api.patch(&sh.name, &PatchParams::default(), &Patch::Merge(patch))
-                .await
-                .map_err(|source| Error::Child {
-                    verb: "patch",
-                    kind: KIND,
-                    name: sh.name.clone(),
-                    source,
-                })?;
-            sh.event(EventType::Normal, "Expired", note, "Expire").await;
+            let wait = ctx.backoff.failed(&key);
+            tracing::warn!(session = %key, error = %err, retry_in = ?wait, "expiry action failed");
+            tokio::time::sleep(wait).await;
+            ctx.expiries.retry(ObjectRef::from_obj(session.as_ref()));
+        }
+    });
+    Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(message: &str) -> Condition {
+        Condition {
+            type_: "Ready".into(),
+            status: "False".into(),
+            reason: "PodPending".into(),
+            message: message.into(),
+            observed_generation: None,
+            last_transition_time: Time(jiff::Timestamp::UNIX_EPOCH),
         }
     }
-    Ok(Action::await_change())
+
+    #[test]
+    fn a_starting_pod_is_reported_only_when_held_up_or_slow() {
+        // On its way: nothing to write, however many seconds (short of a slow start).
+        assert_eq!(pending_report(None, 0.0, &[]), None);
+        assert_eq!(pending_report(None, 299.0, &[]), None);
+        assert_eq!(
+            pending_report(None, 300.0, &[]).as_deref(),
+            Some("the session pod is still starting")
+        );
+        // A problem: reported once it has lasted PENDING_REPORT_AFTER, not before.
+        let p = "Unschedulable: 0/3 nodes are available";
+        assert_eq!(pending_report(Some(p), 4.9, &[]), None);
+        assert_eq!(pending_report(Some(p), 5.0, &[]).as_deref(), Some(p));
+    }
+
+    #[test]
+    fn a_reported_problem_keeps_its_message_until_its_reason_changes() {
+        let old = [pending("Unschedulable: 0/3 nodes are available")];
+        assert_eq!(
+            pending_report(Some("Unschedulable: 0/4 nodes are available"), 60.0, &old).as_deref(),
+            Some("Unschedulable: 0/3 nodes are available")
+        );
+        assert_eq!(
+            pending_report(Some("ErrImagePull: not found"), 60.0, &old).as_deref(),
+            Some("ErrImagePull: not found")
+        );
+    }
 }

@@ -365,6 +365,44 @@ pub struct Observed {
     pub ready: bool,
     /// Why not ready, when known (scheduler or container message).
     pub message: Option<String>,
+    /// What holds a pending pod up, when it needs attention (the scheduler cannot place it, an
+    /// image cannot be pulled, a container cannot be created): `Reason: message`. None while it
+    /// is merely on its way (scheduled, volumes being provisioned, image being pulled).
+    pub problem: Option<String>,
+}
+
+/// Container waiting reasons that are part of a normal start.
+const STARTING: &[&str] = &["ContainerCreating", "PodInitializing"];
+
+/// What holds a pending pod up, if anything needs attention (see [`Observed::problem`]).
+pub fn pending_problem(pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    let unscheduled = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False");
+    if let Some(c) = unscheduled {
+        let reason = c.reason.as_deref().unwrap_or("Unschedulable");
+        return Some(match c.message.as_deref() {
+            Some(m) if !m.is_empty() => format!("{reason}: {m}"),
+            _ => reason.to_string(),
+        });
+    }
+    status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .chain(status.container_statuses.iter().flatten())
+        .filter_map(|c| c.state.as_ref()?.waiting.as_ref())
+        .find(|w| w.reason.as_deref().is_some_and(|r| !STARTING.contains(&r)))
+        .map(|w| {
+            let reason = w.reason.clone().unwrap_or_default();
+            match w.message.as_deref() {
+                Some(m) if !m.is_empty() => format!("{reason}: {m}"),
+                _ => reason,
+            }
+        })
 }
 
 /// The session's phase from its pod (when it should be running or paused).
@@ -375,6 +413,7 @@ pub fn observe(pod: Option<&Pod>, paused: bool) -> Observed {
             node: None,
             ready: false,
             message: None,
+            problem: None,
         };
     };
     let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
@@ -396,11 +435,17 @@ pub fn observe(pod: Option<&Pod>, paused: bool) -> Observed {
         "Running" if ready => SessionPhase::Running,
         _ => SessionPhase::Pending,
     };
+    let problem = if phase == SessionPhase::Pending {
+        pending_problem(pod)
+    } else {
+        None
+    };
     Observed {
         phase,
         node,
         ready,
         message,
+        problem,
     }
 }
 
@@ -600,5 +645,62 @@ mod tests {
         assert!(check_state_change(DesiredState::Paused, true, false, false).is_err());
         assert!(check_state_change(DesiredState::Paused, false, false, true).is_ok());
         assert!(check_state_change(DesiredState::Running, false, false, false).is_ok());
+    }
+
+    fn pending_pod(status: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p"},
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_pod_on_its_way_has_no_problem() {
+        let creating = pending_pod(serde_json::json!({
+            "phase": "Pending",
+            "conditions": [{"type": "PodScheduled", "status": "True"}],
+            "containerStatuses": [{"name": "session", "image": "i", "imageID": "", "ready": false,
+                "restartCount": 0, "state": {"waiting": {"reason": "ContainerCreating"}}}],
+        }));
+        assert_eq!(pending_problem(&creating), None);
+        assert_eq!(observe(Some(&creating), false).problem, None);
+        // Not yet looked at by the scheduler (or waiting for its volumes): no condition at all.
+        assert_eq!(
+            pending_problem(&pending_pod(serde_json::json!({"phase": "Pending"}))),
+            None
+        );
+    }
+
+    #[test]
+    fn unschedulable_and_image_errors_are_problems() {
+        let unschedulable = pending_pod(serde_json::json!({
+            "phase": "Pending",
+            "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                "message": "0/3 nodes are available: 3 Insufficient memory."}],
+        }));
+        assert_eq!(
+            pending_problem(&unschedulable).as_deref(),
+            Some("Unschedulable: 0/3 nodes are available: 3 Insufficient memory.")
+        );
+        let pull = pending_pod(serde_json::json!({
+            "phase": "Pending",
+            "conditions": [{"type": "PodScheduled", "status": "True"}],
+            "initContainerStatuses": [{"name": "init", "image": "i", "imageID": "", "ready": false,
+                "restartCount": 0, "state": {"waiting": {"reason": "PodInitializing"}}}],
+            "containerStatuses": [{"name": "session", "image": "i", "imageID": "", "ready": false,
+                "restartCount": 0, "state": {"waiting": {"reason": "ImagePullBackOff",
+                "message": "Back-off pulling image"}}}],
+        }));
+        assert_eq!(
+            observe(Some(&pull), false).problem.as_deref(),
+            Some("ImagePullBackOff: Back-off pulling image")
+        );
+        // A running pod has no pending problem, whatever its containers say.
+        let running = pending_pod(serde_json::json!({
+            "phase": "Running",
+            "conditions": [{"type": "Ready", "status": "True"}],
+        }));
+        assert_eq!(observe(Some(&running), false).problem, None);
     }
 }
