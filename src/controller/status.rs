@@ -149,6 +149,31 @@ pub fn comparable<S: Serialize>(status: &S) -> Value {
     v
 }
 
+/// Feeds `v` to `h` canonically: object keys in sorted order whatever the map's own order, so
+/// equal values hash equally.
+pub fn hash_value(v: &Value, h: &mut impl std::hash::Hasher) {
+    use std::hash::Hash;
+    match v {
+        Value::Null => 0u8.hash(h),
+        Value::Bool(b) => (1u8, b).hash(h),
+        Value::Number(n) => (2u8, n.to_string()).hash(h),
+        Value::String(s) => (3u8, s).hash(h),
+        Value::Array(a) => {
+            (4u8, a.len()).hash(h);
+            a.iter().for_each(|x| hash_value(x, h));
+        }
+        Value::Object(m) => {
+            (5u8, m.len()).hash(h);
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            for k in keys {
+                k.hash(h);
+                hash_value(&m[k], h);
+            }
+        }
+    }
+}
+
 /// Applies `status` (with server-side apply, as `manager`, forced) to the status subresource of
 /// `name`. The body carries only the fields the caller owns.
 pub async fn apply<K>(

@@ -3,17 +3,40 @@
 //!
 //! Children (pods, profile claims) are watched through a label selector, so the operator caches
 //! only what it manages; Nodes are watched as metadata only (the zone label is all we read).
-//! `managedFields` are stripped before caching.
+//!
+//! Every object is trimmed before it is cached (the watch stream's `modify` step, ahead of the
+//! reflector), so the caches hold what the operator reads and nothing else:
+//!
+//! - every kind loses `managedFields` and kubectl's `last-applied-configuration` annotation;
+//! - Pods keep their identity, labels, owner references, deletion and creation times, the
+//!   launch record annotation, `spec.nodeName`, and of their status the phase, the message and
+//!   the conditions that tell readiness or why not ([`trim_pod`]);
+//! - profile claims keep their identity, labels, Cubicle's own annotations and
+//!   `spec.volumeName` ([`trim_claim`]);
+//! - PersistentVolumes are cached only while bound (`spec.claimRef`) to a claim in the
+//!   operator's scope, as their claim reference and zone ([`trim_volume`]);
+//! - Nodes keep their labels ([`trim_node`]);
+//! - Users lose `status.effectiveSettings`, which only the User status controller reads, and
+//!   only to compare it with the status it computes: a digest of the whole status (as that
+//!   controller compares it) is kept instead, in the cache-only annotation
+//!   [`STATUS_DIGEST_ANNOTATION`] ([`trim_user`]). Cached objects are never written back to the
+//!   API server: every write builds its own body.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures::channel::mpsc;
 use futures::{StreamExt, future};
-use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{
+    Node, NodeSelector, NodeSelectorTerm, ObjectReference, PersistentVolume, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PersistentVolumeSpec, Pod, PodCondition, PodSpec, PodStatus,
+    VolumeNodeAffinity,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::PartialObjectMeta;
 use kube::runtime::reflector::{self, ReflectHandle, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::task::JoinHandle;
 use tracing::warn;
@@ -24,6 +47,15 @@ use crate::crd::v1alpha1::{Group, Server, ServerAssignment, ServerPool, Session,
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// Its value.
 pub const MANAGED_BY: &str = "cubicle";
+
+/// Annotation that exists only on cached Users (never on the API server, never written): the
+/// digest of the User's status as the User status controller compares it
+/// ([`super::user::status_digest`]), taken before `status.effectiveSettings` is dropped from the
+/// cache.
+pub const STATUS_DIGEST_ANNOTATION: &str = "cubicle.dev/status-digest";
+
+/// kubectl's copy of the last applied object (as big as the object): never read.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 /// Buffer of each shared stream (events a slow subscriber may lag behind).
 const BUFFER: usize = 1024;
@@ -198,49 +230,72 @@ impl Reflectors {
         let (_, node_writer) = self.nodes;
         let (_, volume_writer) = self.volumes;
         let volumes_api: Api<PersistentVolume> = Api::all(c.clone());
+        let scope = s.clone();
+        // A volume not bound in scope is never cached: its listing is skipped, and a change
+        // that unbinds it (or the first sight of it) removes it from the store. The store is
+        // read by name only, so a removal of what it never held is harmless.
         let volume_task = tokio::spawn(
             watcher(volumes_api, all.clone())
                 .default_backoff()
-                .modify(|v| v.managed_fields_mut().clear())
+                .filter_map(move |ev| {
+                    future::ready(match ev {
+                        Ok(watcher::Event::InitApply(v)) if !bound_in(&scope, &v) => None,
+                        Ok(watcher::Event::Apply(v)) if !bound_in(&scope, &v) => {
+                            Some(Ok(watcher::Event::Delete(v)))
+                        }
+                        other => Some(other),
+                    })
+                })
+                .modify(trim_volume)
                 .reflect(volume_writer)
                 .for_each(log_errors::<PersistentVolume>("PersistentVolume")),
         );
         let node_task = tokio::spawn(
             watcher(nodes_api, all.clone())
                 .default_backoff()
-                .modify(|n| n.managed_fields_mut().clear())
+                .modify(trim_node)
                 .reflect(node_writer)
                 .for_each(log_errors::<PartialObjectMeta<Node>>("Node")),
         );
         vec![
-            drive(s.api::<User>(c), all.clone(), self.users, "User"),
-            drive(s.api::<Group>(c), all.clone(), self.groups, "Group"),
+            drive(s.api::<User>(c), all.clone(), self.users, "User", trim_user),
+            drive(s.api::<Group>(c), all.clone(), self.groups, "Group", trim),
             drive(
                 s.api::<Workspace>(c),
                 all.clone(),
                 self.workspaces,
                 "Workspace",
+                trim,
             ),
             drive(
                 s.api::<ServerPool>(c),
                 all.clone(),
                 self.pools,
                 "ServerPool",
+                trim,
             ),
-            drive(s.api::<Server>(c), all.clone(), self.servers, "Server"),
+            drive(
+                s.api::<Server>(c),
+                all.clone(),
+                self.servers,
+                "Server",
+                trim,
+            ),
             drive(
                 s.api::<ServerAssignment>(c),
                 all.clone(),
                 self.assignments,
                 "ServerAssignment",
+                trim,
             ),
-            drive(s.api::<Session>(c), all, self.sessions, "Session"),
-            drive(s.api::<Pod>(c), managed.clone(), self.pods, "Pod"),
+            drive(s.api::<Session>(c), all, self.sessions, "Session", trim),
+            drive(s.api::<Pod>(c), managed.clone(), self.pods, "Pod", trim_pod),
             drive(
                 s.api::<PersistentVolumeClaim>(c),
                 managed,
                 self.claims,
                 "PersistentVolumeClaim",
+                trim_claim,
             ),
             node_task,
             volume_task,
@@ -264,6 +319,7 @@ fn drive<K>(
     cfg: watcher::Config,
     shared: Shared<K>,
     kind: &'static str,
+    trim: fn(&mut K),
 ) -> JoinHandle<()>
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
@@ -276,7 +332,7 @@ where
     tokio::spawn(
         watcher(api, cfg)
             .default_backoff()
-            .modify(|o: &mut K| o.managed_fields_mut().clear())
+            .modify(trim)
             .reflect_shared(writer)
             .for_each(move |ev| {
                 if let Ok(watcher::Event::Delete(obj)) = &ev {
@@ -288,6 +344,186 @@ where
                 log(ev)
             }),
     )
+}
+
+/// What every cached object loses: `managedFields` and kubectl's last-applied copy.
+pub fn trim_meta(m: &mut ObjectMeta) {
+    m.managed_fields = None;
+    if let Some(a) = m.annotations.as_mut() {
+        a.remove(LAST_APPLIED);
+        if a.is_empty() {
+            m.annotations = None;
+        }
+    }
+}
+
+/// [`trim_meta`] for any kind.
+pub fn trim<K: Resource>(o: &mut K) {
+    trim_meta(o.meta_mut());
+}
+
+/// The metadata every cached child keeps: identity, times, labels, owners; `annotations` as
+/// given.
+fn child_meta(m: ObjectMeta, annotations: Option<BTreeMap<String, String>>) -> ObjectMeta {
+    ObjectMeta {
+        name: m.name,
+        namespace: m.namespace,
+        uid: m.uid,
+        resource_version: m.resource_version,
+        creation_timestamp: m.creation_timestamp,
+        deletion_timestamp: m.deletion_timestamp,
+        labels: m.labels,
+        owner_references: m.owner_references,
+        annotations,
+        ..ObjectMeta::default()
+    }
+}
+
+/// A session pod as cached: what the Session controller reads (ownership, labels, the launch
+/// record, node, phase, readiness and the reason it is not ready), nothing else.
+pub fn trim_pod(p: &mut Pod) {
+    use super::session::build::LAUNCH_ANNOTATION;
+    let mut m = std::mem::take(&mut p.metadata);
+    let launch = m
+        .annotations
+        .as_mut()
+        .and_then(|a| a.remove(LAUNCH_ANNOTATION))
+        .map(|v| BTreeMap::from([(LAUNCH_ANNOTATION.to_string(), v)]));
+    p.metadata = child_meta(m, launch);
+    p.spec = p.spec.take().map(|s| PodSpec {
+        node_name: s.node_name,
+        ..PodSpec::default()
+    });
+    // Readiness is the Ready condition; the message shown while not ready is the first False
+    // condition's that has one. Keeping those conditions, in order, keeps both answers.
+    p.status = p.status.take().map(|s| PodStatus {
+        phase: s.phase,
+        message: s.message,
+        conditions: s.conditions.map(|cs| {
+            cs.into_iter()
+                .filter(|c| c.type_ == "Ready" || (c.status == "False" && c.message.is_some()))
+                .map(|c| PodCondition {
+                    type_: c.type_,
+                    status: c.status,
+                    message: c.message,
+                    ..PodCondition::default()
+                })
+                .collect()
+        }),
+        ..PodStatus::default()
+    });
+}
+
+/// A profile claim as cached: identity, labels, Cubicle's annotations and the volume it is
+/// bound to.
+pub fn trim_claim(c: &mut PersistentVolumeClaim) {
+    let m = std::mem::take(&mut c.metadata);
+    let ours = m.annotations.as_ref().map(|a| {
+        a.iter()
+            .filter(|(k, _)| k.starts_with("cubicle.dev/"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<BTreeMap<_, _>>()
+    });
+    c.metadata = child_meta(m, ours.filter(|a| !a.is_empty()));
+    c.spec = c.spec.take().map(|s| PersistentVolumeClaimSpec {
+        volume_name: s.volume_name,
+        ..PersistentVolumeClaimSpec::default()
+    });
+    c.status = None;
+}
+
+/// Whether `v` is bound (or pre-bound) to a claim in `scope`: the only volumes the operator
+/// looks up (by the name in a cached claim's `spec.volumeName`).
+pub fn bound_in(scope: &Scope, v: &PersistentVolume) -> bool {
+    let claim_ns = v
+        .spec
+        .as_ref()
+        .and_then(|s| s.claim_ref.as_ref())
+        .and_then(|r| r.namespace.as_deref());
+    match (scope, claim_ns) {
+        (_, None) => false,
+        (Scope::All, Some(_)) => true,
+        (Scope::Namespace(ns), Some(c)) => ns == c,
+    }
+}
+
+/// A PersistentVolume as cached: its claim reference and what tells its zone (the zone label,
+/// and the node affinity's zone terms only).
+pub fn trim_volume(v: &mut PersistentVolume) {
+    use super::session::build::ZONE_LABEL;
+    let m = std::mem::take(&mut v.metadata);
+    let zone = m
+        .labels
+        .and_then(|mut l| l.remove(ZONE_LABEL))
+        .map(|z| BTreeMap::from([(ZONE_LABEL.to_string(), z)]));
+    v.metadata = ObjectMeta {
+        name: m.name,
+        uid: m.uid,
+        resource_version: m.resource_version,
+        labels: zone,
+        ..ObjectMeta::default()
+    };
+    v.spec = v.spec.take().map(|s| PersistentVolumeSpec {
+        claim_ref: s.claim_ref.map(|r| ObjectReference {
+            namespace: r.namespace,
+            name: r.name,
+            uid: r.uid,
+            ..ObjectReference::default()
+        }),
+        node_affinity: s
+            .node_affinity
+            .and_then(|a| a.required)
+            .map(|r| {
+                r.node_selector_terms
+                    .into_iter()
+                    .map(|t| NodeSelectorTerm {
+                        match_expressions: t.match_expressions.map(|es| {
+                            es.into_iter()
+                                .filter(|e| e.key == ZONE_LABEL && e.operator == "In")
+                                .collect()
+                        }),
+                        match_fields: None,
+                    })
+                    .filter(|t| t.match_expressions.as_ref().is_some_and(|e| !e.is_empty()))
+                    .collect::<Vec<_>>()
+            })
+            .filter(|terms| !terms.is_empty())
+            .map(|terms| VolumeNodeAffinity {
+                required: Some(NodeSelector {
+                    node_selector_terms: terms,
+                }),
+            }),
+        ..PersistentVolumeSpec::default()
+    });
+    v.status = None;
+}
+
+/// A Node as cached: name and labels.
+pub fn trim_node(n: &mut PartialObjectMeta<Node>) {
+    let m = std::mem::take(&mut n.metadata);
+    n.metadata = ObjectMeta {
+        name: m.name,
+        uid: m.uid,
+        resource_version: m.resource_version,
+        labels: m.labels,
+        ..ObjectMeta::default()
+    };
+}
+
+/// A User as cached: without `status.effectiveSettings` (every setting with its provenance,
+/// most of a User's size), which only the User status controller reads, to compare it with the
+/// status it computes; it compares the digest in [`STATUS_DIGEST_ANNOTATION`] instead, taken
+/// here from the full status.
+pub fn trim_user(u: &mut User) {
+    trim_meta(&mut u.metadata);
+    let digest = super::user::status_digest(u.status.as_ref());
+    u.metadata
+        .annotations
+        .get_or_insert_default()
+        .insert(STATUS_DIGEST_ANNOTATION.to_string(), digest);
+    if let Some(s) = u.status.as_mut() {
+        s.effective_settings = Vec::new();
+    }
 }
 
 impl Stores {
@@ -320,4 +556,154 @@ where
         .into_iter()
         .filter(|o| o.meta().namespace.as_deref() == Some(ns))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::session::{build, plan, volume_zone};
+    use kube::ResourceExt;
+    use serde_json::json;
+
+    fn pod(conditions: serde_json::Value, phase: &str) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {
+                "name": "s-1", "namespace": "ns", "uid": "p1", "resourceVersion": "7",
+                "creationTimestamp": "2026-01-01T00:00:00Z",
+                "labels": {"cubicle.dev/server": "ws-1", "cubicle.dev/access": "paused"},
+                "annotations": {
+                    build::LAUNCH_ANNOTATION: "{\"server\":\"ws-1\"}",
+                    build::SETTINGS_ANNOTATION: "{\"big\": true}",
+                    "kubectl.kubernetes.io/last-applied-configuration": "{}"
+                },
+                "ownerReferences": [{"apiVersion": "cubicle.dev/v1alpha1", "kind": "Session",
+                    "name": "s-1", "uid": "s1", "controller": true}],
+                "managedFields": [{"manager": "x"}]
+            },
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "i"}]},
+            "status": {"phase": phase, "conditions": conditions, "message": "m",
+                "containerStatuses": [{"name": "c", "image": "i", "imageID": "", "ready": false,
+                    "restartCount": 0}]}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_trimmed_pod_reads_as_the_full_one() {
+        let cases = [
+            (
+                json!([
+                    {"type": "PodScheduled", "status": "True"},
+                    {"type": "Initialized", "status": "False", "message": "init"},
+                    {"type": "Ready", "status": "False", "message": "not ready"},
+                ]),
+                "Pending",
+            ),
+            (
+                json!([
+                    {"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"},
+                    {"type": "Ready", "status": "True"},
+                ]),
+                "Running",
+            ),
+            (json!([]), "Failed"),
+        ];
+        for (conditions, phase) in cases {
+            let full = pod(conditions, phase);
+            let mut p = full.clone();
+            trim_pod(&mut p);
+            for paused in [false, true] {
+                assert_eq!(
+                    plan::observe(Some(&p), paused),
+                    plan::observe(Some(&full), paused)
+                );
+            }
+            assert_eq!(build::launch_record(&p), build::launch_record(&full));
+            assert_eq!(p.labels(), full.labels());
+            assert_eq!(p.owner_references(), full.owner_references());
+            assert_eq!(p.uid(), full.uid());
+            assert_eq!(p.creation_timestamp(), full.creation_timestamp());
+            assert_eq!(
+                p.annotations().keys().collect::<Vec<_>>(),
+                [build::LAUNCH_ANNOTATION]
+            );
+            assert!(p.metadata.managed_fields.is_none());
+            assert!(p.status.as_ref().unwrap().container_statuses.is_none());
+            assert!(p.spec.as_ref().unwrap().containers.is_empty());
+        }
+    }
+
+    fn volume(claim_ns: Option<&str>) -> PersistentVolume {
+        let mut v: PersistentVolume = serde_json::from_value(json!({
+            "metadata": {"name": "pv-1", "labels": {"a": "b"}, "annotations": {"x": "y"}},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "hostPath": {"path": "/tmp/x"},
+                "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                    {"key": "kubernetes.io/hostname", "operator": "In", "values": ["n1"]},
+                    {"key": build::ZONE_LABEL, "operator": "In", "values": ["zone-b"]}
+                ]}]}}
+            }
+        }))
+        .unwrap();
+        if let Some(ns) = claim_ns {
+            v.spec.as_mut().unwrap().claim_ref = Some(ObjectReference {
+                namespace: Some(ns.into()),
+                name: Some("profile-alice".into()),
+                kind: Some("PersistentVolumeClaim".into()),
+                ..ObjectReference::default()
+            });
+        }
+        v
+    }
+
+    #[test]
+    fn volumes_are_cached_bound_in_scope_with_their_zone() {
+        let all = Scope::All;
+        let one = Scope::Namespace("ns".into());
+        assert!(!bound_in(&all, &volume(None)), "unbound: never looked up");
+        assert!(bound_in(&all, &volume(Some("other"))));
+        assert!(bound_in(&one, &volume(Some("ns"))));
+        assert!(!bound_in(&one, &volume(Some("other"))));
+        let full = volume(Some("ns"));
+        let mut v = full.clone();
+        trim_volume(&mut v);
+        assert_eq!(volume_zone(&v), Some("zone-b".into()));
+        assert_eq!(volume_zone(&v), volume_zone(&full));
+        let r = v.spec.as_ref().unwrap().claim_ref.as_ref().unwrap();
+        assert_eq!(r.name.as_deref(), Some("profile-alice"));
+        assert!(r.kind.is_none());
+        assert!(v.metadata.labels.is_none() && v.metadata.annotations.is_none());
+        // The zone label alone (no affinity) survives too.
+        let mut labelled = volume(Some("ns"));
+        labelled.spec.as_mut().unwrap().node_affinity = None;
+        labelled.metadata.labels = Some([(build::ZONE_LABEL.to_string(), "zone-c".into())].into());
+        trim_volume(&mut labelled);
+        assert_eq!(volume_zone(&labelled), Some("zone-c".into()));
+    }
+
+    #[test]
+    fn claims_keep_labels_our_annotations_and_the_volume() {
+        let mut c: PersistentVolumeClaim = serde_json::from_value(json!({
+            "metadata": {"name": "profile-alice", "namespace": "ns",
+                "labels": {build::PROFILE_LABEL: "k"},
+                "annotations": {build::RESET_BY_ANNOTATION: "s1",
+                    "pv.kubernetes.io/bind-completed": "yes"}},
+            "spec": {"volumeName": "pv-1", "accessModes": ["ReadWriteOnce"],
+                "resources": {"requests": {"storage": "1Gi"}}},
+            "status": {"phase": "Bound"}
+        }))
+        .unwrap();
+        trim_claim(&mut c);
+        assert_eq!(c.labels()[build::PROFILE_LABEL], "k");
+        assert_eq!(
+            c.annotations().keys().collect::<Vec<_>>(),
+            [build::RESET_BY_ANNOTATION]
+        );
+        assert_eq!(
+            c.spec.as_ref().unwrap().volume_name.as_deref(),
+            Some("pv-1")
+        );
+        assert!(c.status.is_none());
+    }
 }

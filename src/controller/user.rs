@@ -16,7 +16,7 @@ use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::reflector::ObjectRef;
 
 use super::status::{self, Cond, Written, comparable, conditions, directory, owned_conditions};
-use super::stores::{Reflectors, Stores};
+use super::stores::{Reflectors, STATUS_DIGEST_ANNOTATION, Stores};
 use super::{Context, Error};
 use crate::crd::v1alpha1::{
     Group, Server, ServerAssignment, ServerPool, Session, User, UserStatus, Workspace,
@@ -157,14 +157,39 @@ pub fn desired_status(
     }
 }
 
-/// Whether `desired` differs from the fields of `current` this controller owns.
-pub fn changed(current: Option<&UserStatus>, desired: &UserStatus) -> bool {
-    let owned = current.map(|c| UserStatus {
+/// The fields of `status` this controller owns, as it compares them (no usage, no other
+/// writer's conditions, no timestamps).
+fn owned_comparable(status: Option<&UserStatus>) -> serde_json::Value {
+    let owned = status.map(|c| UserStatus {
         usage: Vec::new(),
         conditions: owned_conditions(&c.conditions, CONDITIONS),
         ..c.clone()
     });
-    comparable(&owned.unwrap_or_default()) != comparable(desired)
+    comparable(&owned.unwrap_or_default())
+}
+
+/// Whether `desired` differs from the fields of `current` this controller owns.
+pub fn changed(current: Option<&UserStatus>, desired: &UserStatus) -> bool {
+    owned_comparable(current) != comparable(desired)
+}
+
+/// A digest of the fields of `status` this controller owns, as [`changed`] compares them: two
+/// statuses [`changed`] finds equal have the same digest. The cache keeps it on each User
+/// ([`STATUS_DIGEST_ANNOTATION`]) instead of `status.effectiveSettings`.
+pub fn status_digest(status: Option<&UserStatus>) -> String {
+    use std::hash::Hasher;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    status::hash_value(&owned_comparable(status), &mut h);
+    format!("{:016x}", h.finish())
+}
+
+/// Whether `desired` must be written over `user`'s status: by the digest the cache keeps, or,
+/// for a User that was not trimmed by the cache, by comparing the statuses.
+pub fn needs_write(user: &User, desired: &UserStatus) -> bool {
+    match user.annotations().get(STATUS_DIGEST_ANNOTATION) {
+        Some(digest) => *digest != status_digest(Some(desired)),
+        None => changed(user.status.as_ref(), desired),
+    }
 }
 
 async fn reconcile(
@@ -199,7 +224,7 @@ async fn reconcile(
         .collect();
     let now = Time(jiff::Timestamp::now());
     let desired = desired_status(&dir, &user, &sessions, &same, user.status.as_ref(), &now);
-    if changed(user.status.as_ref(), &desired) && !written.already(user.as_ref(), &desired) {
+    if needs_write(&user, &desired) && !written.already(user.as_ref(), &desired) {
         status::apply::<User>(&ctx.client, &ns, &name, MANAGER, &desired).await?;
         written.record(user.as_ref(), &desired);
     }
@@ -515,6 +540,78 @@ mod tests {
         assert_eq!(gone.last_session_time, Some(t("2026-01-02T10:00:00Z")));
         assert_eq!(gone.active_sessions, Some(0));
         assert!(changed(Some(&s), &gone));
+    }
+
+    #[test]
+    fn the_cache_keeps_a_digest_instead_of_the_effective_settings() {
+        let d = dir(vec![group(
+            "eng",
+            10,
+            GroupSettings {
+                keepalive_interval: Some(Duration::new("1m")),
+                ..Default::default()
+            },
+        )]);
+        let mut u = user("alice", &["eng"]);
+        let now = t("2026-02-01T00:00:00Z");
+        let s = desired_status(&d, &u, &[], &[], None, &now);
+        assert!(!s.effective_settings.is_empty());
+        // As read from the API server: the status, another writer's usage, kubectl's copy.
+        let mut full = s.clone();
+        full.usage = vec![crate::crd::v1alpha1::UsageEntry {
+            scope: crate::crd::v1alpha1::UsageLimitType::PerUser,
+            group: None,
+            interval: crate::crd::v1alpha1::UsageLimitInterval::Daily,
+            window_start: None,
+            window_end: None,
+            used_seconds: 5,
+            limit_seconds: 10,
+            timezone: None,
+            closed_ms: None,
+            closed_sessions: Vec::new(),
+        }];
+        u.status = Some(full);
+        u.metadata.annotations = Some(
+            [(
+                "kubectl.kubernetes.io/last-applied-configuration".to_string(),
+                "{}".to_string(),
+            )]
+            .into(),
+        );
+        assert!(!needs_write(&u, &s), "untrimmed: compared in full");
+        let mut cached = u.clone();
+        crate::controller::stores::trim_user(&mut cached);
+        let st = cached.status.as_ref().unwrap();
+        assert!(st.effective_settings.is_empty(), "dropped from the cache");
+        assert_eq!(
+            st.usage.len(),
+            1,
+            "the ledger is kept for the Session controller"
+        );
+        let annotations = cached.annotations();
+        assert!(annotations.contains_key(STATUS_DIGEST_ANNOTATION));
+        assert!(!annotations.contains_key("kubectl.kubernetes.io/last-applied-configuration"));
+        // The same status (even computed later) needs no write; a changed setting does.
+        let later = desired_status(&d, &cached, &[], &[], st.into(), &t("2026-03-01T00:00:00Z"));
+        assert!(!needs_write(&cached, &later));
+        let d2 = dir(vec![group(
+            "eng",
+            10,
+            GroupSettings {
+                keepalive_interval: Some(Duration::new("2m")),
+                ..Default::default()
+            },
+        )]);
+        let edited = desired_status(&d2, &cached, &[], &[], st.into(), &now);
+        assert!(needs_write(&cached, &edited));
+        assert!(changed(u.status.as_ref(), &edited));
+        // A User never written has a digest too, and any status is news for it.
+        let mut fresh = user("bob", &[]);
+        crate::controller::stores::trim_user(&mut fresh);
+        assert!(needs_write(
+            &fresh,
+            &desired_status(&d, &fresh, &[], &[], None, &now)
+        ));
     }
 
     #[test]
