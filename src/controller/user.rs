@@ -543,6 +543,27 @@ mod tests {
     }
 
     #[test]
+    fn a_launch_changes_the_status_once() {
+        let d = dir(vec![]);
+        let u = user("alice", &[]);
+        let now = t("2026-02-01T00:00:00Z");
+        let before = desired_status(&d, &u, &[], &[], None, &now);
+        // Created, then reported pending: not started, so nothing to write.
+        let mut pending =
+            (*session("a", "alice", "2026-02-01T00:00:01Z", SessionPhase::Pending)).clone();
+        pending.status.as_mut().unwrap().started_at = None;
+        let created = desired_status(&d, &u, &[Arc::new(pending)], &[], Some(&before), &now);
+        assert_eq!(created.active_sessions, Some(0));
+        assert!(!changed(Some(&before), &created));
+        // Started: activeSessions and lastSessionTime move together, in one write.
+        let running = session("a", "alice", "2026-02-01T00:00:05Z", SessionPhase::Running);
+        let started = desired_status(&d, &u, &[running], &[], Some(&created), &now);
+        assert_eq!(started.active_sessions, Some(1));
+        assert_eq!(started.last_session_time, Some(t("2026-02-01T00:00:05Z")));
+        assert!(changed(Some(&created), &started));
+    }
+
+    #[test]
     fn the_cache_keeps_a_digest_instead_of_the_effective_settings() {
         let d = dir(vec![group(
             "eng",

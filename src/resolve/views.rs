@@ -181,18 +181,21 @@ fn session_server(s: &Session) -> Option<&str> {
     s.status.as_ref().and_then(|st| st.server.as_deref())
 }
 
-/// A user's active sessions and the start of their newest session.
+/// A user's active sessions and the start of their newest session. A session counts as active
+/// from its start (`status.startedAt`) until it ends: the moment it starts is also the moment
+/// it can become the newest, so a launch changes both at once (one User status write).
 pub fn user_sessions(user: &str, sessions: &[Arc<Session>]) -> (u32, Option<Time>) {
     let mut active = 0;
     let mut newest: Option<Time> = None;
     for s in sessions.iter().filter(|s| s.spec.user == user) {
-        if session_is_active(s) {
-            active += 1;
-        }
-        if let Some(t) = s
+        let started = s
             .status
             .as_ref()
-            .and_then(|st| st.started_at.as_ref().map(|m| Time(m.0)))
+            .and_then(|st| st.started_at.as_ref().map(|m| Time(m.0)));
+        if started.is_some() && session_is_active(s) {
+            active += 1;
+        }
+        if let Some(t) = started
             && newest.as_ref().is_none_or(|n| n.0 < t.0)
         {
             newest = Some(t);
@@ -531,7 +534,10 @@ pub(crate) mod tests {
                 "2026-01-03T00:00:00Z".parse().unwrap(),
             ));
         let c = session("c", "bob", "cad", None, Some(SessionPhase::Running));
-        let (n, t) = user_sessions("alice", &[Arc::new(a), Arc::new(b), c]);
+        // Not started yet (created, or its pod pending): not counted until it starts.
+        let d = session("d", "alice", "cad", None, Some(SessionPhase::Pending));
+        let e = session("e", "alice", "cad", None, None);
+        let (n, t) = user_sessions("alice", &[Arc::new(a), Arc::new(b), c, d, e]);
         assert_eq!(n, 1);
         assert_eq!(t.unwrap().0.to_string(), "2026-01-03T00:00:00Z");
     }

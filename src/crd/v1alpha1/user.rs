@@ -43,7 +43,7 @@ use crate::crd::FileMapping;
         name = "Sessions",
         type_ = "integer",
         json_path = ".status.activeSessions",
-        description = "Sessions not yet ended"
+        description = "Sessions started and not yet ended"
     ),
     printcolumn(name = "Disabled", type_ = "boolean", json_path = ".spec.disabled"),
     printcolumn(
@@ -251,7 +251,9 @@ pub struct UserStatus {
     /// The servers assigned to this user by ServerAssignments (Kasm: Assigned Servers tab).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub assigned_servers: Vec<AssignedServer>,
-    /// Sessions of this user that have not ended (running, stopped or paused).
+    /// Sessions of this user that have started (`status.startedAt` is set) and not ended
+    /// (running, paused or stopped). A session counts from the moment it starts, the moment it
+    /// can also move `lastSessionTime`, so a launch changes this status once.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub active_sessions: Option<u32>,
     /// When the user's most recent session started. Kasm: Last Session.
