@@ -525,105 +525,116 @@ pub async fn apiserver_errors(client: &Client) -> BTreeMap<String, f64> {
     out
 }
 
-/// What the operator of namespace `ns` holds in its caches: objects and their JSON size
-/// (without `managedFields`, which the operator strips), by kind. Pods and claims are the
-/// operator's own (label-selected); PersistentVolumes and Node metadata are cluster-wide.
+/// What the operator of namespace `ns` holds in its caches: objects and their JSON size as
+/// cached (trimmed by the operator's own functions), by kind. Pods and claims are the
+/// operator's own (label-selected), PersistentVolumes those bound in `ns`, Nodes every one
+/// (labels only).
 pub async fn cache_profile(
     client: &Client,
     ns: &str,
 ) -> Result<BTreeMap<String, CacheEntry>, BenchError> {
+    use crate::controller::stores::{self as st, Scope};
     let all = ListParams::default();
     let managed = ListParams::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
     let c = client;
     let mut out = BTreeMap::new();
     out.insert(
         "User".into(),
-        sizes(Api::<User>::namespaced(c.clone(), ns), &all).await?,
+        sizes(Api::<User>::namespaced(c.clone(), ns), &all, st::trim_user).await?,
     );
     out.insert(
         "Group".into(),
-        sizes(Api::<Group>::namespaced(c.clone(), ns), &all).await?,
+        sizes(Api::<Group>::namespaced(c.clone(), ns), &all, st::trim).await?,
     );
     out.insert(
         "Workspace".into(),
-        sizes(Api::<Workspace>::namespaced(c.clone(), ns), &all).await?,
+        sizes(Api::<Workspace>::namespaced(c.clone(), ns), &all, st::trim).await?,
     );
     out.insert(
         "ServerPool".into(),
-        sizes(Api::<ServerPool>::namespaced(c.clone(), ns), &all).await?,
+        sizes(Api::<ServerPool>::namespaced(c.clone(), ns), &all, st::trim).await?,
     );
     out.insert(
         "Server".into(),
-        sizes(Api::<Server>::namespaced(c.clone(), ns), &all).await?,
+        sizes(Api::<Server>::namespaced(c.clone(), ns), &all, st::trim).await?,
     );
     out.insert(
         "ServerAssignment".into(),
-        sizes(Api::<ServerAssignment>::namespaced(c.clone(), ns), &all).await?,
+        sizes(
+            Api::<ServerAssignment>::namespaced(c.clone(), ns),
+            &all,
+            st::trim,
+        )
+        .await?,
     );
     out.insert(
         "Session".into(),
-        sizes(Api::<Session>::namespaced(c.clone(), ns), &all).await?,
+        sizes(Api::<Session>::namespaced(c.clone(), ns), &all, st::trim).await?,
     );
     out.insert(
         "Pod".into(),
-        sizes(Api::<Pod>::namespaced(c.clone(), ns), &managed).await?,
+        sizes(
+            Api::<Pod>::namespaced(c.clone(), ns),
+            &managed,
+            st::trim_pod,
+        )
+        .await?,
     );
     out.insert(
         "PersistentVolumeClaim".into(),
         sizes(
             Api::<PersistentVolumeClaim>::namespaced(c.clone(), ns),
             &managed,
+            st::trim_claim,
         )
         .await?,
     );
+    // The operator caches only the volumes bound in its scope (its namespace here).
+    let scope = Scope::Namespace(ns.to_string());
+    let mut volumes = Api::<PersistentVolume>::all(c.clone())
+        .list(&all)
+        .await
+        .ctx("list PersistentVolume")?
+        .items;
+    volumes.retain(|v| st::bound_in(&scope, v));
     out.insert(
         "PersistentVolume".into(),
-        sizes(Api::<PersistentVolume>::all(c.clone()), &all).await?,
+        json_size(volumes, st::trim_volume),
     );
-    let mut nodes = Api::<Node>::all(c.clone())
+    let nodes = Api::<Node>::all(c.clone())
         .list_metadata(&all)
         .await
         .ctx("list Node metadata")?
         .items;
-    let bytes: usize = nodes
-        .iter_mut()
-        .map(|n| {
-            n.metadata.managed_fields = None;
-            serde_json::to_vec(&n.metadata)
-                .map(|v| v.len())
-                .unwrap_or(0)
-        })
-        .sum();
-    out.insert(
-        "Node (metadata)".into(),
-        CacheEntry {
-            objects: nodes.len(),
-            json_mb: bytes as f64 / 1e6,
-        },
-    );
+    out.insert("Node (metadata)".into(), json_size(nodes, st::trim_node));
     out.retain(|_, e| e.objects > 0);
     Ok(out)
 }
 
-async fn sizes<K>(api: Api<K>, lp: &ListParams) -> Result<CacheEntry, BenchError>
+async fn sizes<K>(api: Api<K>, lp: &ListParams, trim: fn(&mut K)) -> Result<CacheEntry, BenchError>
 where
     K: Resource + Clone + DeserializeOwned + Serialize + Debug,
     K::DynamicType: Default,
 {
-    let mut items = api
+    let items = api
         .list(lp)
         .await
         .ctx(format!("list {}", K::kind(&Default::default())))?
         .items;
+    Ok(json_size(items, trim))
+}
+
+/// Objects as the operator caches them (trimmed as its watches trim them), as JSON.
+fn json_size<K: Serialize>(mut items: Vec<K>, trim: fn(&mut K)) -> CacheEntry {
     let bytes: usize = items
         .iter_mut()
         .map(|o| {
-            o.meta_mut().managed_fields = None;
+            trim(o);
             serde_json::to_vec(o).map(|v| v.len()).unwrap_or(0)
         })
         .sum();
-    Ok(CacheEntry {
+    CacheEntry {
         objects: items.len(),
         json_mb: bytes as f64 / 1e6,
-    })
+    }
 }

@@ -290,7 +290,7 @@ pub struct MemoryRow {
 pub struct CacheEntry {
     /// How many.
     pub objects: usize,
-    /// Their JSON size without `managedFields`, MB.
+    /// Their JSON size as cached (trimmed as the operator's watches trim them), MB.
     pub json_mb: f64,
 }
 
