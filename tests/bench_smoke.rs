@@ -1,7 +1,8 @@
 //! `cubicle bench` at a small N, so that the harness cannot rot: it starts its own local control
 //! plane, runs the operator as a child process, and must print every section of the table with
-//! the launch cost at the floor (3 writes, then 2; none when steady or on a resync), no uncached
-//! reads and no failed launch. Counts only: timings depend on the machine.
+//! the launch cost at the floor (3 writes, then 2; none when steady or on a resync), at most
+//! one User status write per launch, no uncached reads and no failed launch. Counts only:
+//! timings depend on the machine.
 //!
 //! The launch floor is held on the writes that took effect: a create the API server refuses as
 //! a duplicate (409, when a reconcile runs before the cache shows the pod it just created)
@@ -89,6 +90,13 @@ fn bench_quick_run_reports_the_floor() {
         2.0,
         "a later session: pod, status\n{stdout}"
     );
+    for r in ["first", "later"] {
+        assert!(
+            f(launch, &format!("/{r}/otherWrites")) <= 1.0,
+            "{r} session: at most one User status write (activeSessions and lastSessionTime \
+             change together)\n{stdout}"
+        );
+    }
     let quiet = launch["quiet"].as_array().expect("quiet periods");
     assert!(!quiet.is_empty(), "{stdout}");
     for q in quiet {
