@@ -380,3 +380,55 @@ async fn usage_exhaustion_ends_running_sessions_and_refuses_new_ones() {
     assert_eq!(c.reason, "UsageLimitExhausted", "{}", c.message);
     op.stop().await;
 }
+
+/// A deadline armed for the fast path is never enforced once what it was computed from has
+/// changed: raising the group's keepaliveExpiration just before the old deadline moves it, and
+/// the session outlives the old one.
+#[tokio::test]
+async fn a_setting_changed_before_the_deadline_moves_it() {
+    install_crds().await;
+    let ns = TestNs::new("rearm").await;
+    tenant(&ns).await;
+    let op = Operator::start(&ns.name).await;
+    let api = ns.api::<Session>();
+    api.create(&PostParams::default(), &session("r1", "sam"))
+        .await
+        .unwrap();
+    let s = wait_phase(&ns, "r1", SessionPhase::Running).await;
+    let old_deadline = expires_at(&s);
+    // Raise the limit about a second before the old deadline (8 s keepalive expiration).
+    let until_old = old_deadline
+        .duration_since(jiff::Timestamp::now())
+        .as_secs_f64()
+        - 1.0;
+    tokio::time::sleep(Duration::from_secs_f64(until_old.max(0.0))).await;
+    ns.api::<Group>()
+        .patch(
+            "slow",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"settings": {"keepaliveExpiration": "1h"}}})),
+        )
+        .await
+        .unwrap();
+    let moved = wait_for("the deadline moves", LONG, || async {
+        let s = api.get("r1").await.ok()?;
+        (expires_at(&s) > old_deadline + jiff::SignedDuration::from_secs(600)).then_some(s)
+    })
+    .await;
+    assert_eq!(rule(&moved), "Keepalive");
+    // Well past the old deadline, the session is still there and running.
+    let wait = old_deadline
+        .duration_since(jiff::Timestamp::now())
+        .as_secs_f64()
+        + 2.0;
+    tokio::time::sleep(Duration::from_secs_f64(wait.max(0.0))).await;
+    let still = api
+        .get("r1")
+        .await
+        .expect("the session outlives its old deadline");
+    assert_eq!(
+        still.status.as_ref().unwrap().phase,
+        Some(SessionPhase::Running)
+    );
+    op.stop().await;
+}

@@ -4,17 +4,19 @@
 //! - Keepalive: clients set the `cubicle.dev/keepalive` annotation (RFC 3339 time, or empty for
 //!   "now" as seen by the API server's write); the controller persists it in
 //!   `status.lastKeepalive`, never moving it backwards and never later than now.
-//! - Deadlines: every admitted session has `status.expiresAt`, the binding rule and action. The
-//!   controller requeues itself at the exact deadline (a timer per session, no sweep) and acts
-//!   only when `now >= expiresAt`, recording how late it was.
+//! - Deadlines: every admitted session has `status.expiresAt`, the binding rule and action. A
+//!   running session's deadline is armed in one timer queue ([`Actions`], no sweep) and enforced
+//!   at the instant if nothing it was computed from has changed; otherwise, and as a safety net
+//!   a second later, the controller reconciles the session and decides again. An action is taken
+//!   only when `now >= expiresAt`, and how late it started is recorded.
 //! - Usage: budgets live in `User.status.usage` (perUser) or `Group.status.usage` (perGroup),
 //!   written with their own field manager. A usage-limited session carries the
 //!   `cubicle.dev/usage-accounting` finalizer: before it disappears, its running time is closed
 //!   into the ledger (idempotently, by uid), and only then is the finalizer removed.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::channel::mpsc;
 
@@ -29,8 +31,8 @@ use serde_json::json;
 use super::super::stores::{Stores, in_namespace};
 use super::super::{Context, Error};
 use crate::crd::v1alpha1::{
-    Group, KEEPALIVE_ANNOTATION, Session, SessionPhase, UsageEntry, UsageLimitInterval,
-    UsageLimitType, User,
+    ExpiryRule, Group, KEEPALIVE_ANNOTATION, KeepaliveExpirationAction, Session, SessionPhase,
+    UsageEntry, UsageLimitInterval, UsageLimitType, User,
 };
 use crate::expiry::{self, Ledger, Open, Window};
 use crate::resolve::settings::ResolvedUsageLimit;
@@ -390,16 +392,76 @@ pub async fn remove_finalizer(ctx: &Context, ns: &str, s: &Session) -> Result<()
     }
 }
 
-/// Expiry actions in flight in this replica.
+/// Expiry timers and actions of this replica.
 ///
-/// A due session's action (delete, or `spec.state` Stopped/Paused) is decided in the reconcile
-/// and its API calls run in a task of their own, so deadlines that fall on the same instant do
-/// not queue behind each other in the controller's reconcile slots (each action would hold a
-/// slot for a whole API round trip). A failed action is retried through [`Actions::retries`].
+/// **Timers.** A reconcile that leaves a session Running (or Paused) with a deadline and nothing
+/// else to do *arms* it here with a fingerprint of everything the deadline was computed from: the
+/// session's resourceVersion after the reconcile's own write, its user's, and every Group of the
+/// namespace (their generations: settings and memberships come from specs). One task ([`super::run_timers`]) sleeps until the
+/// earliest deadline; at it, a session whose fingerprint still matches the cache is acted on at
+/// once, without resolving settings again, and any other goes back to a full reconcile. The
+/// controller's own requeue, shortly after the deadline, stays as the safety net.
+///
+/// **Actions.** A due session's action (delete, or `spec.state` Stopped/Paused) is decided
+/// synchronously and its API calls run in a task of their own, so deadlines that fall on the same
+/// instant do not queue behind each other (each would hold a reconcile slot for a round trip).
+/// A failed action is retried through [`Actions::retries`]. An action just carried out is
+/// remembered for a few seconds so that a reconcile running before the watch shows its effect
+/// does not repeat it.
 pub struct Actions {
     in_flight: Mutex<HashSet<String>>,
+    done: Mutex<HashMap<String, (Timestamp, Instant)>>,
     retry_tx: mpsc::UnboundedSender<ObjectRef<Session>>,
     retry_rx: Mutex<Option<mpsc::UnboundedReceiver<ObjectRef<Session>>>>,
+    timers: Mutex<Timers>,
+    wake: tokio::sync::Notify,
+}
+
+/// How long a carried-out action is remembered (the watch shows its effect well within it).
+const DONE_FOR: Duration = Duration::from_secs(5);
+
+/// A deadline armed for the fast path, with the fingerprint it was computed from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Arm {
+    /// The deadline.
+    pub at: Timestamp,
+    /// The binding rule.
+    pub rule: ExpiryRule,
+    /// The action.
+    pub action: KeepaliveExpirationAction,
+    /// The session's uid.
+    pub uid: String,
+    /// The session's resourceVersion once the reconcile's own write (if any) landed.
+    pub session_version: String,
+    /// The user's generation (its spec: groups, settings, realm).
+    pub user_generation: Option<i64>,
+    /// Digest of every Group of the namespace (name and resourceVersion).
+    pub groups: u64,
+}
+
+impl Arm {
+    /// Whether the deadline still holds for `session` as the cache shows it now, with its
+    /// user's generation and the namespace's groups digest: same object (uid), unchanged since
+    /// armed (resourceVersion: no keepalive, state change or status write since), not being
+    /// deleted, and the same user and group specs.
+    pub fn still_holds(
+        &self,
+        session: &Session,
+        user_generation: Option<i64>,
+        groups: u64,
+    ) -> bool {
+        session.uid().as_deref() == Some(self.uid.as_str())
+            && session.resource_version().as_deref() == Some(self.session_version.as_str())
+            && session.metadata.deletion_timestamp.is_none()
+            && user_generation == self.user_generation
+            && groups == self.groups
+    }
+}
+
+#[derive(Default)]
+struct Timers {
+    by_key: HashMap<String, Arm>,
+    queue: BTreeSet<(Timestamp, String)>,
 }
 
 impl Default for Actions {
@@ -407,23 +469,40 @@ impl Default for Actions {
         let (retry_tx, retry_rx) = mpsc::unbounded();
         Self {
             in_flight: Mutex::new(HashSet::new()),
+            done: Mutex::new(HashMap::new()),
             retry_tx,
             retry_rx: Mutex::new(Some(retry_rx)),
+            timers: Mutex::new(Timers::default()),
+            wake: tokio::sync::Notify::new(),
         }
     }
 }
 
 impl Actions {
-    /// Marks `key`'s action as started; false when one is already in flight.
-    pub fn begin(&self, key: &str) -> bool {
+    /// Marks `key`'s action for the deadline `at` as started; false when one is already in
+    /// flight, or was carried out moments ago.
+    pub fn begin(&self, key: &str, at: Timestamp) -> bool {
+        {
+            let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+            done.retain(|_, (_, when)| when.elapsed() < DONE_FOR);
+            if done.get(key).is_some_and(|(a, _)| *a == at) {
+                return false;
+            }
+        }
         self.in_flight
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(key.to_string())
     }
 
-    /// Marks `key`'s action as finished.
-    pub fn end(&self, key: &str) {
+    /// Marks `key`'s action as finished (`ok`: carried out).
+    pub fn end(&self, key: &str, at: Timestamp, ok: bool) {
+        if ok {
+            self.done
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key.to_string(), (at, Instant::now()));
+        }
         self.in_flight
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -438,7 +517,7 @@ impl Actions {
             .contains(key)
     }
 
-    /// Asks for another reconcile of `obj` (after a failed action).
+    /// Asks for another reconcile of `obj`.
     pub fn retry(&self, obj: ObjectRef<Session>) {
         let _ = self.retry_tx.unbounded_send(obj);
     }
@@ -451,6 +530,91 @@ impl Actions {
             .take()
             .unwrap_or_else(|| mpsc::unbounded().1)
     }
+
+    /// Arms (or re-arms) `key`'s deadline.
+    pub fn arm(&self, key: &str, arm: Arm) {
+        let earliest = {
+            let mut t = self.timers.lock().unwrap_or_else(|p| p.into_inner());
+            if t.by_key.get(key) == Some(&arm) {
+                return;
+            }
+            if let Some(old) = t.by_key.remove(key) {
+                t.queue.remove(&(old.at, key.to_string()));
+            }
+            t.queue.insert((arm.at, key.to_string()));
+            let earliest = t
+                .queue
+                .first()
+                .is_some_and(|(at, k)| *at == arm.at && k == key);
+            t.by_key.insert(key.to_string(), arm);
+            earliest
+        };
+        if earliest {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Disarms `key` (no deadline, or one the controller handles itself).
+    pub fn disarm(&self, key: &str) {
+        let mut t = self.timers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = t.by_key.remove(key) {
+            t.queue.remove(&(old.at, key.to_string()));
+        }
+    }
+
+    /// Number of armed deadlines.
+    pub fn armed(&self) -> usize {
+        self.timers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_key
+            .len()
+    }
+
+    /// The earliest armed deadline.
+    pub fn next(&self) -> Option<Timestamp> {
+        self.timers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .queue
+            .first()
+            .map(|(at, _)| *at)
+    }
+
+    /// Removes and returns every deadline due at `now` (`at <= now`), earliest first.
+    pub fn take_due(&self, now: Timestamp) -> Vec<(String, Arm)> {
+        let mut t = self.timers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        while let Some((at, key)) = t.queue.first().cloned() {
+            if at > now {
+                break;
+            }
+            t.queue.pop_first();
+            if let Some(arm) = t.by_key.remove(&key) {
+                out.push((key, arm));
+            }
+        }
+        out
+    }
+
+    /// Waits until an earlier deadline is armed (or `d` passes).
+    pub async fn sleep(&self, d: Duration) {
+        let _ = tokio::time::timeout(d, self.wake.notified()).await;
+    }
+}
+
+/// Digest of the Groups of `ns` (names and generations): any change to a group's spec (settings,
+/// `autoAddLocalUsers`), a new group or a deleted one changes it. Status writes do not.
+pub fn groups_digest(stores: &Stores, ns: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut v: Vec<(String, i64)> = in_namespace(&stores.groups, ns)
+        .iter()
+        .map(|g| (g.name_any(), g.metadata.generation.unwrap_or_default()))
+        .collect();
+    v.sort();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    v.hash(&mut h);
+    h.finish()
 }
 
 /// Time until `at` from `now`, at least 1 ms (a timer never fires early: the reconcile checks
@@ -506,16 +670,24 @@ mod tests {
     #[tokio::test]
     async fn an_action_runs_once_at_a_time_and_retries_reach_the_controller() {
         let a = Actions::default();
-        assert!(a.begin("ns/s1"));
+        let at = Timestamp::from_second(1_000).unwrap();
+        assert!(a.begin("ns/s1", at));
         assert!(
-            !a.begin("ns/s1"),
+            !a.begin("ns/s1", at),
             "a second action of the same session waits"
         );
-        assert!(a.begin("ns/s2"), "other sessions are independent");
+        assert!(a.begin("ns/s2", at), "other sessions are independent");
         assert!(a.in_flight("ns/s1"));
-        a.end("ns/s1");
+        a.end("ns/s1", at, false);
         assert!(!a.in_flight("ns/s1"));
-        assert!(a.begin("ns/s1"));
+        assert!(a.begin("ns/s1", at), "a failed action is tried again");
+        a.end("ns/s1", at, true);
+        assert!(
+            !a.begin("ns/s1", at),
+            "a carried-out action is not repeated before the watch shows it"
+        );
+        let later = Timestamp::from_second(2_000).unwrap();
+        assert!(a.begin("ns/s1", later), "a new deadline is acted on");
 
         let mut retries = a.retries();
         a.retry(ObjectRef::new("s1").within("ns"));
@@ -523,6 +695,73 @@ mod tests {
         assert_eq!(got, ObjectRef::new("s1").within("ns"));
         // The stream is handed out once; a second taker gets an empty, closed stream.
         assert!(a.retries().next().await.is_none());
+    }
+
+    fn arm(at: i64) -> Arm {
+        Arm {
+            at: Timestamp::from_second(at).unwrap(),
+            rule: ExpiryRule::SessionTimeLimit,
+            action: KeepaliveExpirationAction::Delete,
+            uid: "u".into(),
+            session_version: "1".into(),
+            user_generation: None,
+            groups: 0,
+        }
+    }
+
+    #[test]
+    fn armed_deadlines_come_due_in_order_and_re_arming_replaces() {
+        let a = Actions::default();
+        a.arm("ns/b", arm(20));
+        a.arm("ns/a", arm(10));
+        a.arm("ns/c", arm(30));
+        a.arm("ns/c", arm(15)); // re-armed earlier: replaces
+        a.arm("ns/d", arm(5));
+        a.disarm("ns/d");
+        assert_eq!(a.armed(), 3);
+        assert_eq!(a.next(), Some(Timestamp::from_second(10).unwrap()));
+        assert!(a.take_due(Timestamp::from_second(9).unwrap()).is_empty());
+        let due: Vec<String> = a
+            .take_due(Timestamp::from_second(15).unwrap())
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(
+            due,
+            ["ns/a", "ns/c"],
+            "due at exactly the deadline, earliest first"
+        );
+        assert_eq!(a.armed(), 1);
+        assert_eq!(a.next(), Some(Timestamp::from_second(20).unwrap()));
+    }
+
+    #[test]
+    fn an_armed_deadline_holds_only_while_its_inputs_are_unchanged() {
+        let session = |uid: &str, rv: &str, deleting: bool| -> Session {
+            let mut s: Session = serde_json::from_value(serde_json::json!({
+                "apiVersion": "cubicle.dev/v1alpha1", "kind": "Session",
+                "metadata": {"name": "s", "namespace": "ns", "uid": uid, "resourceVersion": rv},
+                "spec": {"user": "u", "workspace": "w"}
+            }))
+            .unwrap();
+            if deleting {
+                s.metadata.deletion_timestamp = Some(Time(Timestamp::UNIX_EPOCH));
+            }
+            s
+        };
+        let mut a = arm(10);
+        a.user_generation = Some(3);
+        a.groups = 42;
+        assert!(a.still_holds(&session("u", "1", false), Some(3), 42));
+        // A keepalive, a state change or any write to the session changes its version.
+        assert!(!a.still_holds(&session("u", "2", false), Some(3), 42));
+        // A session re-created under the same name.
+        assert!(!a.still_holds(&session("other", "1", false), Some(3), 42));
+        assert!(!a.still_holds(&session("u", "1", true), Some(3), 42));
+        // The user's spec (groups, settings) or any group's spec changed.
+        assert!(!a.still_holds(&session("u", "1", false), Some(4), 42));
+        assert!(!a.still_holds(&session("u", "1", false), None, 42));
+        assert!(!a.still_holds(&session("u", "1", false), Some(3), 43));
     }
 
     #[test]

@@ -193,35 +193,54 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
     });
     let concurrency = ctx.config.concurrency;
     let resync = ctx.config.resync;
-    Controller::for_shared_stream(r.sessions.subscribe(), r.sessions.reader.clone())
-        .owns_shared_stream(r.pods.subscribe())
-        .watches_shared_stream(r.users.subscribe(), by_user)
-        .watches_shared_stream(r.groups.subscribe(), move |g| groups(g.namespace()))
-        .watches_shared_stream(r.workspaces.subscribe(), workspaces)
-        .watches_shared_stream(r.servers.subscribe(), move |s| servers(s.namespace()))
-        .watches_shared_stream(r.pools.subscribe(), move |p| pools(p.namespace()))
-        .watches_shared_stream(r.assignments.subscribe(), move |a| {
-            assignments(a.namespace())
-        })
-        .watches_shared_stream(r.sessions.subscribe(), siblings)
-        .watches_shared_stream(r.claims.subscribe(), claims)
-        .reconcile_on(freed)
-        .reconcile_on(lost_pods)
-        .reconcile_on(ctx.expiries.retries())
-        .with_config(Config::default().concurrency(concurrency))
-        .run(
-            move |s, ctx| reconcile(s, ctx, resync),
-            |s, e, ctx: Arc<Context>| ctx.on_error(KIND, &ObjectRef::from_obj(s.as_ref()), e),
-            ctx,
-        )
-        .for_each(|res| {
-            match res {
-                Ok((obj, _)) => debug!(session = %obj, "reconciled"),
-                Err(e) => debug!(error = %e, "session controller event"),
-            }
-            futures::future::ready(())
-        })
-        .boxed()
+    let timers_ctx = ctx.clone();
+    let controller =
+        Controller::for_shared_stream(r.sessions.subscribe(), r.sessions.reader.clone())
+            .owns_shared_stream(r.pods.subscribe())
+            .watches_shared_stream(r.users.subscribe(), by_user)
+            .watches_shared_stream(r.groups.subscribe(), move |g| groups(g.namespace()))
+            .watches_shared_stream(r.workspaces.subscribe(), workspaces)
+            .watches_shared_stream(r.servers.subscribe(), move |s| servers(s.namespace()))
+            .watches_shared_stream(r.pools.subscribe(), move |p| pools(p.namespace()))
+            .watches_shared_stream(r.assignments.subscribe(), move |a| {
+                assignments(a.namespace())
+            })
+            .watches_shared_stream(r.sessions.subscribe(), siblings)
+            .watches_shared_stream(r.claims.subscribe(), claims)
+            .reconcile_on(freed)
+            .reconcile_on(lost_pods)
+            .reconcile_on(ctx.expiries.retries())
+            .with_config(Config::default().concurrency(concurrency))
+            .run(
+                move |s, ctx| reconcile(s, ctx, resync),
+                |s, e, ctx: Arc<Context>| ctx.on_error(KIND, &ObjectRef::from_obj(s.as_ref()), e),
+                ctx,
+            )
+            .for_each(|res| {
+                match res {
+                    Ok((obj, _)) => debug!(session = %obj, "reconciled"),
+                    Err(e) => debug!(error = %e, "session controller event"),
+                }
+                futures::future::ready(())
+            });
+    // The fast path runs beside the controller (its own task, so a busy controller does not
+    // delay a deadline) from the moment the controller is first polled, that is once every
+    // cache has synced, and stops with it.
+    async move {
+        let timers = AbortOnDrop(tokio::spawn(run_timers(timers_ctx)));
+        controller.await;
+        drop(timers);
+    }
+    .boxed()
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn sessions_where(
@@ -348,7 +367,7 @@ struct Shell<'a> {
 }
 
 impl Shell<'_> {
-    async fn patch_status(&self, status: &SessionStatus) -> Result<(), Error> {
+    async fn patch_status(&self, status: &SessionStatus) -> Result<Session, Error> {
         let api: Api<Session> = Api::namespaced(self.ctx.client.clone(), &self.ns);
         let body =
             json!({"apiVersion": "cubicle.dev/v1alpha1", "kind": "Session", "status": status});
@@ -362,8 +381,7 @@ impl Shell<'_> {
             kind: KIND,
             name: self.name.clone(),
             source,
-        })?;
-        Ok(())
+        })
     }
 
     async fn event(&self, type_: EventType, reason: &str, note: String, action: &str) {
@@ -485,6 +503,9 @@ async fn reconcile(
     let mut conditions: Vec<Condition> = Vec::new();
     let mut requeue = resync;
     let now_ts = sh.now.0;
+    // The deadline this pass leaves armed, if the fast path may enforce it (see below).
+    let mut armable: Option<crate::expiry::Deadline> = None;
+    ctx.expiries.disarm(&key);
 
     // Usage budget (when a usage limit applies to the user).
     let budget = match (&user, settings.and_then(|s| s.usage_limit.as_ref())) {
@@ -588,6 +609,10 @@ async fn reconcile(
             status.expiry_action = Some(d.action);
             if !noop {
                 requeue = requeue.min(expiry::until(d.at, now_ts));
+                // A usage deadline moves with other sessions: only the controller computes it.
+                if budget.is_none() {
+                    armable = Some(d);
+                }
             }
         } else {
             status.expires_at = None;
@@ -845,15 +870,82 @@ async fn reconcile(
         }
         status.conditions = conditions;
     }
+    let mut version = session.resource_version();
     if !same_status(&status, &old) {
-        sh.patch_status(&status).await?;
+        version = sh.patch_status(&status).await?.resource_version();
         info!(session = %key, phase = ?status.phase, "session status updated");
     }
     for (t, reason, note, action) in events {
         sh.event(t, reason, note, action).await;
     }
     ctx.backoff.succeeded(&key);
+    // A running or paused session with nothing else to do: its deadline goes to the fast path
+    // (enforced at the instant without resolving settings again, as long as nothing it was
+    // computed from has changed), and the controller's own requeue, a moment later, is only the
+    // safety net.
+    if let (Some(d), Some(version), Some(SessionPhase::Running | SessionPhase::Paused)) =
+        (armable, version, status.phase)
+    {
+        ctx.expiries.arm(
+            &key,
+            expiry::Arm {
+                at: d.at,
+                rule: d.rule,
+                action: d.action,
+                uid: session.uid().unwrap_or_default(),
+                session_version: version,
+                user_generation: user.as_ref().and_then(|u| u.metadata.generation),
+                groups: expiry::groups_digest(stores, &ns),
+            },
+        );
+        requeue = resync.min(expiry::until(d.at, now_ts) + FAST_PATH_GRACE);
+    }
     Ok(Action::requeue(requeue))
+}
+
+/// How long after an armed deadline the controller looks at the session itself, should the
+/// fast path not have acted (it normally has, within milliseconds).
+const FAST_PATH_GRACE: Duration = Duration::from_secs(1);
+
+/// The fast path of the expiry: sleeps until the earliest armed deadline and, at it, enforces
+/// every due session whose fingerprint still matches the cache; a session whose inputs changed
+/// since it was armed goes back to a full reconcile (never acted on from stale inputs).
+async fn run_timers(ctx: Arc<Context>) {
+    loop {
+        let now = jiff::Timestamp::now();
+        for (key, arm) in ctx.expiries.take_due(now) {
+            let (ns, name) = key.split_once('/').unwrap_or_default();
+            let obj = ObjectRef::<Session>::new(name).within(ns);
+            let Some(session) = ctx.stores.sessions.get(&obj) else {
+                continue; // gone
+            };
+            let user_generation = ctx
+                .stores
+                .users
+                .get(&ObjectRef::new(&session.spec.user).within(ns))
+                .and_then(|u| u.metadata.generation);
+            let groups = expiry::groups_digest(&ctx.stores, ns);
+            if !arm.still_holds(&session, user_generation, groups) {
+                ctx.expiries.retry(obj);
+                continue;
+            }
+            let d = crate::expiry::Deadline {
+                at: arm.at,
+                rule: arm.rule,
+                action: arm.action,
+            };
+            // The lateness is measured per session, at the moment each one starts.
+            if let Err(e) = enforce(&ctx, &session, ns, name, &d, jiff::Timestamp::now()) {
+                debug!(session = %key, error = %e, "expiry not enforced");
+            }
+        }
+        let wait = ctx
+            .expiries
+            .next()
+            .map(|at| expiry::until(at, jiff::Timestamp::now()))
+            .unwrap_or(Duration::from_secs(3600));
+        ctx.expiries.sleep(wait).await;
+    }
 }
 
 async fn delete_pod(ctx: &Context, ns: &str, p: &Pod) -> Result<(), Error> {
@@ -1351,7 +1443,7 @@ fn enforce(
     now: jiff::Timestamp,
 ) -> Result<Action, Error> {
     let key = session_key(ns, name);
-    if !ctx.expiries.begin(&key) {
+    if !ctx.expiries.begin(&key, d.at) {
         // This replica is already carrying it out; look again once it is done.
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
@@ -1373,7 +1465,7 @@ fn enforce(
     info!(session = %key, rule = %rule, action, late_seconds = late, "session expired");
     let ctx = ctx.clone();
     let session = session.clone();
-    let (ns, name, kind) = (ns.to_string(), name.to_string(), d.action);
+    let (ns, name, kind, at) = (ns.to_string(), name.to_string(), d.action, d.at);
     tokio::spawn(async move {
         let api: Api<Session> = Api::namespaced(ctx.client.clone(), &ns);
         let reference = session.object_ref(&());
@@ -1422,9 +1514,11 @@ fn enforce(
                 }
             }
         };
-        // The event and the action go out together: neither waits for the other.
-        let (result, ()) = futures::join!(call, publish);
-        ctx.expiries.end(&key);
+        // The action first: with many sessions due at once, the API server gets the deletes
+        // (or patches) before their Events.
+        let result = call.await;
+        ctx.expiries.end(&key, at, result.is_ok());
+        publish.await;
         if let Err((verb, source)) = result {
             let err = Error::Child {
                 verb,
