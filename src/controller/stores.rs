@@ -9,8 +9,9 @@
 //!
 //! - every kind loses `managedFields` and kubectl's `last-applied-configuration` annotation;
 //! - Pods keep their identity, labels, owner references, deletion and creation times, the
-//!   launch record annotation, `spec.nodeName`, and of their status the phase, the message and
-//!   the conditions that tell readiness or why not ([`trim_pod`]);
+//!   launch record annotation, `spec.nodeName`, and of their status the phase, the message, the
+//!   conditions that tell readiness or why not, and the waiting containers' reasons
+//!   ([`trim_pod`]);
 //! - profile claims keep their identity, labels, Cubicle's own annotations and
 //!   `spec.volumeName` ([`trim_claim`]);
 //! - PersistentVolumes are cached only while bound (`spec.claimRef`) to a claim in the
@@ -28,9 +29,9 @@ use std::sync::Arc;
 use futures::channel::mpsc;
 use futures::{StreamExt, future};
 use k8s_openapi::api::core::v1::{
-    Node, NodeSelector, NodeSelectorTerm, ObjectReference, PersistentVolume, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PersistentVolumeSpec, Pod, PodCondition, PodSpec, PodStatus,
-    VolumeNodeAffinity,
+    ContainerState, ContainerStateWaiting, ContainerStatus, Node, NodeSelector, NodeSelectorTerm,
+    ObjectReference, PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PersistentVolumeSpec, Pod, PodCondition, PodSpec, PodStatus, VolumeNodeAffinity,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::PartialObjectMeta;
@@ -380,7 +381,7 @@ fn child_meta(m: ObjectMeta, annotations: Option<BTreeMap<String, String>>) -> O
 }
 
 /// A session pod as cached: what the Session controller reads (ownership, labels, the launch
-/// record, node, phase, readiness and the reason it is not ready), nothing else.
+/// record, node, phase, readiness and what holds a pending pod up), nothing else.
 pub fn trim_pod(p: &mut Pod) {
     use super::session::build::LAUNCH_ANNOTATION;
     let mut m = std::mem::take(&mut p.metadata);
@@ -394,22 +395,47 @@ pub fn trim_pod(p: &mut Pod) {
         node_name: s.node_name,
         ..PodSpec::default()
     });
-    // Readiness is the Ready condition; the message shown while not ready is the first False
-    // condition's that has one. Keeping those conditions, in order, keeps both answers.
+    // Read: the Ready condition, the False ones (the first with a message explains a pod that
+    // is not ready; PodScheduled=False says why it is not placed), and the containers that
+    // wait, with their reason. Kept in order, so every "first such" answer stays the same.
+    let waiting = |cs: Option<Vec<ContainerStatus>>| {
+        cs.map(|cs| {
+            cs.into_iter()
+                .filter_map(|c| {
+                    let w = c.state?.waiting?;
+                    Some(ContainerStatus {
+                        name: c.name,
+                        state: Some(ContainerState {
+                            waiting: Some(ContainerStateWaiting {
+                                reason: w.reason,
+                                message: w.message,
+                            }),
+                            ..ContainerState::default()
+                        }),
+                        ..ContainerStatus::default()
+                    })
+                })
+                .collect::<Vec<_>>()
+        })
+        .filter(|cs| !cs.is_empty())
+    };
     p.status = p.status.take().map(|s| PodStatus {
         phase: s.phase,
         message: s.message,
         conditions: s.conditions.map(|cs| {
             cs.into_iter()
-                .filter(|c| c.type_ == "Ready" || (c.status == "False" && c.message.is_some()))
+                .filter(|c| c.type_ == "Ready" || c.status == "False")
                 .map(|c| PodCondition {
                     type_: c.type_,
                     status: c.status,
+                    reason: c.reason,
                     message: c.message,
                     ..PodCondition::default()
                 })
                 .collect()
         }),
+        init_container_statuses: waiting(s.init_container_statuses),
+        container_statuses: waiting(s.container_statuses),
         ..PodStatus::default()
     });
 }
@@ -565,7 +591,7 @@ mod tests {
     use kube::ResourceExt;
     use serde_json::json;
 
-    fn pod(conditions: serde_json::Value, phase: &str) -> Pod {
+    fn pod(conditions: serde_json::Value, phase: &str, waiting: &str) -> Pod {
         serde_json::from_value(json!({
             "metadata": {
                 "name": "s-1", "namespace": "ns", "uid": "p1", "resourceVersion": "7",
@@ -582,8 +608,14 @@ mod tests {
             },
             "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "i"}]},
             "status": {"phase": phase, "conditions": conditions, "message": "m",
-                "containerStatuses": [{"name": "c", "image": "i", "imageID": "", "ready": false,
-                    "restartCount": 0}]}
+                "initContainerStatuses": [{"name": "init", "image": "i", "imageID": "",
+                    "ready": true, "restartCount": 0,
+                    "state": {"terminated": {"exitCode": 0}}}],
+                "containerStatuses": [
+                    {"name": "a", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                        "state": {"running": {}}},
+                    {"name": "b", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                        "state": {"waiting": {"reason": waiting, "message": "Back-off"}}}]}
         }))
         .unwrap()
     }
@@ -601,6 +633,13 @@ mod tests {
             ),
             (
                 json!([
+                    {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                        "message": "0/3 nodes are available"},
+                ]),
+                "Pending",
+            ),
+            (
+                json!([
                     {"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"},
                     {"type": "Ready", "status": "True"},
                 ]),
@@ -608,10 +647,17 @@ mod tests {
             ),
             (json!([]), "Failed"),
         ];
-        for (conditions, phase) in cases {
-            let full = pod(conditions, phase);
+        for ((conditions, phase), waiting) in cases
+            .into_iter()
+            .flat_map(|c| [(c.clone(), "ContainerCreating"), (c, "ImagePullBackOff")])
+        {
+            let full = pod(conditions, phase, waiting);
             let mut p = full.clone();
             trim_pod(&mut p);
+            assert_eq!(plan::pending_problem(&p), plan::pending_problem(&full));
+            if waiting == "ImagePullBackOff" {
+                assert!(plan::pending_problem(&p).is_some(), "the problem survives");
+            }
             for paused in [false, true] {
                 assert_eq!(
                     plan::observe(Some(&p), paused),
@@ -628,7 +674,13 @@ mod tests {
                 [build::LAUNCH_ANNOTATION]
             );
             assert!(p.metadata.managed_fields.is_none());
-            assert!(p.status.as_ref().unwrap().container_statuses.is_none());
+            let st = p.status.as_ref().unwrap();
+            assert!(st.init_container_statuses.is_none(), "none waits");
+            assert_eq!(
+                st.container_statuses.as_ref().map(Vec::len),
+                Some(1),
+                "one waits"
+            );
             assert!(p.spec.as_ref().unwrap().containers.is_empty());
         }
     }
