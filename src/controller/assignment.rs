@@ -4,25 +4,19 @@
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use futures::{FutureExt, StreamExt, stream};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
-use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::reflector::ObjectRef;
 
-use super::status::{self, Cond, Written, comparable, conditions, directory, owned_conditions};
+use super::Context;
+use super::status::{self, Cond, StatusView, Triggers, conditions, owned_conditions};
 use super::stores::{Reflectors, Stores};
-use super::{Context, Error};
 use crate::crd::v1alpha1::{
     AssignmentPair, Server, ServerAssignment, ServerAssignmentStatus, ServerPool, User,
 };
 use crate::resolve::findings::assignment_findings;
 use crate::resolve::{self, Directory, Severity};
 
-/// Kind label for metrics and errors.
-pub const KIND: &str = "ServerAssignment";
-/// Field manager of the status this controller applies.
-pub const MANAGER: &str = "cubicle/serverassignment-status";
 /// The condition types this controller owns.
 pub const CONDITIONS: &[&str] = &["Ready", "InEffect"];
 
@@ -89,39 +83,31 @@ pub fn desired_status(
     }
 }
 
-/// Whether `desired` differs from the fields of `current` this controller owns.
-pub fn changed(current: Option<&ServerAssignmentStatus>, desired: &ServerAssignmentStatus) -> bool {
-    let owned = current.map(|c| ServerAssignmentStatus {
-        conditions: owned_conditions(&c.conditions, CONDITIONS),
-        ..c.clone()
-    });
-    comparable(&owned.unwrap_or_default()) != comparable(desired)
-}
+impl StatusView for ServerAssignment {
+    const KIND: &'static str = "ServerAssignment";
+    const MANAGER: &'static str = "cubicle/serverassignment-status";
 
-async fn reconcile(
-    a: Arc<ServerAssignment>,
-    ctx: Arc<Context>,
-    written: Arc<Written>,
-) -> Result<Action, Error> {
-    ctx.wait_synced().await;
-    let _timer = ctx.metrics.reconcile_timer(KIND);
-    let name = a.name_any();
-    let ns = a.namespace().ok_or_else(|| Error::NoNamespace {
-        kind: KIND,
-        name: name.clone(),
-    })?;
-    let dir = directory(&ctx.stores, &ns);
-    let users = &ctx.stores.users;
-    let user_exists = |u: &str| users.get(&ObjectRef::new(u).within(&ns)).is_some();
-    let now = Time(jiff::Timestamp::now());
-    let desired = desired_status(&dir, &a, &user_exists, a.status.as_ref(), &now);
-    if changed(a.status.as_ref(), &desired) && !written.already(a.as_ref(), &desired) {
-        status::apply::<ServerAssignment>(&ctx.client, &ns, &name, MANAGER, &desired).await?;
-        written.record(a.as_ref(), &desired);
+    fn desired(
+        ctx: &Context,
+        dir: &Directory,
+        a: &ServerAssignment,
+        now: &Time,
+    ) -> ServerAssignmentStatus {
+        let users = &ctx.stores.users;
+        let user_exists = |u: &str| {
+            users
+                .get(&ObjectRef::new(u).within(&dir.namespace))
+                .is_some()
+        };
+        desired_status(dir, a, user_exists, a.status.as_ref(), now)
     }
-    ctx.backoff
-        .succeeded(&ObjectRef::from_obj(a.as_ref()).to_string());
-    Ok(Action::requeue(ctx.config.resync))
+
+    fn owned(c: &ServerAssignmentStatus) -> ServerAssignmentStatus {
+        ServerAssignmentStatus {
+            conditions: owned_conditions(&c.conditions, CONDITIONS),
+            ..c.clone()
+        }
+    }
 }
 
 fn assignments_where(
@@ -148,73 +134,32 @@ fn servers_of_pool(stores: &Stores, p: &ServerPool) -> Vec<String> {
 
 /// Builds the ServerAssignment status controller over the shared caches.
 pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, ()> {
-    let written = Arc::new(Written::default());
-    let s = ctx.stores.clone();
-    let on_user = {
-        let s = s.clone();
-        move |u: Arc<User>| {
+    Triggers::<ServerAssignment>::new(&r.assignments, ctx)
+        .on(&mut r.users, |s, u: &User| {
             let name = u.name_any();
-            assignments_where(&s, u.namespace(), |a| a.spec.users.contains(&name))
-        }
-    };
-    let on_server = {
-        let s = s.clone();
-        move |x: Arc<Server>| {
+            assignments_where(s, u.namespace(), |a| a.spec.users.contains(&name))
+        })
+        .on(&mut r.servers, |s, x: &Server| {
             let name = x.name_any();
-            assignments_where(&s, x.namespace(), |a| a.spec.servers.contains(&name))
-        }
-    };
-    let on_pool = {
-        let s = s.clone();
-        move |p: Arc<ServerPool>| {
-            let servers = servers_of_pool(&s, &p);
-            assignments_where(&s, p.namespace(), |a| {
+            assignments_where(s, x.namespace(), |a| a.spec.servers.contains(&name))
+        })
+        .on_changes(&r.pools, |s, p: &ServerPool| {
+            let servers = servers_of_pool(s, p);
+            assignments_where(s, p.namespace(), |a| {
                 a.spec.servers.iter().any(|x| servers.contains(x))
                     || a.status.as_ref().is_some_and(|st| {
                         st.pairs.iter().any(|pair| servers.contains(&pair.server))
                     })
             })
-        }
-    };
-    let deleted_users = {
-        let f = on_user.clone();
-        r.users
-            .subscribe_deletes()
-            .flat_map(move |x| stream::iter(f(x)))
-    };
-    let deleted_servers = {
-        let f = on_server.clone();
-        r.servers
-            .subscribe_deletes()
-            .flat_map(move |x| stream::iter(f(x)))
-    };
-    let deleted_pools = {
-        let s = s.clone();
+        })
         // A deleted pool's servers are still cached: their assignments lose effect.
-        r.pools
-            .subscribe_deletes()
-            .flat_map(move |p: Arc<ServerPool>| {
-                let servers = servers_of_pool(&s, &p);
-                stream::iter(assignments_where(&s, p.namespace(), |a| {
-                    a.spec.servers.iter().any(|x| servers.contains(x))
-                }))
+        .on_deletes(&mut r.pools, |s, p: &ServerPool| {
+            let servers = servers_of_pool(s, p);
+            assignments_where(s, p.namespace(), |a| {
+                a.spec.servers.iter().any(|x| servers.contains(x))
             })
-    };
-    Controller::for_shared_stream(r.assignments.subscribe(), r.assignments.reader.clone())
-        .watches_shared_stream(r.users.subscribe(), on_user)
-        .watches_shared_stream(r.servers.subscribe(), on_server)
-        .watches_shared_stream(r.pools.subscribe(), on_pool)
-        .reconcile_on(deleted_users)
-        .reconcile_on(deleted_servers)
-        .reconcile_on(deleted_pools)
-        .with_config(Config::default().concurrency(ctx.config.concurrency))
-        .run(
-            move |obj, ctx| reconcile(obj, ctx, written.clone()),
-            |x, e, ctx: Arc<Context>| ctx.on_error(KIND, &ObjectRef::from_obj(x.as_ref()), e),
-            ctx,
-        )
-        .for_each(|_| futures::future::ready(()))
-        .boxed()
+        })
+        .run()
 }
 
 #[cfg(test)]
@@ -270,6 +215,6 @@ mod tests {
         assert!(s.conditions[0].message.contains("User/nobody"));
         assert_eq!(s.conditions[1].reason, "AssignmentDisabled");
         assert_eq!(s.observed_generation, Some(4));
-        assert!(!changed(Some(&s), &s));
+        assert!(!ServerAssignment::changed(Some(&s), &s));
     }
 }

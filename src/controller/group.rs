@@ -4,23 +4,17 @@
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use futures::{FutureExt, StreamExt, stream};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
-use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::reflector::ObjectRef;
 
-use super::status::{self, Cond, Written, comparable, conditions, directory, owned_conditions};
+use super::Context;
+use super::status::{self, Cond, StatusView, Triggers, conditions, owned_conditions};
 use super::stores::{Reflectors, Stores, in_namespace};
-use super::{Context, Error};
 use crate::crd::v1alpha1::{Group, GroupStatus, User, Workspace};
 use crate::resolve::findings::group_findings;
 use crate::resolve::{self, Code, Directory, Finding, Severity};
 
-/// Kind label for metrics and errors.
-pub const KIND: &str = "Group";
-/// Field manager of the status this controller applies.
-pub const MANAGER: &str = "cubicle/group-status";
 /// The condition types this controller owns.
 pub const CONDITIONS: &[&str] = &["Ready", "SettingsInconsistent"];
 
@@ -96,40 +90,23 @@ pub fn desired_status(
     }
 }
 
-/// Whether `desired` differs from the fields of `current` this controller owns.
-pub fn changed(current: Option<&GroupStatus>, desired: &GroupStatus) -> bool {
-    let owned = current.map(|c| GroupStatus {
-        // The shared usage budget belongs to the usage ledger (another field manager).
-        usage: Vec::new(),
-        conditions: owned_conditions(&c.conditions, CONDITIONS),
-        ..c.clone()
-    });
-    comparable(&owned.unwrap_or_default()) != comparable(desired)
-}
+impl StatusView for Group {
+    const KIND: &'static str = "Group";
+    const MANAGER: &'static str = "cubicle/group-status";
 
-async fn reconcile(
-    group: Arc<Group>,
-    ctx: Arc<Context>,
-    written: Arc<Written>,
-) -> Result<Action, Error> {
-    ctx.wait_synced().await;
-    let _timer = ctx.metrics.reconcile_timer(KIND);
-    let name = group.name_any();
-    let ns = group.namespace().ok_or_else(|| Error::NoNamespace {
-        kind: KIND,
-        name: name.clone(),
-    })?;
-    let dir = directory(&ctx.stores, &ns);
-    let users = in_namespace(&ctx.stores.users, &ns);
-    let now = Time(jiff::Timestamp::now());
-    let desired = desired_status(&dir, &group, &users, group.status.as_ref(), &now);
-    if changed(group.status.as_ref(), &desired) && !written.already(group.as_ref(), &desired) {
-        status::apply::<Group>(&ctx.client, &ns, &name, MANAGER, &desired).await?;
-        written.record(group.as_ref(), &desired);
+    fn desired(ctx: &Context, dir: &Directory, group: &Group, now: &Time) -> GroupStatus {
+        let users = in_namespace(&ctx.stores.users, &dir.namespace);
+        desired_status(dir, group, &users, group.status.as_ref(), now)
     }
-    ctx.backoff
-        .succeeded(&ObjectRef::from_obj(group.as_ref()).to_string());
-    Ok(Action::requeue(ctx.config.resync))
+
+    fn owned(c: &GroupStatus) -> GroupStatus {
+        GroupStatus {
+            // The shared usage budget belongs to the usage ledger (another field manager).
+            usage: Vec::new(),
+            conditions: owned_conditions(&c.conditions, CONDITIONS),
+            ..c.clone()
+        }
+    }
 }
 
 /// The groups `u` is in, by its spec now or by their status before (a user leaving a group).
@@ -161,41 +138,10 @@ fn groups_with_default_image(stores: &Stores, w: &Workspace) -> Vec<ObjectRef<Gr
 
 /// Builds the Group status controller over the shared caches.
 pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, ()> {
-    let written = Arc::new(Written::default());
-    let s = ctx.stores.clone();
-    let on_user = {
-        let s = s.clone();
-        move |u: Arc<User>| groups_of_user(&s, &u)
-    };
-    let on_workspace = {
-        let s = s.clone();
-        move |w: Arc<Workspace>| groups_with_default_image(&s, &w)
-    };
-    let deleted_users = {
-        let f = on_user.clone();
-        r.users
-            .subscribe_deletes()
-            .flat_map(move |u| stream::iter(f(u)))
-    };
-    let deleted_workspaces = {
-        let f = on_workspace.clone();
-        r.workspaces
-            .subscribe_deletes()
-            .flat_map(move |w| stream::iter(f(w)))
-    };
-    Controller::for_shared_stream(r.groups.subscribe(), r.groups.reader.clone())
-        .watches_shared_stream(r.users.subscribe(), on_user)
-        .watches_shared_stream(r.workspaces.subscribe(), on_workspace)
-        .reconcile_on(deleted_users)
-        .reconcile_on(deleted_workspaces)
-        .with_config(Config::default().concurrency(ctx.config.concurrency))
-        .run(
-            move |obj, ctx| reconcile(obj, ctx, written.clone()),
-            |g, e, ctx: Arc<Context>| ctx.on_error(KIND, &ObjectRef::from_obj(g.as_ref()), e),
-            ctx,
-        )
-        .for_each(|_| futures::future::ready(()))
-        .boxed()
+    Triggers::<Group>::new(&r.groups, ctx)
+        .on(&mut r.users, groups_of_user)
+        .on(&mut r.workspaces, groups_with_default_image)
+        .run()
 }
 
 #[cfg(test)]
@@ -252,8 +198,8 @@ mod tests {
             "{}",
             s.conditions[1].message
         );
-        assert!(!changed(Some(&s), &s));
+        assert!(!Group::changed(Some(&s), &s));
         let fewer = desired_status(&d, &g, &users[..1], Some(&s), &now);
-        assert!(changed(Some(&s), &fewer));
+        assert!(Group::changed(Some(&s), &fewer));
     }
 }

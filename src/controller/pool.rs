@@ -7,22 +7,16 @@
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use futures::{FutureExt, StreamExt, stream};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
-use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::reflector::ObjectRef;
 
-use super::status::{self, Cond, Written, comparable, conditions, directory, owned_conditions};
+use super::Context;
+use super::status::{self, Cond, StatusView, Triggers, conditions, owned_conditions};
 use super::stores::{Reflectors, Stores};
-use super::{Context, Error};
 use crate::crd::v1alpha1::{Server, ServerPool, ServerPoolStatus, Session, Workspace};
 use crate::resolve::{self, Directory};
 
-/// Kind label for metrics and errors.
-pub const KIND: &str = "ServerPool";
-/// Field manager of the status this controller applies.
-pub const MANAGER: &str = "cubicle/serverpool-status";
 /// The condition types this controller owns.
 pub const CONDITIONS: &[&str] = &["Ready"];
 
@@ -90,54 +84,37 @@ pub fn desired_status(
     }
 }
 
-/// Whether `desired` differs from the fields of `current` this controller owns.
-pub fn changed(current: Option<&ServerPoolStatus>, desired: &ServerPoolStatus) -> bool {
-    let owned = current.map(|c| ServerPoolStatus {
-        conditions: owned_conditions(&c.conditions, CONDITIONS),
-        ..c.clone()
-    });
-    comparable(&owned.unwrap_or_default()) != comparable(desired)
-}
+impl StatusView for ServerPool {
+    const KIND: &'static str = "ServerPool";
+    const MANAGER: &'static str = "cubicle/serverpool-status";
 
-async fn reconcile(
-    pool: Arc<ServerPool>,
-    ctx: Arc<Context>,
-    written: Arc<Written>,
-) -> Result<Action, Error> {
-    ctx.wait_synced().await;
-    let _timer = ctx.metrics.reconcile_timer(KIND);
-    let name = pool.name_any();
-    let ns = pool.namespace().ok_or_else(|| Error::NoNamespace {
-        kind: KIND,
-        name: name.clone(),
-    })?;
-    let dir = directory(&ctx.stores, &ns);
-    let matching = match &pool.spec.autoscale {
-        Some(a) => ctx
+    fn desired(ctx: &Context, dir: &Directory, pool: &ServerPool, now: &Time) -> ServerPoolStatus {
+        let matching = match &pool.spec.autoscale {
+            Some(a) => ctx
+                .stores
+                .nodes
+                .state_filter(|n| {
+                    resolve::views::selector_matches(
+                        &a.node_selector,
+                        n.metadata.labels.as_ref().unwrap_or(&Default::default()),
+                    )
+                })
+                .len() as u32,
+            None => 0,
+        };
+        let sessions = ctx
             .stores
-            .nodes
-            .state_filter(|n| {
-                resolve::views::selector_matches(
-                    &a.node_selector,
-                    n.metadata.labels.as_ref().unwrap_or(&Default::default()),
-                )
-            })
-            .len() as u32,
-        None => 0,
-    };
-    let sessions = ctx
-        .stores
-        .sessions
-        .state_filter(|s| s.metadata.namespace.as_deref() == Some(ns.as_str()));
-    let now = Time(jiff::Timestamp::now());
-    let desired = desired_status(&dir, &pool, matching, &sessions, pool.status.as_ref(), &now);
-    if changed(pool.status.as_ref(), &desired) && !written.already(pool.as_ref(), &desired) {
-        status::apply::<ServerPool>(&ctx.client, &ns, &name, MANAGER, &desired).await?;
-        written.record(pool.as_ref(), &desired);
+            .sessions
+            .state_filter(|s| s.metadata.namespace.as_deref() == Some(dir.namespace.as_str()));
+        desired_status(dir, pool, matching, &sessions, pool.status.as_ref(), now)
     }
-    ctx.backoff
-        .succeeded(&ObjectRef::from_obj(pool.as_ref()).to_string());
-    Ok(Action::requeue(ctx.config.resync))
+
+    fn owned(c: &ServerPoolStatus) -> ServerPoolStatus {
+        ServerPoolStatus {
+            conditions: owned_conditions(&c.conditions, CONDITIONS),
+            ..c.clone()
+        }
+    }
 }
 
 fn pools_in(stores: &Stores, ns: Option<String>) -> Vec<ObjectRef<ServerPool>> {
@@ -171,48 +148,16 @@ fn pools_of_session(stores: &Stores, s: &Session) -> Vec<ObjectRef<ServerPool>> 
 
 /// Builds the ServerPool status controller over the shared caches.
 pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, ()> {
-    let written = Arc::new(Written::default());
-    let s = ctx.stores.clone();
-    let on_server = {
-        let s = s.clone();
-        move |x: Arc<Server>| pools_in(&s, x.namespace())
-    };
-    let on_session = {
-        let s = s.clone();
-        move |x: Arc<Session>| pools_of_session(&s, &x)
-    };
-    let on_workspace = |w: Arc<Workspace>| {
-        w.spec
-            .server_pool
-            .as_deref()
-            .and_then(|p| pool_ref(&w.namespace(), p))
-    };
-    let deleted_servers = {
-        let f = on_server.clone();
-        r.servers
-            .subscribe_deletes()
-            .flat_map(move |x| stream::iter(f(x)))
-    };
-    let deleted_sessions = {
-        let f = on_session.clone();
-        r.sessions
-            .subscribe_deletes()
-            .flat_map(move |x| stream::iter(f(x)))
-    };
-    Controller::for_shared_stream(r.pools.subscribe(), r.pools.reader.clone())
-        .watches_shared_stream(r.servers.subscribe(), on_server)
-        .watches_shared_stream(r.sessions.subscribe(), on_session)
-        .watches_shared_stream(r.workspaces.subscribe(), on_workspace)
-        .reconcile_on(deleted_servers)
-        .reconcile_on(deleted_sessions)
-        .with_config(Config::default().concurrency(ctx.config.concurrency))
-        .run(
-            move |obj, ctx| reconcile(obj, ctx, written.clone()),
-            |x, e, ctx: Arc<Context>| ctx.on_error(KIND, &ObjectRef::from_obj(x.as_ref()), e),
-            ctx,
-        )
-        .for_each(|_| futures::future::ready(()))
-        .boxed()
+    Triggers::<ServerPool>::new(&r.pools, ctx)
+        .on(&mut r.servers, |s, x: &Server| pools_in(s, x.namespace()))
+        .on(&mut r.sessions, pools_of_session)
+        .on_changes(&r.workspaces, |_, w: &Workspace| {
+            w.spec
+                .server_pool
+                .as_deref()
+                .and_then(|p| pool_ref(&w.namespace(), p))
+        })
+        .run()
 }
 
 #[cfg(test)]
@@ -246,6 +191,6 @@ mod tests {
         assert_eq!(s.servers, Some(3));
         assert_eq!(s.capacity, Some(6));
         assert_eq!(s.conditions[0].status, "True");
-        assert!(!changed(Some(&s), &s));
+        assert!(!ServerPool::changed(Some(&s), &s));
     }
 }

@@ -9,22 +9,16 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use futures::{FutureExt, StreamExt, stream};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
-use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::reflector::ObjectRef;
 
-use super::status::{self, Cond, Written, comparable, conditions, directory, owned_conditions};
+use super::Context;
+use super::status::{self, Cond, StatusView, Triggers, conditions, owned_conditions};
 use super::stores::{Reflectors, Stores};
-use super::{Context, Error};
 use crate::crd::v1alpha1::{Server, ServerAssignment, ServerPool, ServerStatus, Session, User};
 use crate::resolve::{self, Directory};
 
-/// Kind label for metrics and errors.
-pub const KIND: &str = "Server";
-/// Field manager of the status this controller applies.
-pub const MANAGER: &str = "cubicle/server-status";
 /// The condition types this controller owns.
 pub const CONDITIONS: &[&str] = &["Ready"];
 
@@ -104,62 +98,47 @@ pub fn desired_status(
     }
 }
 
-/// Whether `desired` differs from the fields of `current` this controller owns.
-pub fn changed(current: Option<&ServerStatus>, desired: &ServerStatus) -> bool {
-    let owned = current.map(|c| ServerStatus {
-        conditions: owned_conditions(&c.conditions, CONDITIONS),
-        ..c.clone()
-    });
-    comparable(&owned.unwrap_or_default()) != comparable(desired)
-}
+impl StatusView for Server {
+    const KIND: &'static str = "Server";
+    const MANAGER: &'static str = "cubicle/server-status";
 
-async fn reconcile(
-    server: Arc<Server>,
-    ctx: Arc<Context>,
-    written: Arc<Written>,
-) -> Result<Action, Error> {
-    ctx.wait_synced().await;
-    let _timer = ctx.metrics.reconcile_timer(KIND);
-    let name = server.name_any();
-    let ns = server.namespace().ok_or_else(|| Error::NoNamespace {
-        kind: KIND,
-        name: name.clone(),
-    })?;
-    let dir = directory(&ctx.stores, &ns);
-    let node = match ctx
-        .stores
-        .nodes
-        .get(&ObjectRef::new(&server.spec.node_name))
-    {
-        Some(n) => NodeInfo {
-            exists: true,
-            labels: n.metadata.labels.clone().unwrap_or_default(),
-        },
-        None => NodeInfo::default(),
-    };
-    let sessions = ctx.stores.sessions.state_filter(|s| {
-        s.metadata.namespace.as_deref() == Some(ns.as_str())
-            && s.status.as_ref().and_then(|st| st.server.as_deref()) == Some(name.as_str())
-    });
-    let users = &ctx.stores.users;
-    let user_exists = |u: &str| users.get(&ObjectRef::new(u).within(&ns)).is_some();
-    let now = Time(jiff::Timestamp::now());
-    let desired = desired_status(
-        &dir,
-        &server,
-        &node,
-        user_exists,
-        &sessions,
-        server.status.as_ref(),
-        &now,
-    );
-    if changed(server.status.as_ref(), &desired) && !written.already(server.as_ref(), &desired) {
-        status::apply::<Server>(&ctx.client, &ns, &name, MANAGER, &desired).await?;
-        written.record(server.as_ref(), &desired);
+    fn desired(ctx: &Context, dir: &Directory, server: &Server, now: &Time) -> ServerStatus {
+        let ns = dir.namespace.as_str();
+        let name = server.name_any();
+        let node = match ctx
+            .stores
+            .nodes
+            .get(&ObjectRef::new(&server.spec.node_name))
+        {
+            Some(n) => NodeInfo {
+                exists: true,
+                labels: n.metadata.labels.clone().unwrap_or_default(),
+            },
+            None => NodeInfo::default(),
+        };
+        let sessions = ctx.stores.sessions.state_filter(|s| {
+            s.metadata.namespace.as_deref() == Some(ns)
+                && s.status.as_ref().and_then(|st| st.server.as_deref()) == Some(name.as_str())
+        });
+        let users = &ctx.stores.users;
+        let user_exists = |u: &str| users.get(&ObjectRef::new(u).within(ns)).is_some();
+        desired_status(
+            dir,
+            server,
+            &node,
+            user_exists,
+            &sessions,
+            server.status.as_ref(),
+            now,
+        )
     }
-    ctx.backoff
-        .succeeded(&ObjectRef::from_obj(server.as_ref()).to_string());
-    Ok(Action::requeue(ctx.config.resync))
+
+    fn owned(c: &ServerStatus) -> ServerStatus {
+        ServerStatus {
+            conditions: owned_conditions(&c.conditions, CONDITIONS),
+            ..c.clone()
+        }
+    }
 }
 
 fn servers_where(
@@ -229,60 +208,12 @@ fn server_of_session(s: &Session) -> Vec<ObjectRef<Server>> {
 
 /// Builds the Server status controller over the shared caches.
 pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, ()> {
-    let written = Arc::new(Written::default());
-    let s = ctx.stores.clone();
-    let on_assignment = {
-        let s = s.clone();
-        move |a: Arc<ServerAssignment>| servers_of_assignment(&s, &a)
-    };
-    let on_user = {
-        let s = s.clone();
-        move |u: Arc<User>| servers_of_user(&s, &u)
-    };
-    let on_pool = {
-        let s = s.clone();
-        move |p: Arc<ServerPool>| servers_of_pool(&s, &p)
-    };
-    let on_session = |x: Arc<Session>| server_of_session(&x);
-    let deleted_assignments = {
-        let f = on_assignment.clone();
-        r.assignments
-            .subscribe_deletes()
-            .flat_map(move |x| stream::iter(f(x)))
-    };
-    let deleted_users = {
-        let f = on_user.clone();
-        r.users
-            .subscribe_deletes()
-            .flat_map(move |x| stream::iter(f(x)))
-    };
-    let deleted_pools = {
-        let f = on_pool.clone();
-        r.pools
-            .subscribe_deletes()
-            .flat_map(move |x| stream::iter(f(x)))
-    };
-    let deleted_sessions = r
-        .sessions
-        .subscribe_deletes()
-        .flat_map(move |x| stream::iter(on_session(x)));
-    Controller::for_shared_stream(r.servers.subscribe(), r.servers.reader.clone())
-        .watches_shared_stream(r.assignments.subscribe(), on_assignment)
-        .watches_shared_stream(r.users.subscribe(), on_user)
-        .watches_shared_stream(r.pools.subscribe(), on_pool)
-        .watches_shared_stream(r.sessions.subscribe(), on_session)
-        .reconcile_on(deleted_assignments)
-        .reconcile_on(deleted_users)
-        .reconcile_on(deleted_pools)
-        .reconcile_on(deleted_sessions)
-        .with_config(Config::default().concurrency(ctx.config.concurrency))
-        .run(
-            move |obj, ctx| reconcile(obj, ctx, written.clone()),
-            |x, e, ctx: Arc<Context>| ctx.on_error(KIND, &ObjectRef::from_obj(x.as_ref()), e),
-            ctx,
-        )
-        .for_each(|_| futures::future::ready(()))
-        .boxed()
+    Triggers::<Server>::new(&r.servers, ctx)
+        .on(&mut r.assignments, servers_of_assignment)
+        .on(&mut r.users, servers_of_user)
+        .on(&mut r.pools, servers_of_pool)
+        .on(&mut r.sessions, |_, x: &Session| server_of_session(x))
+        .run()
 }
 
 #[cfg(test)]
@@ -344,7 +275,7 @@ mod tests {
         assert_eq!(users, vec![("alice", true), ("ghost", false)]);
         assert_eq!(s.conditions[0].reason, "Full");
         assert!(s.conditions[0].message.contains("1 of at most 1"));
-        assert!(!changed(Some(&s), &s));
+        assert!(!Server::changed(Some(&s), &s));
         let missing = desired_status(
             &d,
             &server,

@@ -1,25 +1,186 @@
-//! What the status controllers (User, Group, Server, ServerPool, ServerAssignment) share:
-//! building a namespace's [`Directory`] from the caches, computing conditions that keep their
-//! transition times, comparing statuses without timestamps, and the server-side apply of a
-//! status that writes only when something changed.
+//! What the status controllers (User, Group, Server, ServerPool, ServerAssignment) share: the
+//! reconcile shell and controller builder they run on ([`StatusView`], [`reconcile`],
+//! [`Triggers`]), building a namespace's [`Directory`] from the caches, computing conditions
+//! that keep their transition times, comparing statuses without timestamps, and the server-side
+//! apply of a status that writes only when something changed.
+//!
+//! A kind brings only what is its own: its metrics label and field manager, its desired status,
+//! the fields of its status it owns (the ones compared), and the trigger mappings from other
+//! kinds to its objects. Every reconcile then waits for the caches, times itself under the
+//! kind's label, computes the desired status, writes it only when it differs from the current
+//! one (and was not already written for this version of the object, see [`Written`]), and
+//! requeues at the resync interval.
 //!
 //! Each status controller applies with its own field manager (`cubicle/<kind>-status`), so the
 //! fields it omits are never the ones another writer owns (e.g. `User.status.usage`, kept by the
 //! usage ledger): server-side apply removes only fields previously applied by the same manager.
 
+use std::fmt::Debug;
 use std::sync::Arc;
 
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt, stream};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Patch, PatchParams};
-use kube::{Api, Client, Resource};
+use kube::core::object::HasStatus;
+use kube::runtime::controller::{Action, Config, Controller};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use super::Error;
-use super::stores::{Stores, in_namespace};
+use super::stores::{Shared, Stores, in_namespace};
+use super::{Context, Error};
 use crate::resolve::Directory;
+
+/// A kind whose status a status controller keeps: what is the kind's own, around the shared
+/// shell of [`reconcile`]. The status type is the kind's [`HasStatus::Status`].
+pub trait StatusView:
+    Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+    + HasStatus<Status: Serialize + Default + Clone + Send + Sync>
+    + Clone
+    + DeserializeOwned
+    + Debug
+    + Send
+    + Sync
+    + 'static
+{
+    /// Kind label for metrics and errors.
+    const KIND: &'static str;
+    /// Field manager of the status the controller applies.
+    const MANAGER: &'static str;
+
+    /// The status the controller wants for `obj` now, from the caches; `dir` is the directory
+    /// of `obj`'s namespace (`dir.namespace`).
+    fn desired(ctx: &Context, dir: &Directory, obj: &Self, now: &Time) -> Self::Status;
+
+    /// The fields of `status` the controller owns (what it writes: not another writer's
+    /// fields or conditions), the others empty.
+    fn owned(status: &Self::Status) -> Self::Status;
+
+    /// Whether `desired` differs from the fields of `current` the controller owns, ignoring
+    /// timestamps ([`comparable`]).
+    fn changed(current: Option<&Self::Status>, desired: &Self::Status) -> bool {
+        comparable(&current.map(Self::owned).unwrap_or_default()) != comparable(desired)
+    }
+
+    /// Whether `desired` must be written over the status of `self` as cached: by default,
+    /// whether it [`changed`](StatusView::changed) from the cached status.
+    fn needs_write(&self, desired: &Self::Status) -> bool {
+        Self::changed(self.status(), desired)
+    }
+}
+
+/// The reconcile of every status controller: computes `obj`'s desired status and applies it
+/// (as [`StatusView::MANAGER`]) only when it must be written and was not already written for
+/// this version of `obj`; requeues at the resync interval.
+pub async fn reconcile<K: StatusView>(
+    obj: Arc<K>,
+    ctx: Arc<Context>,
+    written: Arc<Written>,
+) -> Result<Action, Error> {
+    ctx.wait_synced().await;
+    let _timer = ctx.metrics.reconcile_timer(K::KIND);
+    let name = obj.name_any();
+    let ns = obj.namespace().ok_or_else(|| Error::NoNamespace {
+        kind: K::KIND,
+        name: name.clone(),
+    })?;
+    let dir = directory(&ctx.stores, &ns);
+    let now = Time(jiff::Timestamp::now());
+    let desired = K::desired(&ctx, &dir, &obj, &now);
+    if obj.needs_write(&desired) && !written.already(obj.as_ref(), &desired) {
+        apply::<K>(&ctx.client, &ns, &name, K::MANAGER, &desired).await?;
+        written.record(obj.as_ref(), &desired);
+    }
+    ctx.backoff
+        .succeeded(&ObjectRef::from_obj(obj.as_ref()).to_string());
+    Ok(Action::requeue(ctx.config.resync))
+}
+
+/// A status controller being built: its own kind's changes, plus the kind's triggers, each a
+/// mapping from another object (changed, deleted, or both) to the objects whose status it
+/// affects. Mappings read the caches through the [`Stores`] they are given.
+pub struct Triggers<K: StatusView> {
+    controller: Controller<K>,
+    ctx: Arc<Context>,
+}
+
+impl<K: StatusView> Triggers<K> {
+    /// A controller of `own`'s objects (their changes reconcile them), to run with `ctx`.
+    pub fn new(own: &Shared<K>, ctx: Arc<Context>) -> Self {
+        Self {
+            controller: Controller::for_shared_stream(own.subscribe(), own.reader.clone()),
+            ctx,
+        }
+    }
+
+    /// Reconciles what `map` names when an `O` changes or is deleted.
+    pub fn on<O, I, F>(self, other: &mut Shared<O>, map: F) -> Self
+    where
+        O: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+        I: IntoIterator<Item = ObjectRef<K>> + 'static,
+        I::IntoIter: Send,
+        F: Fn(&Stores, &O) -> I + Send + Sync + 'static,
+    {
+        let map = Arc::new(map);
+        let on_delete = map.clone();
+        self.on_changes(other, move |s, o| map(s, o))
+            .on_deletes(other, move |s, o| on_delete(s, o))
+    }
+
+    /// Reconciles what `map` names when an `O` changes (deletions are not a trigger).
+    pub fn on_changes<O, I, F>(mut self, other: &Shared<O>, map: F) -> Self
+    where
+        O: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+        I: IntoIterator<Item = ObjectRef<K>> + 'static,
+        I::IntoIter: Send,
+        F: Fn(&Stores, &O) -> I + Send + Sync + 'static,
+    {
+        let s = self.ctx.stores.clone();
+        self.controller = self
+            .controller
+            .watches_shared_stream(other.subscribe(), move |o: Arc<O>| map(&s, &o));
+        self
+    }
+
+    /// Reconciles what `map` names when an `O` is deleted (shared subscribers see only changes).
+    pub fn on_deletes<O, I, F>(mut self, other: &mut Shared<O>, map: F) -> Self
+    where
+        O: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+        I: IntoIterator<Item = ObjectRef<K>> + 'static,
+        I::IntoIter: Send,
+        F: Fn(&Stores, &O) -> I + Send + Sync + 'static,
+    {
+        let s = self.ctx.stores.clone();
+        let deleted = other
+            .subscribe_deletes()
+            .flat_map(move |o: Arc<O>| stream::iter(map(&s, &o)));
+        self.controller = self.controller.reconcile_on(deleted);
+        self
+    }
+
+    /// Runs the controller: [`reconcile`] on every trigger, as many at a time as the configured
+    /// concurrency, with the shared error policy ([`Context::on_error`]) under
+    /// [`StatusView::KIND`].
+    pub fn run(self) -> BoxFuture<'static, ()> {
+        let written = Arc::new(Written::default());
+        let ctx = self.ctx;
+        self.controller
+            .with_config(Config::default().concurrency(ctx.config.concurrency))
+            .run(
+                move |obj, ctx| reconcile(obj, ctx, written.clone()),
+                |obj, e, ctx: Arc<Context>| {
+                    ctx.on_error(K::KIND, &ObjectRef::from_obj(obj.as_ref()), e)
+                },
+                ctx,
+            )
+            .for_each(|_| futures::future::ready(()))
+            .boxed()
+    }
+}
 
 /// The namespace's small kinds, from the caches.
 pub fn directory(stores: &Stores, ns: &str) -> Directory {
@@ -382,6 +543,29 @@ mod tests {
             !w.already(&obj, &status),
             "a re-created object is another object"
         );
+    }
+
+    #[test]
+    fn each_kind_keeps_its_label_and_field_manager() {
+        use crate::crd::v1alpha1::{Group, Server, ServerAssignment, ServerPool, User};
+        fn of<K: StatusView>() -> (&'static str, &'static str, String) {
+            (K::KIND, K::MANAGER, K::kind(&()).into_owned())
+        }
+        let kinds = [
+            of::<User>(),
+            of::<Group>(),
+            of::<Server>(),
+            of::<ServerPool>(),
+            of::<ServerAssignment>(),
+        ];
+        for (label, manager, kind) in &kinds {
+            assert_eq!(label, kind, "the metrics label is the kind");
+            assert_eq!(
+                *manager,
+                format!("cubicle/{}-status", kind.to_lowercase()),
+                "each kind applies with its own field manager"
+            );
+        }
     }
 
     #[test]

@@ -9,25 +9,19 @@
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use futures::{FutureExt, StreamExt, stream};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
-use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::reflector::ObjectRef;
 
-use super::status::{self, Cond, Written, comparable, conditions, directory, owned_conditions};
+use super::Context;
+use super::status::{self, Cond, StatusView, Triggers, comparable, conditions, owned_conditions};
 use super::stores::{Reflectors, STATUS_DIGEST_ANNOTATION, Stores};
-use super::{Context, Error};
 use crate::crd::v1alpha1::{
     Group, Server, ServerAssignment, ServerPool, Session, User, UserStatus, Workspace,
 };
 use crate::resolve::findings::duplicate_username_finding;
 use crate::resolve::{self, Code, Directory, Finding, Severity};
 
-/// Kind label for metrics and errors.
-pub const KIND: &str = "User";
-/// Field manager of the status this controller applies.
-pub const MANAGER: &str = "cubicle/user-status";
 /// The condition types this controller owns.
 pub const CONDITIONS: &[&str] = &["Ready", "SettingsConflict", "SettingsInconsistent"];
 
@@ -160,21 +154,11 @@ pub fn desired_status(
 /// The fields of `status` this controller owns, as it compares them (no usage, no other
 /// writer's conditions, no timestamps).
 fn owned_comparable(status: Option<&UserStatus>) -> serde_json::Value {
-    let owned = status.map(|c| UserStatus {
-        usage: Vec::new(),
-        conditions: owned_conditions(&c.conditions, CONDITIONS),
-        ..c.clone()
-    });
-    comparable(&owned.unwrap_or_default())
+    comparable(&status.map(User::owned).unwrap_or_default())
 }
 
-/// Whether `desired` differs from the fields of `current` this controller owns.
-pub fn changed(current: Option<&UserStatus>, desired: &UserStatus) -> bool {
-    owned_comparable(current) != comparable(desired)
-}
-
-/// A digest of the fields of `status` this controller owns, as [`changed`] compares them: two
-/// statuses [`changed`] finds equal have the same digest. The cache keeps it on each User
+/// A digest of the fields of `status` this controller owns, as [`User::changed`] compares
+/// them: two statuses it finds equal have the same digest. The cache keeps it on each User
 /// ([`STATUS_DIGEST_ANNOTATION`]) instead of `status.effectiveSettings`.
 pub fn status_digest(status: Option<&UserStatus>) -> String {
     use std::hash::Hasher;
@@ -183,54 +167,48 @@ pub fn status_digest(status: Option<&UserStatus>) -> String {
     format!("{:016x}", h.finish())
 }
 
-/// Whether `desired` must be written over `user`'s status: by the digest the cache keeps, or,
-/// for a User that was not trimmed by the cache, by comparing the statuses.
-pub fn needs_write(user: &User, desired: &UserStatus) -> bool {
-    match user.annotations().get(STATUS_DIGEST_ANNOTATION) {
-        Some(digest) => *digest != status_digest(Some(desired)),
-        None => changed(user.status.as_ref(), desired),
-    }
-}
+impl StatusView for User {
+    const KIND: &'static str = "User";
+    const MANAGER: &'static str = "cubicle/user-status";
 
-async fn reconcile(
-    user: Arc<User>,
-    ctx: Arc<Context>,
-    written: Arc<Written>,
-) -> Result<Action, Error> {
-    ctx.wait_synced().await;
-    let _timer = ctx.metrics.reconcile_timer(KIND);
-    let name = user.name_any();
-    let ns = user.namespace().ok_or_else(|| Error::NoNamespace {
-        kind: KIND,
-        name: name.clone(),
-    })?;
-    let dir = directory(&ctx.stores, &ns);
-    let in_ns = |o: &Option<String>| o.as_deref() == Some(ns.as_str());
-    let sessions = ctx
-        .stores
-        .sessions
-        .state_filter(|s| s.spec.user == name && in_ns(&s.metadata.namespace));
-    let mine = uname(&user);
-    let same: Vec<String> = ctx
-        .stores
-        .users
-        .state_filter(|u| {
-            uname(u) == mine
-                && in_ns(&u.metadata.namespace)
-                && u.metadata.name != user.metadata.name
-        })
-        .iter()
-        .map(|u| u.name_any())
-        .collect();
-    let now = Time(jiff::Timestamp::now());
-    let desired = desired_status(&dir, &user, &sessions, &same, user.status.as_ref(), &now);
-    if needs_write(&user, &desired) && !written.already(user.as_ref(), &desired) {
-        status::apply::<User>(&ctx.client, &ns, &name, MANAGER, &desired).await?;
-        written.record(user.as_ref(), &desired);
+    fn desired(ctx: &Context, dir: &Directory, user: &User, now: &Time) -> UserStatus {
+        let name = user.name_any();
+        let in_ns = |o: &Option<String>| o.as_deref() == Some(dir.namespace.as_str());
+        let sessions = ctx
+            .stores
+            .sessions
+            .state_filter(|s| s.spec.user == name && in_ns(&s.metadata.namespace));
+        let mine = uname(user);
+        let same: Vec<String> = ctx
+            .stores
+            .users
+            .state_filter(|u| {
+                uname(u) == mine
+                    && in_ns(&u.metadata.namespace)
+                    && u.metadata.name != user.metadata.name
+            })
+            .iter()
+            .map(|u| u.name_any())
+            .collect();
+        desired_status(dir, user, &sessions, &same, user.status.as_ref(), now)
     }
-    ctx.backoff
-        .succeeded(&ObjectRef::from_obj(user.as_ref()).to_string());
-    Ok(Action::requeue(ctx.config.resync))
+
+    fn owned(c: &UserStatus) -> UserStatus {
+        UserStatus {
+            usage: Vec::new(),
+            conditions: owned_conditions(&c.conditions, CONDITIONS),
+            ..c.clone()
+        }
+    }
+
+    /// By the digest the cache keeps, or, for a User that was not trimmed by the cache, by
+    /// comparing the statuses.
+    fn needs_write(&self, desired: &UserStatus) -> bool {
+        match self.annotations().get(STATUS_DIGEST_ANNOTATION) {
+            Some(digest) => *digest != status_digest(Some(desired)),
+            None => Self::changed(self.status.as_ref(), desired),
+        }
+    }
 }
 
 fn users_where(
@@ -359,89 +337,17 @@ fn users_sharing_username(stores: &Stores, u: &User) -> Vec<ObjectRef<User>> {
 
 /// Builds the User status controller over the shared caches.
 pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, ()> {
-    let written = Arc::new(Written::default());
-    let s = ctx.stores.clone();
-    let on_group = {
-        let s = s.clone();
-        move |g: Arc<Group>| users_of_group(&s, &g)
-    };
-    let on_server = {
-        let s = s.clone();
-        move |x: Arc<Server>| users_of_servers(&s, x.namespace(), &[x.name_any()])
-    };
-    let on_pool = {
-        let s = s.clone();
-        move |p: Arc<ServerPool>| users_of_pool(&s, &p)
-    };
-    let on_assignment = {
-        let s = s.clone();
-        move |a: Arc<ServerAssignment>| users_of_assignment(&s, &a)
-    };
-    let on_workspace = {
-        let s = s.clone();
-        move |w: Arc<Workspace>| users_with_default_workspace(&s, &w)
-    };
-    let on_user = {
-        let s = s.clone();
-        move |u: Arc<User>| users_sharing_username(&s, &u)
-    };
-    let on_session = |x: Arc<Session>| user_of_session(&x);
-    let deleted_groups = {
-        let f = on_group.clone();
-        r.groups
-            .subscribe_deletes()
-            .flat_map(move |g| stream::iter(f(g)))
-    };
-    let deleted_servers = {
-        let f = on_server.clone();
-        r.servers
-            .subscribe_deletes()
-            .flat_map(move |x| stream::iter(f(x)))
-    };
-    let deleted_pools = {
-        let f = on_pool.clone();
-        r.pools
-            .subscribe_deletes()
-            .flat_map(move |x| stream::iter(f(x)))
-    };
-    let deleted_assignments = {
-        let f = on_assignment.clone();
-        r.assignments
-            .subscribe_deletes()
-            .flat_map(move |x| stream::iter(f(x)))
-    };
-    let deleted_sessions = r
-        .sessions
-        .subscribe_deletes()
-        .flat_map(move |x| stream::iter(on_session(x)));
-    let deleted_users = {
-        let f = on_user.clone();
-        r.users
-            .subscribe_deletes()
-            .flat_map(move |x| stream::iter(f(x)))
-    };
-    Controller::for_shared_stream(r.users.subscribe(), r.users.reader.clone())
-        .watches_shared_stream(r.groups.subscribe(), on_group)
-        .watches_shared_stream(r.servers.subscribe(), on_server)
-        .watches_shared_stream(r.pools.subscribe(), on_pool)
-        .watches_shared_stream(r.assignments.subscribe(), on_assignment)
-        .watches_shared_stream(r.workspaces.subscribe(), on_workspace)
-        .watches_shared_stream(r.sessions.subscribe(), on_session)
-        .watches_shared_stream(r.users.subscribe(), on_user)
-        .reconcile_on(deleted_groups)
-        .reconcile_on(deleted_servers)
-        .reconcile_on(deleted_pools)
-        .reconcile_on(deleted_assignments)
-        .reconcile_on(deleted_sessions)
-        .reconcile_on(deleted_users)
-        .with_config(Config::default().concurrency(ctx.config.concurrency))
-        .run(
-            move |obj, ctx| reconcile(obj, ctx, written.clone()),
-            |u, e, ctx: Arc<Context>| ctx.on_error(KIND, &ObjectRef::from_obj(u.as_ref()), e),
-            ctx,
-        )
-        .for_each(|_| futures::future::ready(()))
-        .boxed()
+    Triggers::<User>::new(&r.users, ctx)
+        .on(&mut r.groups, users_of_group)
+        .on(&mut r.servers, |s, x: &Server| {
+            users_of_servers(s, x.namespace(), &[x.name_any()])
+        })
+        .on(&mut r.pools, users_of_pool)
+        .on(&mut r.assignments, users_of_assignment)
+        .on_changes(&r.workspaces, users_with_default_workspace)
+        .on(&mut r.sessions, |_, x: &Session| user_of_session(x))
+        .on(&mut r.users, users_sharing_username)
+        .run()
 }
 
 #[cfg(test)]
@@ -531,15 +437,15 @@ mod tests {
         assert_eq!(s.conditions[0].status, "True");
         assert_eq!(s.conditions[1].status, "False");
         // Steady: nothing to write; the same computation later keeps the times.
-        assert!(!changed(Some(&s), &s));
+        assert!(!User::changed(Some(&s), &s));
         let later = desired_status(&d, &u, &sessions, &[], Some(&s), &t("2026-03-01T00:00:00Z"));
-        assert!(!changed(Some(&s), &later));
+        assert!(!User::changed(Some(&s), &later));
         assert_eq!(later.conditions[0].last_transition_time, now);
         // lastSessionTime never goes back when sessions are deleted.
         let gone = desired_status(&d, &u, &[], &[], Some(&s), &now);
         assert_eq!(gone.last_session_time, Some(t("2026-01-02T10:00:00Z")));
         assert_eq!(gone.active_sessions, Some(0));
-        assert!(changed(Some(&s), &gone));
+        assert!(User::changed(Some(&s), &gone));
     }
 
     #[test]
@@ -554,13 +460,13 @@ mod tests {
         pending.status.as_mut().unwrap().started_at = None;
         let created = desired_status(&d, &u, &[Arc::new(pending)], &[], Some(&before), &now);
         assert_eq!(created.active_sessions, Some(0));
-        assert!(!changed(Some(&before), &created));
+        assert!(!User::changed(Some(&before), &created));
         // Started: activeSessions and lastSessionTime move together, in one write.
         let running = session("a", "alice", "2026-02-01T00:00:05Z", SessionPhase::Running);
         let started = desired_status(&d, &u, &[running], &[], Some(&created), &now);
         assert_eq!(started.active_sessions, Some(1));
         assert_eq!(started.last_session_time, Some(t("2026-02-01T00:00:05Z")));
-        assert!(changed(Some(&created), &started));
+        assert!(User::changed(Some(&created), &started));
     }
 
     #[test]
@@ -599,7 +505,7 @@ mod tests {
             )]
             .into(),
         );
-        assert!(!needs_write(&u, &s), "untrimmed: compared in full");
+        assert!(!u.needs_write(&s), "untrimmed: compared in full");
         let mut cached = u.clone();
         crate::controller::stores::trim_user(&mut cached);
         let st = cached.status.as_ref().unwrap();
@@ -614,7 +520,7 @@ mod tests {
         assert!(!annotations.contains_key("kubectl.kubernetes.io/last-applied-configuration"));
         // The same status (even computed later) needs no write; a changed setting does.
         let later = desired_status(&d, &cached, &[], &[], st.into(), &t("2026-03-01T00:00:00Z"));
-        assert!(!needs_write(&cached, &later));
+        assert!(!cached.needs_write(&later));
         let d2 = dir(vec![group(
             "eng",
             10,
@@ -624,15 +530,12 @@ mod tests {
             },
         )]);
         let edited = desired_status(&d2, &cached, &[], &[], st.into(), &now);
-        assert!(needs_write(&cached, &edited));
-        assert!(changed(u.status.as_ref(), &edited));
+        assert!(cached.needs_write(&edited));
+        assert!(User::changed(u.status.as_ref(), &edited));
         // A User never written has a digest too, and any status is news for it.
         let mut fresh = user("bob", &[]);
         crate::controller::stores::trim_user(&mut fresh);
-        assert!(needs_write(
-            &fresh,
-            &desired_status(&d, &fresh, &[], &[], None, &now)
-        ));
+        assert!(fresh.needs_write(&desired_status(&d, &fresh, &[], &[], None, &now)));
     }
 
     #[test]
@@ -706,7 +609,7 @@ mod tests {
         let mut other = current.conditions[0].clone();
         other.type_ = "UsageExhausted".into();
         current.conditions.push(other);
-        assert!(!changed(Some(&current), &s));
+        assert!(!User::changed(Some(&current), &s));
         // The body applied never carries usage.
         let body = serde_json::to_value(&s).unwrap();
         assert!(body.get("usage").is_none());
