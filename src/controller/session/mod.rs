@@ -38,7 +38,8 @@ use super::stores::{Reflectors, Stores, in_namespace};
 use super::{CONTROLLER_NAME, Context, Error};
 use crate::crd::v1alpha1::{
     DesiredState, Keepalive, KeepaliveExpirationAction, KeepaliveSource, ProfileMode,
-    ProfileOutcome, ProfileStatus, Session, SessionPhase, SessionStatus, User, Workspace,
+    ProfileOutcome, ProfileStatus, Server, ServerAssignment, ServerPool, Session, SessionPhase,
+    SessionStatus, User, Workspace,
 };
 use crate::resolve::{self, Directory};
 
@@ -153,7 +154,7 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
             let user = s.spec.user.clone();
             let me = s.name_any();
             sessions_where(&stores, s.namespace(), move |o| {
-                o.spec.user == user && o.name_any() != me && !is_steady(o)
+                o.spec.user == user && o.name_any() != me && waiting_for_room(o)
             })
         }
     };
@@ -179,7 +180,7 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
             .flat_map(move |s: Arc<Session>| {
                 let user = s.spec.user.clone();
                 futures::stream::iter(sessions_where(&stores, s.namespace(), move |o| {
-                    o.spec.user == user && !is_steady(o)
+                    o.spec.user == user && waiting_for_room(o)
                 }))
             })
     };
@@ -197,14 +198,41 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
     let controller =
         Controller::for_shared_stream(r.sessions.subscribe(), r.sessions.reader.clone())
             .owns_shared_stream(r.pods.subscribe())
-            .watches_shared_stream(r.users.subscribe(), by_user)
+            // Status writes that sessions do not read (a User's activeSessions, a Server's or
+            // a pool's session counts) change with every launch: passed on, each would fan out
+            // to every session it maps to, quadratic in a burst. Only what sessions read (specs,
+            // the usage ledger) goes through.
+            .watches_shared_stream(
+                r.users.subscribe().filter(when_changed(|u: &User| {
+                    digest(&(
+                        &u.metadata.generation,
+                        u.status
+                            .as_ref()
+                            .map(|s| serde_json::to_string(&s.usage).ok()),
+                    ))
+                })),
+                by_user,
+            )
             .watches_shared_stream(r.groups.subscribe(), move |g| groups(g.namespace()))
             .watches_shared_stream(r.workspaces.subscribe(), workspaces)
-            .watches_shared_stream(r.servers.subscribe(), move |s| servers(s.namespace()))
-            .watches_shared_stream(r.pools.subscribe(), move |p| pools(p.namespace()))
-            .watches_shared_stream(r.assignments.subscribe(), move |a| {
-                assignments(a.namespace())
-            })
+            .watches_shared_stream(
+                r.servers
+                    .subscribe()
+                    .filter(when_changed(|o: &Server| digest(&o.metadata.generation))),
+                move |s| servers(s.namespace()),
+            )
+            .watches_shared_stream(
+                r.pools
+                    .subscribe()
+                    .filter(when_changed(|o: &ServerPool| digest(&o.metadata.generation))),
+                move |p| pools(p.namespace()),
+            )
+            .watches_shared_stream(
+                r.assignments.subscribe().filter(when_changed(|o: &ServerAssignment| {
+                    digest(&o.metadata.generation)
+                })),
+                move |a| assignments(a.namespace()),
+            )
             .watches_shared_stream(r.sessions.subscribe(), siblings)
             .watches_shared_stream(r.claims.subscribe(), claims)
             .reconcile_on(freed)
@@ -254,6 +282,35 @@ fn sessions_where(
         .filter(|s| pred(s))
         .map(|s| ObjectRef::from_obj(s.as_ref()))
         .collect()
+}
+
+/// Refused (or stopped and refused a resume): waiting for a slot a sibling may free.
+fn waiting_for_room(s: &Session) -> bool {
+    let phase = s.status.as_ref().and_then(|st| st.phase);
+    phase == Some(SessionPhase::Refused)
+        || (phase == Some(SessionPhase::Stopped)
+            && s.spec.state.unwrap_or(DesiredState::Running) == DesiredState::Running)
+}
+
+/// A stream filter that passes an object on only when `f` of it differs from the last value
+/// seen for that object (by uid).
+fn when_changed<K: Resource>(
+    f: impl Fn(&K) -> u64,
+) -> impl FnMut(&Arc<K>) -> futures::future::Ready<bool> {
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    move |o: &Arc<K>| {
+        let key = o.meta().uid.clone().unwrap_or_default();
+        let d = f(o);
+        futures::future::ready(seen.insert(key, d) != Some(d))
+    }
+}
+
+/// A hash of `v`.
+fn digest(v: &impl std::hash::Hash) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    v.hash(&mut h);
+    h.finish()
 }
 
 /// Running or paused with a ready pod, or stopped: nothing for another object to unblock.
