@@ -222,15 +222,17 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
                 move |s| servers(s.namespace()),
             )
             .watches_shared_stream(
-                r.pools
-                    .subscribe()
-                    .filter(when_changed(|o: &ServerPool| digest(&o.metadata.generation))),
+                r.pools.subscribe().filter(when_changed(|o: &ServerPool| {
+                    digest(&o.metadata.generation)
+                })),
                 move |p| pools(p.namespace()),
             )
             .watches_shared_stream(
-                r.assignments.subscribe().filter(when_changed(|o: &ServerAssignment| {
-                    digest(&o.metadata.generation)
-                })),
+                r.assignments
+                    .subscribe()
+                    .filter(when_changed(|o: &ServerAssignment| {
+                        digest(&o.metadata.generation)
+                    })),
                 move |a| assignments(a.namespace()),
             )
             .watches_shared_stream(r.sessions.subscribe(), siblings)
