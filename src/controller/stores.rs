@@ -61,6 +61,11 @@ const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 /// Buffer of each shared stream (events a slow subscriber may lag behind).
 const BUFFER: usize = 1024;
 
+/// Objects per page of an initial list or relist (kube's default is 500). Each page is
+/// deserialized whole, as full objects, before any is trimmed for the cache; the allocator keeps
+/// much of that peak afterwards, so smaller pages keep the heap close to what the caches hold.
+const LIST_PAGE: u32 = 100;
+
 /// Which namespaces a runtime covers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Scope {
@@ -223,9 +228,10 @@ impl Reflectors {
     pub fn start(self) -> Vec<JoinHandle<()>> {
         let c = &self.client;
         let s = &self.scope;
-        let managed =
-            watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
-        let all = watcher::Config::default();
+        let all = watcher::Config::default().page_size(LIST_PAGE);
+        let managed = all
+            .clone()
+            .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
         // An Api of PartialObjectMeta makes metadata-only requests.
         let nodes_api: Api<PartialObjectMeta<Node>> = Api::all(c.clone());
         let (_, node_writer) = self.nodes;
