@@ -24,7 +24,9 @@
 //!   API server: every write builds its own body.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use futures::channel::mpsc;
 use futures::{StreamExt, future};
@@ -310,10 +312,90 @@ impl Reflectors {
     }
 }
 
+/// How long the watches must be quiet (no event of any kind) before freed memory is released.
+/// Short: a release costs a few milliseconds, and it runs once per quiet spell.
+const QUIET: Duration = Duration::from_secs(1);
+
+/// Gives the heap's freed memory back to the OS once the operator goes quiet.
+///
+/// The allocator keeps what it freed: glibc's keeps the pages of every list page deserialized
+/// whole before trimming and of every burst's transient allocations, spread over its per-thread
+/// arenas, so the resident size stays near the peak long after. The binary registers how to
+/// release it ([`set_memory_release`]: glibc's `malloc_trim`); the library stays free of unsafe
+/// code and does nothing when none is registered (tests, other allocators).
+///
+/// Every watch event counts as activity: the first one arms a one-shot timer, which fires
+/// [`QUIET`] after the last event and releases once. An initial list, a relist and a burst all
+/// end with a release; an idle operator, with no events, has no timer at all (no polling).
+pub struct QuietRelease {
+    release: OnceLock<fn()>,
+    epoch: tokio::time::Instant,
+    /// Milliseconds from `epoch` to the last event.
+    last: AtomicU64,
+    armed: AtomicBool,
+}
+
+static RELEASE: OnceLock<Arc<QuietRelease>> = OnceLock::new();
+
+fn quiet_release() -> &'static Arc<QuietRelease> {
+    RELEASE.get_or_init(|| Arc::new(QuietRelease::new()))
+}
+
+/// Registers how to give freed memory back to the OS (once; later calls are ignored).
+pub fn set_memory_release(release: fn()) {
+    let _ = quiet_release().release.set(release);
+}
+
+impl QuietRelease {
+    fn new() -> Self {
+        Self {
+            release: OnceLock::new(),
+            epoch: tokio::time::Instant::now(),
+            last: AtomicU64::new(0),
+            armed: AtomicBool::new(false),
+        }
+    }
+
+    fn since_epoch(&self) -> Duration {
+        // Tokio's clock, so that paused-clock tests see their own time.
+        tokio::time::Instant::now().saturating_duration_since(self.epoch)
+    }
+
+    /// Notes a watch event; arms the timer if it is not armed. Needs a Tokio runtime.
+    fn activity(self: &Arc<Self>) {
+        if self.release.get().is_none() {
+            return;
+        }
+        self.last
+            .store(self.since_epoch().as_millis() as u64, Ordering::Relaxed);
+        if self.armed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let last = Duration::from_millis(me.last.load(Ordering::Relaxed));
+                let idle = me.since_epoch().saturating_sub(last);
+                if idle >= QUIET {
+                    break;
+                }
+                tokio::time::sleep(QUIET - idle).await;
+            }
+            // Disarmed before the release: an event from now on arms a new timer.
+            me.armed.store(false, Ordering::Release);
+            if let Some(release) = me.release.get() {
+                release();
+            }
+        });
+    }
+}
+
 fn log_errors<K>(
     kind: &'static str,
 ) -> impl FnMut(Result<watcher::Event<K>, watcher::Error>) -> future::Ready<()> {
+    let quiet = quiet_release().clone();
     move |ev| {
+        quiet.activity();
         if let Err(e) = ev {
             warn!(kind, error = %e, "watch error; retrying with backoff");
         }
@@ -596,6 +678,33 @@ mod tests {
     use crate::controller::session::{build, plan, volume_zone};
     use kube::ResourceExt;
     use serde_json::json;
+
+    #[tokio::test(start_paused = true)]
+    async fn memory_is_released_once_per_quiet_spell_and_never_when_idle() {
+        use std::sync::atomic::AtomicUsize;
+        static RELEASED: AtomicUsize = AtomicUsize::new(0);
+        let released = || RELEASED.load(Ordering::SeqCst);
+        let q = Arc::new(QuietRelease::new());
+        q.activity();
+        tokio::time::sleep(QUIET * 3).await;
+        assert_eq!(released(), 0, "nothing registered: no release, no timer");
+        let _ = q.release.set(|| {
+            RELEASED.fetch_add(1, Ordering::SeqCst);
+        });
+        // A burst: events closer together than QUIET.
+        for _ in 0..10 {
+            q.activity();
+            tokio::time::sleep(QUIET / 2).await;
+        }
+        assert_eq!(released(), 0, "not during a burst");
+        tokio::time::sleep(QUIET).await;
+        assert_eq!(released(), 1, "once the burst is over");
+        tokio::time::sleep(QUIET * 100).await;
+        assert_eq!(released(), 1, "idle: nothing more");
+        q.activity();
+        tokio::time::sleep(QUIET * 2).await;
+        assert_eq!(released(), 2, "the next event arms it again");
+    }
 
     fn pod(conditions: serde_json::Value, phase: &str, waiting: &str) -> Pod {
         serde_json::from_value(json!({
