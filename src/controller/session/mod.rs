@@ -26,7 +26,7 @@ use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use self::build::{
     ACCESS_LABEL, ARCHIVED_LABEL, PROFILE_LABEL, Placement, PodInputs, ProfileMount,
@@ -253,24 +253,33 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
                 }
                 futures::future::ready(())
             });
-    // The fast path runs beside the controller (its own task, so a busy controller does not
-    // delay a deadline) from the moment the controller is first polled, that is once every
-    // cache has synced, and stops with it.
+    // The fast path runs beside the controller from the moment the controller is first polled
+    // (once every cache has synced) and stops with it. It has a thread and a timer of its own:
+    // on the shared runtime, a timer is only looked at between other tasks' polls, and in a
+    // burst of deletions those polls (cache updates, trigger mappings) would make it late. The
+    // actions' API calls still run on the shared runtime.
     async move {
-        let timers = AbortOnDrop(tokio::spawn(run_timers(timers_ctx)));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let main = tokio::runtime::Handle::current();
+        let thread = std::thread::Builder::new()
+            .name("cubicle-expiry".into())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(run_timers(timers_ctx, main, stopped)),
+                    Err(e) => warn!(error = %e, "expiry timer runtime not started"),
+                }
+            });
+        if let Err(e) = thread {
+            // The controller's own requeue still enforces every deadline, a second late.
+            warn!(error = %e, "expiry timer thread not started");
+        }
         controller.await;
-        drop(timers);
+        drop(stop);
     }
     .boxed()
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 fn sessions_where(
@@ -654,7 +663,15 @@ async fn reconcile(
             }
         };
         if crate::expiry::is_due(&d, now_ts) && !noop && !resuming {
-            return enforce(&ctx, &session, &ns, &name, &d, now_ts);
+            return enforce(
+                &ctx,
+                &session,
+                &ns,
+                &name,
+                &d,
+                now_ts,
+                &tokio::runtime::Handle::current(),
+            );
         }
         if let Some(k) = next {
             status.last_keepalive = Some(Keepalive {
@@ -969,7 +986,11 @@ const FAST_PATH_GRACE: Duration = Duration::from_secs(1);
 /// The fast path of the expiry: sleeps until the earliest armed deadline and, at it, enforces
 /// every due session whose fingerprint still matches the cache; a session whose inputs changed
 /// since it was armed goes back to a full reconcile (never acted on from stale inputs).
-async fn run_timers(ctx: Arc<Context>) {
+async fn run_timers(
+    ctx: Arc<Context>,
+    main: tokio::runtime::Handle,
+    mut stopped: tokio::sync::oneshot::Receiver<()>,
+) {
     loop {
         let now = jiff::Timestamp::now();
         for (key, arm) in ctx.expiries.take_due(now) {
@@ -994,7 +1015,8 @@ async fn run_timers(ctx: Arc<Context>) {
                 action: arm.action,
             };
             // The lateness is measured per session, at the moment each one starts.
-            if let Err(e) = enforce(&ctx, &session, ns, name, &d, jiff::Timestamp::now()) {
+            let now = jiff::Timestamp::now();
+            if let Err(e) = enforce(&ctx, &session, ns, name, &d, now, &main) {
                 debug!(session = %key, error = %e, "expiry not enforced");
             }
         }
@@ -1003,7 +1025,10 @@ async fn run_timers(ctx: Arc<Context>) {
             .next()
             .map(|at| expiry::until(at, jiff::Timestamp::now()))
             .unwrap_or(Duration::from_secs(3600));
-        ctx.expiries.sleep(wait).await;
+        tokio::select! {
+            _ = ctx.expiries.sleep(wait) => {}
+            _ = &mut stopped => return,
+        }
     }
 }
 
@@ -1500,6 +1525,7 @@ fn enforce(
     name: &str,
     d: &crate::expiry::Deadline,
     now: jiff::Timestamp,
+    rt: &tokio::runtime::Handle,
 ) -> Result<Action, Error> {
     let key = session_key(ns, name);
     if !ctx.expiries.begin(&key, d.at) {
@@ -1525,7 +1551,7 @@ fn enforce(
     let ctx = ctx.clone();
     let session = session.clone();
     let (ns, name, kind, at) = (ns.to_string(), name.to_string(), d.action, d.at);
-    tokio::spawn(async move {
+    rt.spawn(async move {
         let api: Api<Session> = Api::namespaced(ctx.client.clone(), &ns);
         let reference = session.object_ref(&());
         let event = Event {
