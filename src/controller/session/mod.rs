@@ -1532,26 +1532,26 @@ fn enforce(
         // This replica is already carrying it out; look again once it is done.
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
+    // The action starts here: decided and handed to its task. Its lateness is measured now;
+    // recording it (metric, log line, the Event's note) is the task's first step, so that
+    // sessions due at the same instant are not dispatched one log write apart.
     let late = now.duration_since(d.at).as_secs_f64().max(0.0);
-    let action = match d.action {
-        KeepaliveExpirationAction::Delete => "delete",
-        KeepaliveExpirationAction::Stop => "stop",
-        KeepaliveExpirationAction::Pause => "pause",
-    };
-    ctx.metrics
-        .expiry_lateness
-        .get_or_create(&crate::metrics::ActionLabel { action })
-        .observe(late);
-    let rule = format!("{:?}", d.rule);
-    let note = format!(
-        "{rule} deadline {} reached ({:.3} s late): {action}",
-        d.at, late
-    );
-    info!(session = %key, rule = %rule, action, late_seconds = late, "session expired");
     let ctx = ctx.clone();
     let session = session.clone();
-    let (ns, name, kind, at) = (ns.to_string(), name.to_string(), d.action, d.at);
+    let (ns, name, kind, at, rule) = (ns.to_string(), name.to_string(), d.action, d.at, d.rule);
     rt.spawn(async move {
+        let action = match kind {
+            KeepaliveExpirationAction::Delete => "delete",
+            KeepaliveExpirationAction::Stop => "stop",
+            KeepaliveExpirationAction::Pause => "pause",
+        };
+        ctx.metrics
+            .expiry_lateness
+            .get_or_create(&crate::metrics::ActionLabel { action })
+            .observe(late);
+        let rule = format!("{rule:?}");
+        let note = format!("{rule} deadline {at} reached ({late:.3} s late): {action}");
+        info!(session = %key, rule = %rule, action, late_seconds = late, "session expired");
         let api: Api<Session> = Api::namespaced(ctx.client.clone(), &ns);
         let reference = session.object_ref(&());
         let event = Event {
