@@ -151,10 +151,31 @@ where
     }
 
     /// A stream of changed objects for one controller's triggers.
-    pub fn subscribe(&self) -> ReflectHandle<K> {
-        self.writer
+    ///
+    /// kube's shared stores broadcast to their subscribers through a bounded buffer and wait
+    /// for the slowest one, so a controller whose reconcile slots are all busy (it polls its
+    /// triggers only when a slot frees) would stop the watch, and with it the cache the busy
+    /// reconciles read: under a sustained burst, reconciles that cannot see the pods they made
+    /// make them again. A task per subscriber drains the broadcast into an unbounded queue, so
+    /// the caches never wait for a controller (the controller's scheduler deduplicates queued
+    /// triggers per object).
+    pub fn subscribe(&self) -> mpsc::UnboundedReceiver<Arc<K>>
+    where
+        K: Send + Sync,
+    {
+        let mut handle: ReflectHandle<K> = self
+            .writer
             .subscribe()
-            .expect("shared stores hand out subscribers")
+            .expect("shared stores hand out subscribers");
+        let (tx, rx) = mpsc::unbounded();
+        tokio::spawn(async move {
+            while let Some(obj) = handle.next().await {
+                if tx.unbounded_send(obj).is_err() {
+                    return; // the controller is gone
+                }
+            }
+        });
+        rx
     }
 }
 
