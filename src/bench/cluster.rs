@@ -32,6 +32,31 @@ pub const WORKSPACE: &str = "desktop";
 /// How many requests the harness keeps in flight when it creates or deletes objects.
 pub const HARNESS_CONCURRENCY: usize = 64;
 
+/// Starts the local control plane in `dir/cluster` with enough fake nodes for `pods` pods
+/// (110 per node, the kubelet default, keeping a tenth of the room free; at least 3), saying
+/// so through `progress`.
+pub async fn start_control_plane(
+    dir: &std::path::Path,
+    pods: usize,
+    progress: fn(String),
+) -> Result<(crate::devenv::DevCluster, crate::devenv::DevOptions), BenchError> {
+    let nodes = pods.div_ceil(100).max(3);
+    progress(format!(
+        "starting the local control plane with {nodes} fake nodes in {}",
+        dir.display()
+    ));
+    let opts = crate::devenv::DevOptions {
+        dir: dir.join("cluster"),
+        nodes,
+        zones: 3,
+        timeout: Duration::from_secs(300),
+    };
+    let cluster = crate::devenv::DevCluster::start(&opts)
+        .await
+        .ctx("start the local control plane")?;
+    Ok((cluster, opts))
+}
+
 /// Installs the CRDs (server-side apply) and waits until they are Established.
 pub async fn install_crds(client: &Client) -> Result<(), BenchError> {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());

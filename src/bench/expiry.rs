@@ -35,7 +35,7 @@ use super::report::median;
 use super::sys::Machine;
 use super::{BenchError, Budget, Context};
 use crate::crd::v1alpha1::{Group, Session, SessionPhase, User, Workspace};
-use crate::devenv::{DevCluster, DevOptions};
+use crate::devenv::DevCluster;
 
 /// Arguments of `cubicle bench-expiry`.
 #[derive(Debug, Clone, clap::Args)]
@@ -283,21 +283,7 @@ pub async fn run(args: &ExpiryArgs) -> Result<ExpiryReport, BenchError> {
             .ctx("make the operator wrapper executable")?;
     }
     let largest = args.sessions.iter().copied().max().unwrap_or(1);
-    // 110 pods per fake node (the kubelet default); keep a tenth of the room free.
-    let nodes = largest.div_ceil(100).max(3);
-    progress(format!(
-        "starting the local control plane with {nodes} fake nodes in {}",
-        dir.display()
-    ));
-    let opts = DevOptions {
-        dir: dir.join("cluster"),
-        nodes,
-        zones: 3,
-        timeout: Duration::from_secs(300),
-    };
-    let cluster = DevCluster::start(&opts)
-        .await
-        .ctx("start the local control plane")?;
+    let (cluster, _) = cluster::start_control_plane(&dir, largest, progress).await?;
     let result = all_sizes(args, &cluster, &wrapper, &dir).await;
     cluster.stop().await;
     if result.is_ok() && temporary {

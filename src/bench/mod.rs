@@ -1,7 +1,7 @@
 //! `cubicle bench`: what a launch costs, how fast bursts converge against the floor, and the
 //! operator's footprint, all measured in one run on the local control plane.
 //!
-//! The run starts its own control plane ([`DevCluster`], with enough fake nodes for the largest
+//! The run starts its own control plane ([`DevCluster`](crate::devenv::DevCluster), with enough fake nodes for the largest
 //! burst), installs the CRDs and runs the operator under test as a child process (`cubicle run`,
 //! this very binary), scoped to one tenant namespace and read through its `/metrics`
 //! (`cubicle_api_requests_total`) and `/proc/<pid>`. In order:
@@ -42,7 +42,6 @@ use serde::Serialize;
 use crate::apicount::ApiCounter;
 use crate::client::{self, ApiBudget};
 use crate::crd::v1alpha1::Session;
-use crate::devenv::{DevCluster, DevOptions};
 use cluster::{Template, Tracker};
 use operator::{OperatorProcess, OperatorSpec, Scrape};
 use report::{
@@ -216,21 +215,8 @@ pub async fn run(args: &BenchArgs) -> Result<Report, BenchError> {
     std::fs::create_dir_all(&dir).ctx(format!("create {}", dir.display()))?;
     let probes = if args.quick { 1 } else { args.probes.max(1) };
     let largest = args.sessions.iter().copied().max().unwrap_or(1);
-    // 110 pods per fake node (the kubelet default); keep a tenth of the room free.
-    let nodes = (largest + 2 * probes).div_ceil(100).max(3);
-    progress(format!(
-        "starting the local control plane with {nodes} fake nodes in {}",
-        dir.display()
-    ));
-    let opts = DevOptions {
-        dir: dir.join("cluster"),
-        nodes,
-        zones: 3,
-        timeout: Duration::from_secs(300),
-    };
-    let cluster = DevCluster::start(&opts)
-        .await
-        .ctx("start the local control plane")?;
+    let (cluster, opts) =
+        cluster::start_control_plane(&dir, largest + 2 * probes, progress).await?;
     let mut components = control_plane_pids(&opts.dir);
     components.push(("bench (kubelet, provisioner)".into(), std::process::id()));
     let bench = Bench {
@@ -250,7 +236,7 @@ pub async fn run(args: &BenchArgs) -> Result<Report, BenchError> {
         bin,
         components,
     };
-    let result = bench.run(nodes, started).await.map(|mut r| {
+    let result = bench.run(opts.nodes, started).await.map(|mut r| {
         r.load_average = [load_start, sys::load_average()];
         r
     });
