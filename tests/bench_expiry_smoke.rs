@@ -36,14 +36,15 @@ fn bench_expiry_reports_no_early_action() {
     );
     assert!(stdout.contains("Expiry lateness"), "{stdout}");
     assert!(stdout.contains("action start p50 / p99 / max"), "{stdout}");
+    assert!(stdout.contains("request sent p50 / p99 / max"), "{stdout}");
     let row = stdout
         .lines()
         .find(|l| l.starts_with("| 10 of 10 |"))
         .unwrap_or_else(|| panic!("no row with all 10 sessions armed:\n{stdout}\n{stderr}"));
     let cells: Vec<&str> = row.split('|').map(str::trim).collect();
-    // | armed | instants | limit | start | landed | early | runs |
-    assert_eq!(cells[6], "0", "early actions: {row}");
-    assert_eq!(cells[7], "1", "runs: {row}");
+    // | armed | instants | limit | start | sent | landed | early | runs |
+    assert_eq!(cells[7], "0", "early actions: {row}");
+    assert_eq!(cells[8], "1", "runs: {row}");
     assert!(
         stderr.contains("armed 10/10") && stderr.contains("early 0"),
         "{stderr}"

@@ -9,6 +9,8 @@
 //!
 //! - **action start**: `late_seconds` of the operator's `"session expired"` log line (the
 //!   operator's own clock at the moment it acts, against `status.expiresAt`);
+//! - **request sent**: `sent_late_seconds` of the same line (the moment the action's task,
+//!   on a worker thread, sends the API call);
 //! - **landed**: the time the harness's watch sees the Session gone, minus `status.expiresAt`.
 //!
 //! A session counts as **early** when its action started, or its deletion was seen, before its
@@ -143,6 +145,8 @@ pub struct Run {
     pub early: usize,
     /// `late_seconds` of the log, ms.
     pub action_start_ms: Stats,
+    /// `sent_late_seconds` of the log, ms.
+    pub request_sent_ms: Stats,
     /// Gone (as seen by the harness's watch) minus `expiresAt`, ms.
     pub landed_ms: Stats,
 }
@@ -161,6 +165,8 @@ pub struct Row {
     pub early: usize,
     /// Median over runs.
     pub action_start_ms: Stats,
+    /// Median over runs.
+    pub request_sent_ms: Stats,
     /// Median over runs.
     pub landed_ms: Stats,
     /// Every run.
@@ -186,8 +192,8 @@ impl ExpiryReport {
         let mut out = format!(
             "Expiry lateness (sessionTimeLimit, action delete; sessions created over {} s)\n\
              machine: {} cores, {:.1} GiB RAM, {}\n\n\
-             | armed sessions | deadline instants | limit | action start p50 / p99 / max | landed p50 / p99 / max | early | runs |\n\
-             |---:|---:|---:|---:|---:|---:|---:|\n",
+             | armed sessions | deadline instants | limit | action start p50 / p99 / max | request sent p50 / p99 / max | landed p50 / p99 / max | early | runs |\n\
+             |---:|---:|---:|---:|---:|---:|---:|---:|\n",
             num(self.spread_s),
             m.cores,
             m.memory_gib,
@@ -196,12 +202,13 @@ impl ExpiryReport {
         for r in &self.rows {
             let ms = |s: &Stats| format!("{:.1} / {:.1} / {:.1} ms", s.p50, s.p99, s.max);
             out.push_str(&format!(
-                "| {} of {} | {} | {} s | {} | {} | {} | {} |\n",
+                "| {} of {} | {} | {} s | {} | {} | {} | {} | {} |\n",
                 r.armed,
                 r.sessions,
                 r.runs.first().map_or(0, |x| x.deadlines),
                 num(r.limit_s),
                 ms(&r.action_start_ms),
+                ms(&r.request_sent_ms),
                 ms(&r.landed_ms),
                 r.early,
                 r.runs.len()
@@ -328,6 +335,7 @@ async fn all_sizes(
             runs.push(r);
         }
         let starts: Vec<Stats> = runs.iter().map(|r| r.action_start_ms).collect();
+        let sent: Vec<Stats> = runs.iter().map(|r| r.request_sent_ms).collect();
         let lands: Vec<Stats> = runs.iter().map(|r| r.landed_ms).collect();
         rows.push(Row {
             sessions: n,
@@ -335,6 +343,7 @@ async fn all_sizes(
             armed: runs.iter().map(|r| r.armed).min().unwrap_or(0),
             early: runs.iter().map(|r| r.early).max().unwrap_or(0),
             action_start_ms: Stats::median(&starts),
+            request_sent_ms: Stats::median(&sent),
             landed_ms: Stats::median(&lands),
             runs,
         });
@@ -445,8 +454,8 @@ async fn create_tenant(client: &Client, ns: &str, limit: Duration) -> Result<(),
 }
 
 /// The operator's `"session expired"` lines of namespace `ns`: session name to
-/// (`late_seconds`, log timestamp).
-fn expired_lines(log: &Path, ns: &str) -> HashMap<String, (f64, Option<Timestamp>)> {
+/// (`late_seconds`, `sent_late_seconds`, log timestamp).
+fn expired_lines(log: &Path, ns: &str) -> HashMap<String, (f64, f64, Option<Timestamp>)> {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let prefix = format!("{ns}/");
     let mut out = HashMap::new();
@@ -463,8 +472,9 @@ fn expired_lines(log: &Path, ns: &str) -> HashMap<String, (f64, Option<Timestamp
         let Some(late) = v["late_seconds"].as_f64() else {
             continue;
         };
+        let sent = v["sent_late_seconds"].as_f64().unwrap_or(late);
         let at = v["timestamp"].as_str().and_then(|t| t.parse().ok());
-        out.entry(name.to_string()).or_insert((late, at));
+        out.entry(name.to_string()).or_insert((late, sent, at));
     }
     out
 }
@@ -552,6 +562,7 @@ async fn one_run(
     let lines = expired_lines(&spec.log, ns);
     let m = lock(&seen).clone();
     let mut starts = Vec::new();
+    let mut sent = Vec::new();
     let mut lands = Vec::new();
     let (mut armed, mut early, mut landed) = (0, 0, 0);
     let mut instants: Vec<Timestamp> = Vec::new();
@@ -563,8 +574,9 @@ async fn one_run(
         }
         let ms = |t: Timestamp| t.duration_since(exp).as_secs_f64() * 1000.0;
         let mut is_early = s.deleting.is_some_and(|d| d < exp);
-        if let Some((late, at)) = lines.get(name) {
+        if let Some((late, sent_late, at)) = lines.get(name) {
             starts.push(late * 1000.0);
+            sent.push(sent_late * 1000.0);
             is_early |= *late < 0.0 || at.is_some_and(|a| a < exp);
         }
         if let Some(g) = s.gone {
@@ -586,6 +598,7 @@ async fn one_run(
         landed,
         early,
         action_start_ms: Stats::of(starts),
+        request_sent_ms: Stats::of(sent),
         landed_ms: Stats::of(lands),
     })
 }

@@ -14,7 +14,7 @@
 //!   `cubicle.dev/usage-accounting` finalizer: before it disappears, its running time is closed
 //!   into the ledger (idempotently, by uid), and only then is the finalizer removed.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -410,7 +410,7 @@ pub async fn remove_finalizer(ctx: &Context, ns: &str, s: &Session) -> Result<()
 /// does not repeat it.
 pub struct Actions {
     in_flight: Mutex<HashSet<String>>,
-    done: Mutex<HashMap<String, (Timestamp, Instant)>>,
+    done: Mutex<Done>,
     retry_tx: mpsc::UnboundedSender<ObjectRef<Session>>,
     retry_rx: Mutex<Option<mpsc::UnboundedReceiver<ObjectRef<Session>>>>,
     timers: Mutex<Timers>,
@@ -458,6 +458,28 @@ impl Arm {
     }
 }
 
+/// Actions carried out in the last [`DONE_FOR`]: by key, and in the order they finished (so
+/// that forgetting them costs nothing per lookup).
+#[derive(Default)]
+struct Done {
+    by_key: HashMap<String, (Timestamp, Instant)>,
+    order: VecDeque<(Instant, String)>,
+}
+
+impl Done {
+    fn forget_old(&mut self) {
+        while let Some((when, key)) = self.order.front() {
+            if when.elapsed() < DONE_FOR {
+                break;
+            }
+            if self.by_key.get(key).is_some_and(|(_, w)| w == when) {
+                self.by_key.remove(key);
+            }
+            self.order.pop_front();
+        }
+    }
+}
+
 #[derive(Default)]
 struct Timers {
     by_key: HashMap<String, Arm>,
@@ -469,7 +491,7 @@ impl Default for Actions {
         let (retry_tx, retry_rx) = mpsc::unbounded();
         Self {
             in_flight: Mutex::new(HashSet::new()),
-            done: Mutex::new(HashMap::new()),
+            done: Mutex::new(Done::default()),
             retry_tx,
             retry_rx: Mutex::new(Some(retry_rx)),
             timers: Mutex::new(Timers::default()),
@@ -483,9 +505,12 @@ impl Actions {
     /// flight, or was carried out moments ago.
     pub fn begin(&self, key: &str, at: Timestamp) -> bool {
         {
-            let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
-            done.retain(|_, (_, when)| when.elapsed() < DONE_FOR);
-            if done.get(key).is_some_and(|(a, _)| *a == at) {
+            let done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+            if done
+                .by_key
+                .get(key)
+                .is_some_and(|(a, when)| *a == at && when.elapsed() < DONE_FOR)
+            {
                 return false;
             }
         }
@@ -498,10 +523,11 @@ impl Actions {
     /// Marks `key`'s action as finished (`ok`: carried out).
     pub fn end(&self, key: &str, at: Timestamp, ok: bool) {
         if ok {
-            self.done
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(key.to_string(), (at, Instant::now()));
+            let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+            done.forget_old();
+            let now = Instant::now();
+            done.by_key.insert(key.to_string(), (at, now));
+            done.order.push_back((now, key.to_string()));
         }
         self.in_flight
             .lock()

@@ -993,6 +993,11 @@ async fn run_timers(
 ) {
     loop {
         let now = jiff::Timestamp::now();
+        // Every due session is decided first, then the whole batch is handed to the shared
+        // runtime at once: spawning one by one would wake its workers (and their API calls)
+        // while later sessions of the same instant still wait for their decision.
+        let mut batch = Vec::new();
+        let mut digests: HashMap<String, u64> = HashMap::new();
         for (key, arm) in ctx.expiries.take_due(now) {
             let (ns, name) = key.split_once('/').unwrap_or_default();
             let obj = ObjectRef::<Session>::new(name).within(ns);
@@ -1004,7 +1009,9 @@ async fn run_timers(
                 .users
                 .get(&ObjectRef::new(&session.spec.user).within(ns))
                 .and_then(|u| u.metadata.generation);
-            let groups = expiry::groups_digest(&ctx.stores, ns);
+            let groups = *digests
+                .entry(ns.to_string())
+                .or_insert_with(|| expiry::groups_digest(&ctx.stores, ns));
             if !arm.still_holds(&session, user_generation, groups) {
                 ctx.expiries.retry(obj);
                 continue;
@@ -1014,11 +1021,18 @@ async fn run_timers(
                 rule: arm.rule,
                 action: arm.action,
             };
-            // The lateness is measured per session, at the moment each one starts.
-            let now = jiff::Timestamp::now();
-            if let Err(e) = enforce(&ctx, &session, ns, name, &d, now, &main) {
-                debug!(session = %key, error = %e, "expiry not enforced");
+            // The lateness is measured per session, at the moment each one is decided.
+            if let Some(e) = Expiring::decide(&ctx, &session, ns, name, &d, jiff::Timestamp::now())
+            {
+                batch.push(e);
             }
+        }
+        if !batch.is_empty() {
+            main.spawn(async move {
+                for e in batch {
+                    tokio::spawn(e.carry_out());
+                }
+            });
         }
         let wait = ctx
             .expiries
@@ -1527,33 +1541,133 @@ fn enforce(
     now: jiff::Timestamp,
     rt: &tokio::runtime::Handle,
 ) -> Result<Action, Error> {
-    let key = session_key(ns, name);
-    if !ctx.expiries.begin(&key, d.at) {
+    match Expiring::decide(ctx, session, ns, name, d, now) {
+        Some(e) => {
+            rt.spawn(e.carry_out());
+            Ok(Action::await_change())
+        }
         // This replica is already carrying it out; look again once it is done.
-        return Ok(Action::requeue(Duration::from_secs(1)));
+        None => Ok(Action::requeue(Duration::from_secs(1))),
     }
-    // The action starts here: decided and handed to its task. Its lateness is measured now;
-    // recording it (metric, log line, the Event's note) is the task's first step, so that
-    // sessions due at the same instant are not dispatched one log write apart.
-    let late = now.duration_since(d.at).as_secs_f64().max(0.0);
-    let ctx = ctx.clone();
-    let session = session.clone();
-    let (ns, name, kind, at, rule) = (ns.to_string(), name.to_string(), d.action, d.at, d.rule);
-    rt.spawn(async move {
+}
+
+/// An expiry action decided and committed to (in flight in [`Context::expiries`]), not yet sent.
+struct Expiring {
+    ctx: Arc<Context>,
+    session: Arc<Session>,
+    ns: String,
+    name: String,
+    key: String,
+    kind: KeepaliveExpirationAction,
+    at: jiff::Timestamp,
+    rule: crate::crd::v1alpha1::ExpiryRule,
+    /// Seconds from the deadline to the decision.
+    late: f64,
+}
+
+impl Expiring {
+    /// Commits to `d`'s action for `session` at `now` (`now >= d.at`, checked by the caller);
+    /// None when this replica is already carrying it out. The action starts here: its lateness
+    /// is measured now, and nothing else (no I/O, no log write) happens before the caller hands
+    /// it to a task.
+    fn decide(
+        ctx: &Arc<Context>,
+        session: &Arc<Session>,
+        ns: &str,
+        name: &str,
+        d: &crate::expiry::Deadline,
+        now: jiff::Timestamp,
+    ) -> Option<Self> {
+        let key = session_key(ns, name);
+        if !ctx.expiries.begin(&key, d.at) {
+            return None;
+        }
+        Some(Self {
+            ctx: ctx.clone(),
+            session: session.clone(),
+            ns: ns.to_string(),
+            name: name.to_string(),
+            key,
+            kind: d.action,
+            at: d.at,
+            rule: d.rule,
+            late: now.duration_since(d.at).as_secs_f64().max(0.0),
+        })
+    }
+
+    /// Sends the action's API call, then records it (metric, log line, Event); a failed call
+    /// backs off and re-queues the session, which is still due.
+    async fn carry_out(self) {
+        let Self {
+            ctx,
+            session,
+            ns,
+            name,
+            key,
+            kind,
+            at,
+            rule,
+            late,
+        } = self;
         let action = match kind {
             KeepaliveExpirationAction::Delete => "delete",
             KeepaliveExpirationAction::Stop => "stop",
             KeepaliveExpirationAction::Pause => "pause",
         };
+        // How late the request leaves, for the record: the decision above is the action's
+        // start; this adds the wait for a worker thread.
+        let sent = jiff::Timestamp::now()
+            .duration_since(at)
+            .as_secs_f64()
+            .max(0.0);
         ctx.metrics
             .expiry_lateness
             .get_or_create(&crate::metrics::ActionLabel { action })
             .observe(late);
-        let rule = format!("{rule:?}");
-        let note = format!("{rule} deadline {at} reached ({late:.3} s late): {action}");
-        info!(session = %key, rule = %rule, action, late_seconds = late, "session expired");
         let api: Api<Session> = Api::namespaced(ctx.client.clone(), &ns);
-        let reference = session.object_ref(&());
+        let result = match kind {
+            KeepaliveExpirationAction::Delete => {
+                let dp = DeleteParams {
+                    preconditions: Some(Preconditions {
+                        uid: session.uid(),
+                        resource_version: None,
+                    }),
+                    ..Default::default()
+                };
+                match api.delete(&name, &dp).await {
+                    Ok(_) => Ok(()),
+                    Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
+                    Err(e) => Err(("delete", e)),
+                }
+            }
+            KeepaliveExpirationAction::Stop | KeepaliveExpirationAction::Pause => {
+                let state = if kind == KeepaliveExpirationAction::Stop {
+                    "Stopped"
+                } else {
+                    "Paused"
+                };
+                let patch = json!({
+                    "metadata": {"annotations": {STATE_SET_BY_ANNOTATION: "expiry"}},
+                    "spec": {"state": state},
+                });
+                api.patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| ("patch", e))
+            }
+        };
+        ctx.expiries.end(&key, at, result.is_ok());
+        let rule = format!("{rule:?}");
+        info!(
+            session = %key,
+            rule = %rule,
+            action,
+            late_seconds = late,
+            sent_late_seconds = sent,
+            ok = result.is_ok(),
+            "session expired"
+        );
+        let note = format!("{rule} deadline {at} reached ({late:.3} s late): {action}");
         let event = Event {
             type_: EventType::Normal,
             reason: "Expired".into(),
@@ -1561,49 +1675,9 @@ fn enforce(
             action: "Expire".into(),
             secondary: None,
         };
-        let publish = async {
-            if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-                debug!(error = %e, "event not recorded");
-            }
-        };
-        let call = async {
-            match kind {
-                KeepaliveExpirationAction::Delete => {
-                    let dp = DeleteParams {
-                        preconditions: Some(Preconditions {
-                            uid: session.uid(),
-                            resource_version: None,
-                        }),
-                        ..Default::default()
-                    };
-                    match api.delete(&name, &dp).await {
-                        Ok(_) => Ok(()),
-                        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
-                        Err(e) => Err(("delete", e)),
-                    }
-                }
-                KeepaliveExpirationAction::Stop | KeepaliveExpirationAction::Pause => {
-                    let state = if kind == KeepaliveExpirationAction::Stop {
-                        "Stopped"
-                    } else {
-                        "Paused"
-                    };
-                    let patch = json!({
-                        "metadata": {"annotations": {STATE_SET_BY_ANNOTATION: "expiry"}},
-                        "spec": {"state": state},
-                    });
-                    api.patch(&name, &PatchParams::default(), &Patch::Merge(patch))
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| ("patch", e))
-                }
-            }
-        };
-        // The action first: with many sessions due at once, the API server gets the deletes
-        // (or patches) before their Events.
-        let result = call.await;
-        ctx.expiries.end(&key, at, result.is_ok());
-        publish.await;
+        if let Err(e) = ctx.recorder.publish(&event, &session.object_ref(&())).await {
+            debug!(error = %e, "event not recorded");
+        }
         if let Err((verb, source)) = result {
             let err = Error::Child {
                 verb,
@@ -1616,8 +1690,7 @@ fn enforce(
             tokio::time::sleep(wait).await;
             ctx.expiries.retry(ObjectRef::from_obj(session.as_ref()));
         }
-    });
-    Ok(Action::await_change())
+    }
 }
 
 #[cfg(test)]
