@@ -665,6 +665,14 @@ async fn api_writes_per_launch_are_at_the_floor() {
     };
     let total = |m: &BTreeMap<String, u64>| m.values().sum::<u64>();
 
+    let event_writes = |c: &cubicle::apicount::ApiCounter| -> u64 {
+        c.snapshot()
+            .into_iter()
+            .filter(|(k, _)| k.is_write() && k.resource == "events")
+            .map(|(_, v)| v)
+            .sum()
+    };
+    let events_before = event_writes(&op.counter);
     let before = launch_writes(&op.counter);
     create(&ns, &session("w1", "bob", "desktop", json!({}))).await;
     wait_phase(&ns, "w1", SessionPhase::Running).await;
@@ -688,6 +696,14 @@ async fn api_writes_per_launch_are_at_the_floor() {
     assert_eq!(first_n, 3, "first launch: profile claim, pod, status");
     assert_eq!(second_n, 2, "later launch: pod, status");
     assert_eq!(quiet, 0, "steady sessions cost no writes");
+    // A routine start posts no Event (the status records it): Events are for refusals,
+    // failures and what the operator does on its own.
+    assert_eq!(
+        event_writes(&op.counter) - events_before,
+        0,
+        "Event writes for two routine launches: {:?}",
+        op.counter.snapshot()
+    );
     // No uncached reads: the operator never GETs or LISTs outside its watches.
     let reads: u64 = op
         .counter

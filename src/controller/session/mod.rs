@@ -851,17 +851,11 @@ async fn reconcile(
                         &old.conditions,
                         &sh.now,
                     ));
-                    if old.phase != Some(obs.phase) {
-                        events.push((
-                            EventType::Normal,
-                            if paused { "Paused" } else { "Running" },
-                            format!(
-                                "session running on node {}",
-                                obs.node.clone().unwrap_or_default()
-                            ),
-                            "Launch",
-                        ));
-                    }
+                    // No Event for a routine start: the phase, the Ready condition's transition
+                    // time and startedAt record it, and an Event would be one more API write per
+                    // launch than the floor. Events are kept for what needs a reader's attention
+                    // or what the operator did on its own (refusals, failures, expiry, stop,
+                    // pause and resume).
                 }
                 conditions.push(condition(
                     "Admitted",
