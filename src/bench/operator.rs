@@ -37,6 +37,9 @@ pub struct OperatorProcess {
     /// Its process id.
     pub pid: u32,
     addr: SocketAddr,
+    /// Under heaptrack: stopped with SIGKILL, so that what its trace shows as leaked is what
+    /// was live at the stop.
+    heaptrack: bool,
 }
 
 impl OperatorProcess {
@@ -70,17 +73,30 @@ impl OperatorProcess {
             // Settings from the caller's environment would change what is measured.
             .env_remove("CUBICLE_LEADER_ELECT")
             .env_remove("CUBICLE_NAMESPACES")
+            .env_remove("DUMP_HEAPTRACK_OUTPUT")
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
             .kill_on_drop(true);
+        let heaptrack = diagnostics::heaptrack_dir();
+        if let Some(dir) = &heaptrack {
+            // heaptrack's preload library in the operator itself (not the `heaptrack` script,
+            // whose shell would be the child): same pid, raw trace to a file per process.
+            cmd.env("LD_PRELOAD", diagnostics::HEAPTRACK_PRELOAD)
+                .env("DUMP_HEAPTRACK_OUTPUT", diagnostics::next_trace(dir));
+        }
         let child = cmd
             .spawn()
             .ctx(format!("start {} run", spec.bin.display()))?;
         let pid = child
             .id()
             .ok_or_else(|| BenchError("the operator exited at once".into()))?;
-        let mut me = Self { child, pid, addr };
+        let mut me = Self {
+            child,
+            pid,
+            addr,
+            heaptrack: heaptrack.is_some(),
+        };
         me.wait_ready(Duration::from_secs(120), &spec.log).await?;
         Ok(me)
     }
@@ -124,7 +140,9 @@ impl OperatorProcess {
 
     /// Its memory now (and its peak so far).
     pub fn memory(&self) -> Memory {
-        sys::memory(self.pid).unwrap_or_default()
+        let m = sys::memory(self.pid).unwrap_or_default();
+        diagnostics::dump_proc(self.pid, &m);
+        m
     }
 
     /// The CPU time it has used so far.
@@ -165,8 +183,9 @@ impl OperatorProcess {
 
     /// Stops it (SIGTERM, then SIGKILL after 10 s) and waits for it.
     pub async fn stop(mut self) {
+        let signal = if self.heaptrack { "-KILL" } else { "-TERM" };
         let _ = Command::new("kill")
-            .arg("-TERM")
+            .arg(signal)
             .arg(self.pid.to_string())
             .status()
             .await;
@@ -243,6 +262,61 @@ impl Scrape {
             })
             .filter(|(_, v)| *v != 0.0)
             .collect()
+    }
+}
+
+/// Diagnostics of the operator's memory, off unless asked for by environment variables of the
+/// bench: `CUBICLE_BENCH_PROC_DUMP=DIR` copies `/proc/<pid>/{status,smaps_rollup,smaps}` at
+/// every memory reading (`DIR/NN-<pid>.*`, numbered in reading order, with an `index` line
+/// each); `CUBICLE_BENCH_HEAPTRACK=DIR` runs each operator under heaptrack's preload library
+/// (raw traces `DIR/operator-N.raw`; read them with `heaptrack_interpret < RAW | zstd >
+/// OUT.zst` and `heaptrack_print OUT.zst`). Memory read under heaptrack includes its own.
+mod diagnostics {
+    use std::io::Write;
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::Memory;
+
+    pub const HEAPTRACK_PRELOAD: &str = "/usr/lib/heaptrack/libheaptrack_preload.so";
+
+    static READINGS: AtomicUsize = AtomicUsize::new(0);
+    static TRACES: AtomicUsize = AtomicUsize::new(0);
+
+    pub fn heaptrack_dir() -> Option<PathBuf> {
+        let dir = PathBuf::from(std::env::var_os("CUBICLE_BENCH_HEAPTRACK")?);
+        std::fs::create_dir_all(&dir).ok()?;
+        Some(dir)
+    }
+
+    pub fn next_trace(dir: &Path) -> PathBuf {
+        let k = TRACES.fetch_add(1, Ordering::Relaxed);
+        dir.join(format!("operator-{k}.raw"))
+    }
+
+    pub fn dump_proc(pid: u32, m: &Memory) {
+        let Some(dir) = std::env::var_os("CUBICLE_BENCH_PROC_DUMP").map(PathBuf::from) else {
+            return;
+        };
+        let _ = std::fs::create_dir_all(&dir);
+        let k = READINGS.fetch_add(1, Ordering::Relaxed);
+        for file in ["status", "smaps_rollup", "smaps"] {
+            let _ = std::fs::copy(
+                format!("/proc/{pid}/{file}"),
+                dir.join(format!("{k:02}-{pid}.{file}")),
+            );
+        }
+        if let Ok(mut index) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("index"))
+        {
+            let _ = writeln!(
+                index,
+                "{k:02} pid {pid} rss_kib {} anon_kib {} hwm_kib {}",
+                m.rss_kib, m.anon_kib, m.hwm_kib
+            );
+        }
     }
 }
 
