@@ -663,15 +663,7 @@ async fn reconcile(
             }
         };
         if crate::expiry::is_due(&d, now_ts) && !noop && !resuming {
-            return enforce(
-                &ctx,
-                &session,
-                &ns,
-                &name,
-                &d,
-                now_ts,
-                &tokio::runtime::Handle::current(),
-            );
+            return enforce(&ctx, &session, &ns, &name, &d, now_ts);
         }
         if let Some(k) = next {
             status.last_keepalive = Some(Keepalive {
@@ -1533,11 +1525,10 @@ fn enforce(
     name: &str,
     d: &crate::expiry::Deadline,
     now: jiff::Timestamp,
-    rt: &tokio::runtime::Handle,
 ) -> Result<Action, Error> {
     match Expiring::decide(ctx, session, ns, name, d, now) {
         Some(e) => {
-            rt.spawn(e.carry_out());
+            tokio::spawn(e.carry_out());
             Ok(Action::await_change())
         }
         // This replica is already carrying it out; look again once it is done.
