@@ -801,4 +801,25 @@ mod tests {
         let at = Timestamp::from_nanosecond(1_000_000_000_000 + 2_500_000).unwrap();
         assert_eq!(until(at, now), Duration::from_micros(2_500));
     }
+
+    #[test]
+    fn a_carried_out_action_is_forgotten_after_its_time_and_only_its_own_entry() {
+        let mut done = Done::default();
+        let long_ago = Instant::now()
+            .checked_sub(DONE_FOR + Duration::from_secs(1))
+            .expect("the clock is past boot + 6 s");
+        let at = Timestamp::UNIX_EPOCH;
+        for key in ["ns/old", "ns/again"] {
+            done.by_key.insert(key.into(), (at, long_ago));
+            done.order.push_back((long_ago, key.into()));
+        }
+        // "again" was carried out once more just now: its old queue entry must not remove it.
+        let now = Instant::now();
+        done.by_key.insert("ns/again".into(), (at, now));
+        done.order.push_back((now, "ns/again".into()));
+        done.forget_old();
+        assert!(!done.by_key.contains_key("ns/old"));
+        assert_eq!(done.by_key.get("ns/again"), Some(&(at, now)));
+        assert_eq!(done.order.len(), 1);
+    }
 }
