@@ -6,6 +6,7 @@
 
 pub mod assignment;
 pub mod error;
+pub mod events;
 pub mod group;
 pub mod pool;
 pub mod server;
@@ -22,7 +23,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use kube::Client;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::runtime::reflector::ObjectRef;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -88,7 +89,7 @@ pub struct Context {
     /// The caches.
     pub stores: Stores,
     /// Event recorder (one, shared, so that events aggregate).
-    pub recorder: Recorder,
+    pub recorder: events::Recorder,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Configuration.
@@ -113,7 +114,7 @@ impl Context {
             controller: CONTROLLER_NAME.into(),
             instance: Some(config.identity.clone()),
         };
-        let recorder = Recorder::new(client.clone(), reporter);
+        let recorder = events::Recorder::new(client.clone(), reporter);
         Self {
             client,
             stores,
