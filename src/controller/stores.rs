@@ -60,8 +60,11 @@ pub const STATUS_DIGEST_ANNOTATION: &str = "cubicle.dev/status-digest";
 /// kubectl's copy of the last applied object (as big as the object): never read.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
-/// Buffer of each shared stream (events a slow subscriber may lag behind).
-const BUFFER: usize = 1024;
+/// Buffer of each shared stream: how many changes a subscriber may lag behind before the watch
+/// waits for it. Each subscriber is drained at once into an unbounded queue by a task of its own
+/// ([`Shared::subscribe`]), so the buffer only spans the moment until that task runs; kube's
+/// broadcast allocates it up front, per kind (at 1,024, about 1 MB for the eleven kinds).
+const BUFFER: usize = 128;
 
 /// Objects per page of an initial list or relist (kube's default is 500). Each page is
 /// deserialized whole, as full objects, before any is trimmed for the cache; the allocator keeps
