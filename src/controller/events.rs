@@ -67,11 +67,40 @@ impl Published {
     }
 }
 
+/// How often at most the whole cache is swept for entries past [`CACHE_TTL`] (each lookup
+/// ignores an expired entry anyway): sweeping on every publish would cost a pass over every
+/// event of the last 6 minutes per event, when expiry ends thousands of sessions at once.
+const PRUNE_EVERY: SignedDuration = SignedDuration::from_secs(10);
+
+/// Events published in the last [`CACHE_TTL`].
+#[derive(Default)]
+struct Cache {
+    entries: HashMap<Box<Key>, Published>,
+    pruned: Option<Timestamp>,
+}
+
+impl Cache {
+    /// The event published for `key` within [`CACHE_TTL`] before `now`; sweeps out old entries
+    /// at most every [`PRUNE_EVERY`].
+    fn live(&mut self, key: &Key, now: Timestamp) -> Option<&Published> {
+        if self
+            .pruned
+            .is_none_or(|t| now.duration_since(t) >= PRUNE_EVERY)
+        {
+            self.entries.retain(|_, p| p.last_seen() + CACHE_TTL > now);
+            self.pruned = Some(now);
+        }
+        self.entries
+            .get(key)
+            .filter(|p| p.last_seen() + CACHE_TTL > now)
+    }
+}
+
 /// Publishes Events (`events.k8s.io/v1`) about objects, aggregating repeats into series.
 pub struct Recorder {
     client: Client,
     reporter: Reporter,
-    cache: Mutex<HashMap<Box<Key>, Published>>,
+    cache: Mutex<Cache>,
 }
 
 impl Recorder {
@@ -138,8 +167,7 @@ impl Recorder {
         });
         let published = {
             let mut cache = self.cache.lock().await;
-            cache.retain(|_, p| p.last_seen() + CACHE_TTL > now);
-            match cache.get(&key) {
+            match cache.live(&key, now) {
                 Some(p) => Published {
                     series: Some(EventSeries {
                         count: p.series.as_ref().map_or(2, |s| s.count + 1),
@@ -175,7 +203,7 @@ impl Recorder {
         } else {
             events.create(&PostParams::default(), &event).await?;
         }
-        self.cache.lock().await.insert(key, published);
+        self.cache.lock().await.entries.insert(key, published);
         Ok(())
     }
 }
@@ -204,6 +232,32 @@ mod tests {
             regarding: Reference(reference(rv)),
             related: None,
         }
+    }
+
+    #[test]
+    fn an_old_event_is_never_repeated_and_is_swept_out_at_most_every_ten_seconds() {
+        let t = |s: i64| Timestamp::from_second(s).unwrap();
+        let published = |at: i64| Published {
+            name: "s-1.abc".into(),
+            event_time: t(at),
+            note: None,
+            series: None,
+        };
+        let mut cache = Cache::default();
+        assert!(cache.live(&key("1"), t(1_000)).is_none()); // sweeps (first time)
+        cache.entries.insert(Box::new(key("1")), published(1_000));
+        // Within the TTL: a repeat.
+        assert!(cache.live(&key("1"), t(1_000 + 359)).is_some());
+        // (That lookup swept the map, at 1,359.) Past the TTL: not a repeat, though the entry
+        // stays in the map until the next sweep, 10 s after the last one.
+        cache.entries.insert(Box::new(key("2")), published(1_000));
+        assert!(cache.live(&key("2"), t(1_360)).is_none());
+        assert!(cache.entries.contains_key(&key("2")));
+        assert!(cache.live(&key("2"), t(1_368)).is_none());
+        assert!(cache.entries.contains_key(&key("2")));
+        assert!(cache.live(&key("2"), t(1_369)).is_none());
+        assert!(!cache.entries.contains_key(&key("2")));
+        assert!(!cache.entries.contains_key(&key("1")));
     }
 
     #[test]
