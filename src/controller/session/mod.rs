@@ -663,7 +663,18 @@ async fn reconcile(
             }
         };
         if crate::expiry::is_due(&d, now_ts) && !noop && !resuming {
-            return enforce(&ctx, &session, &ns, &name, &d, now_ts);
+            // Decided here; the API calls run in a task of their own, so a reconcile slot is never
+            // held for a round trip.
+            return Ok(
+                match Expiring::decide(&ctx, &session, &ns, &name, &d, now_ts) {
+                    Some(e) => {
+                        tokio::spawn(e.carry_out());
+                        Action::await_change()
+                    }
+                    // This replica is already carrying it out; look again once it is done.
+                    None => Action::requeue(Duration::from_secs(1)),
+                },
+            );
         }
         if let Some(k) = next {
             status.last_keepalive = Some(Keepalive {
@@ -1509,34 +1520,14 @@ fn server_load(
 /// The controller name, for the record.
 pub const NAME: &str = CONTROLLER_NAME;
 
-/// Carries out a due expiry: delete the session, or stop/pause it through `spec.state` (marked
-/// as set by the expiry, so the users' stop/pause permissions do not apply). Records how late
-/// the action started.
+/// A due expiry, decided and committed to (in flight in [`Context::expiries`]), not yet sent:
+/// delete the session, or stop/pause it through `spec.state` (marked as set by the expiry, so
+/// the users' stop/pause permissions do not apply).
 ///
-/// The decision is made here, in the reconcile; the API calls run in a task of their own (see
-/// [`expiry::Actions`]), so a reconcile slot is never held for a round trip and deadlines that
-/// share an instant start together. A failed call is logged and the session reconciled again
-/// after a short wait (it is still due, so the action is retried); a crash in between is
-/// covered the same way by the next reconcile after a restart.
-fn enforce(
-    ctx: &Arc<Context>,
-    session: &Arc<Session>,
-    ns: &str,
-    name: &str,
-    d: &crate::expiry::Deadline,
-    now: jiff::Timestamp,
-) -> Result<Action, Error> {
-    match Expiring::decide(ctx, session, ns, name, d, now) {
-        Some(e) => {
-            tokio::spawn(e.carry_out());
-            Ok(Action::await_change())
-        }
-        // This replica is already carrying it out; look again once it is done.
-        None => Ok(Action::requeue(Duration::from_secs(1))),
-    }
-}
-
-/// An expiry action decided and committed to (in flight in [`Context::expiries`]), not yet sent.
+/// The reconcile or the timer loop decides; the API calls run in a task of their own (see
+/// [`expiry::Actions`]), so deadlines that share an instant start together. A failed call is
+/// logged and the session reconciled again after a short wait (it is still due, so the action is
+/// retried); a crash in between is covered the same way by the next reconcile after a restart.
 struct Expiring {
     ctx: Arc<Context>,
     session: Arc<Session>,
