@@ -20,6 +20,7 @@ use serde_json::json;
 use super::operator::parse_labels;
 use super::report::CacheEntry;
 use super::{BenchError, Context};
+use crate::controller::cached::{CachedClaim, CachedPod, CachedVolume};
 use crate::controller::session::build::pod_name;
 use crate::controller::stores::{MANAGED_BY, MANAGED_BY_LABEL};
 use crate::crd::v1alpha1::{
@@ -599,7 +600,7 @@ pub async fn cache_profile(
     out.insert(
         "Pod".into(),
         sizes(
-            Api::<Pod>::namespaced(c.clone(), ns),
+            Api::<CachedPod>::namespaced(c.clone(), ns),
             &managed,
             st::trim_pod,
         )
@@ -608,7 +609,7 @@ pub async fn cache_profile(
     out.insert(
         "PersistentVolumeClaim".into(),
         sizes(
-            Api::<PersistentVolumeClaim>::namespaced(c.clone(), ns),
+            Api::<CachedClaim>::namespaced(c.clone(), ns),
             &managed,
             st::trim_claim,
         )
@@ -616,7 +617,7 @@ pub async fn cache_profile(
     );
     // The operator caches only the volumes bound in its scope (its namespace here).
     let scope = Scope::Namespace(ns.to_string());
-    let mut volumes = Api::<PersistentVolume>::all(c.clone())
+    let mut volumes = Api::<CachedVolume>::all(c.clone())
         .list(&all)
         .await
         .ctx("list PersistentVolume")?
@@ -624,7 +625,7 @@ pub async fn cache_profile(
     volumes.retain(|v| st::bound_in(&scope, v));
     out.insert(
         "PersistentVolume".into(),
-        json_size(volumes, st::trim_volume),
+        json_size(volumes, st::trim_volume as fn(&mut CachedVolume)),
     );
     let nodes = Api::<Node>::all(c.clone())
         .list_metadata(&all)

@@ -5,6 +5,7 @@
 //! holds the leader lease (when leader election is on). A replica that loses the lease exits.
 
 pub mod assignment;
+pub mod cached;
 pub mod error;
 pub mod events;
 pub mod group;

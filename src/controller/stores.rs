@@ -4,7 +4,9 @@
 //! Children (pods, profile claims) are watched through a label selector, so the operator caches
 //! only what it manages; Nodes are watched as metadata only (the zone label is all we read).
 //!
-//! Every object is trimmed before it is cached (the watch stream's `modify` step, ahead of the
+//! Pods, profile claims and PersistentVolumes are parsed as lean types ([`super::cached`]), not
+//! as the k8s-openapi structs, so what the operator never reads is skipped while parsing. Every
+//! object is then trimmed before it is cached (the watch stream's `modify` step, ahead of the
 //! reflector), so the caches hold what the operator reads and nothing else:
 //!
 //! - every kind loses `managedFields` and kubectl's `last-applied-configuration` annotation;
@@ -31,9 +33,7 @@ use std::time::Duration;
 use futures::channel::mpsc;
 use futures::{StreamExt, future};
 use k8s_openapi::api::core::v1::{
-    ContainerState, ContainerStateWaiting, ContainerStatus, Node, NodeSelector, NodeSelectorTerm,
-    ObjectReference, PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PersistentVolumeSpec, Pod, PodCondition, PodSpec, PodStatus, VolumeNodeAffinity,
+    Node, NodeSelector, NodeSelectorTerm, ObjectReference, PodCondition, VolumeNodeAffinity,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::PartialObjectMeta;
@@ -44,6 +44,7 @@ use serde::de::DeserializeOwned;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
+use super::cached::{CachedClaim, CachedPod, CachedVolume, CachedVolumeSpec};
 use crate::crd::v1alpha1::{Group, Server, ServerAssignment, ServerPool, Session, User, Workspace};
 
 /// Label on every object the operator creates.
@@ -111,13 +112,13 @@ pub struct Stores {
     /// Sessions.
     pub sessions: Store<Session>,
     /// Session pods (label-selected).
-    pub pods: Store<Pod>,
+    pub pods: Store<CachedPod>,
     /// Profile claims (label-selected).
-    pub claims: Store<PersistentVolumeClaim>,
+    pub claims: Store<CachedClaim>,
     /// Nodes, metadata only.
     pub nodes: Store<PartialObjectMeta<Node>>,
     /// PersistentVolumes (to learn the zone a profile claim is bound to).
-    pub volumes: Store<PersistentVolume>,
+    pub volumes: Store<CachedVolume>,
 }
 
 /// A kind's writer before its watch starts; hands out subscriber streams.
@@ -201,14 +202,14 @@ pub struct Reflectors {
     /// Sessions.
     pub sessions: Shared<Session>,
     /// Session pods.
-    pub pods: Shared<Pod>,
+    pub pods: Shared<CachedPod>,
     /// Profile claims.
-    pub claims: Shared<PersistentVolumeClaim>,
+    pub claims: Shared<CachedClaim>,
     nodes: (
         Store<PartialObjectMeta<Node>>,
         Writer<PartialObjectMeta<Node>>,
     ),
-    volumes: (Store<PersistentVolume>, Writer<PersistentVolume>),
+    volumes: (Store<CachedVolume>, Writer<CachedVolume>),
 }
 
 impl Reflectors {
@@ -262,7 +263,7 @@ impl Reflectors {
         let nodes_api: Api<PartialObjectMeta<Node>> = Api::all(c.clone());
         let (_, node_writer) = self.nodes;
         let (_, volume_writer) = self.volumes;
-        let volumes_api: Api<PersistentVolume> = Api::all(c.clone());
+        let volumes_api: Api<CachedVolume> = Api::all(c.clone());
         let scope = s.clone();
         // A volume not bound in scope is never cached: its listing is skipped, and a change
         // that unbinds it (or the first sight of it) removes it from the store. The store is
@@ -281,7 +282,7 @@ impl Reflectors {
                 })
                 .modify(trim_volume)
                 .reflect(volume_writer)
-                .for_each(log_errors::<PersistentVolume>("PersistentVolume")),
+                .for_each(log_errors::<CachedVolume>("PersistentVolume")),
         );
         let node_task = tokio::spawn(
             watcher(nodes_api, all.clone())
@@ -322,9 +323,15 @@ impl Reflectors {
                 trim,
             ),
             drive(s.api::<Session>(c), all, self.sessions, "Session", trim),
-            drive(s.api::<Pod>(c), managed.clone(), self.pods, "Pod", trim_pod),
             drive(
-                s.api::<PersistentVolumeClaim>(c),
+                s.api::<CachedPod>(c),
+                managed.clone(),
+                self.pods,
+                "Pod",
+                trim_pod,
+            ),
+            drive(
+                s.api::<CachedClaim>(c),
                 managed,
                 self.claims,
                 "PersistentVolumeClaim",
@@ -493,8 +500,11 @@ fn child_meta(m: ObjectMeta, annotations: Option<BTreeMap<String, String>>) -> O
 }
 
 /// A session pod as cached: what the Session controller reads (ownership, labels, the launch
-/// record, node, phase, readiness and what holds a pending pod up), nothing else.
-pub fn trim_pod(p: &mut Pod) {
+/// record, node, phase, readiness and what holds a pending pod up), nothing else. The watch
+/// already parses it as a [`CachedPod`] (node, phase, message, conditions and the containers'
+/// states only); this keeps of those the conditions that tell readiness or why not and the
+/// containers that wait.
+pub fn trim_pod(p: &mut CachedPod) {
     use super::session::build::LAUNCH_ANNOTATION;
     let mut m = std::mem::take(&mut p.metadata);
     let launch = m
@@ -503,38 +513,11 @@ pub fn trim_pod(p: &mut Pod) {
         .and_then(|a| a.remove(LAUNCH_ANNOTATION))
         .map(|v| BTreeMap::from([(LAUNCH_ANNOTATION.to_string(), v)]));
     p.metadata = child_meta(m, launch);
-    p.spec = p.spec.take().map(|s| PodSpec {
-        node_name: s.node_name,
-        ..PodSpec::default()
-    });
     // Read: the Ready condition, the False ones (the first with a message explains a pod that
     // is not ready; PodScheduled=False says why it is not placed), and the containers that
     // wait, with their reason. Kept in order, so every "first such" answer stays the same.
-    let waiting = |cs: Option<Vec<ContainerStatus>>| {
-        cs.map(|cs| {
-            cs.into_iter()
-                .filter_map(|c| {
-                    let w = c.state?.waiting?;
-                    Some(ContainerStatus {
-                        name: c.name,
-                        state: Some(ContainerState {
-                            waiting: Some(ContainerStateWaiting {
-                                reason: w.reason,
-                                message: w.message,
-                            }),
-                            ..ContainerState::default()
-                        }),
-                        ..ContainerStatus::default()
-                    })
-                })
-                .collect::<Vec<_>>()
-        })
-        .filter(|cs| !cs.is_empty())
-    };
-    p.status = p.status.take().map(|s| PodStatus {
-        phase: s.phase,
-        message: s.message,
-        conditions: s.conditions.map(|cs| {
+    if let Some(s) = p.status.as_mut() {
+        s.conditions = s.conditions.take().map(|cs| {
             cs.into_iter()
                 .filter(|c| c.type_ == "Ready" || c.status == "False")
                 .map(|c| PodCondition {
@@ -545,16 +528,21 @@ pub fn trim_pod(p: &mut Pod) {
                     ..PodCondition::default()
                 })
                 .collect()
-        }),
-        init_container_statuses: waiting(s.init_container_statuses),
-        container_statuses: waiting(s.container_statuses),
-        ..PodStatus::default()
-    });
+        });
+        for cs in [&mut s.init_container_statuses, &mut s.container_statuses] {
+            if let Some(v) = cs.as_mut() {
+                v.retain(|c| c.state.as_ref().is_some_and(|st| st.waiting.is_some()));
+            }
+            if cs.as_ref().is_some_and(Vec::is_empty) {
+                *cs = None;
+            }
+        }
+    }
 }
 
 /// A profile claim as cached: identity, labels, Cubicle's annotations and the volume it is
-/// bound to.
-pub fn trim_claim(c: &mut PersistentVolumeClaim) {
+/// bound to (all the watch parses of its spec, as a [`CachedClaim`]).
+pub fn trim_claim(c: &mut CachedClaim) {
     let m = std::mem::take(&mut c.metadata);
     let ours = m.annotations.as_ref().map(|a| {
         a.iter()
@@ -563,16 +551,11 @@ pub fn trim_claim(c: &mut PersistentVolumeClaim) {
             .collect::<BTreeMap<_, _>>()
     });
     c.metadata = child_meta(m, ours.filter(|a| !a.is_empty()));
-    c.spec = c.spec.take().map(|s| PersistentVolumeClaimSpec {
-        volume_name: s.volume_name,
-        ..PersistentVolumeClaimSpec::default()
-    });
-    c.status = None;
 }
 
 /// Whether `v` is bound (or pre-bound) to a claim in `scope`: the only volumes the operator
 /// looks up (by the name in a cached claim's `spec.volumeName`).
-pub fn bound_in(scope: &Scope, v: &PersistentVolume) -> bool {
+pub fn bound_in(scope: &Scope, v: &CachedVolume) -> bool {
     let claim_ns = v
         .spec
         .as_ref()
@@ -586,8 +569,10 @@ pub fn bound_in(scope: &Scope, v: &PersistentVolume) -> bool {
 }
 
 /// A PersistentVolume as cached: its claim reference and what tells its zone (the zone label,
-/// and the node affinity's zone terms only).
-pub fn trim_volume(v: &mut PersistentVolume) {
+/// and the node affinity's zone terms only). The watch parses only those parts of its spec (a
+/// [`CachedVolume`]); this drops the rest of its metadata and of the claim reference and
+/// affinity.
+pub fn trim_volume(v: &mut CachedVolume) {
     use super::session::build::ZONE_LABEL;
     let m = std::mem::take(&mut v.metadata);
     let zone = m
@@ -601,7 +586,7 @@ pub fn trim_volume(v: &mut PersistentVolume) {
         labels: zone,
         ..ObjectMeta::default()
     };
-    v.spec = v.spec.take().map(|s| PersistentVolumeSpec {
+    v.spec = v.spec.take().map(|s| CachedVolumeSpec {
         claim_ref: s.claim_ref.map(|r| ObjectReference {
             namespace: r.namespace,
             name: r.name,
@@ -631,9 +616,7 @@ pub fn trim_volume(v: &mut PersistentVolume) {
                     node_selector_terms: terms,
                 }),
             }),
-        ..PersistentVolumeSpec::default()
     });
-    v.status = None;
 }
 
 /// A Node as cached: name and labels.
@@ -700,6 +683,7 @@ where
 mod tests {
     use super::*;
     use crate::controller::session::{build, plan, volume_zone};
+    use crate::crd::v1alpha1::SessionPhase;
     use kube::ResourceExt;
     use serde_json::json;
 
@@ -730,8 +714,10 @@ mod tests {
         assert_eq!(released(), 2, "the next event arms it again");
     }
 
-    fn pod(conditions: serde_json::Value, phase: &str, waiting: &str) -> Pod {
+    /// A session pod as the API server sends it, parsed as the watch parses it.
+    fn pod(conditions: serde_json::Value, phase: &str, waiting: &str) -> CachedPod {
         serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
             "metadata": {
                 "name": "s-1", "namespace": "ns", "uid": "p1", "resourceVersion": "7",
                 "creationTimestamp": "2026-01-01T00:00:00Z",
@@ -745,8 +731,10 @@ mod tests {
                     "name": "s-1", "uid": "s1", "controller": true}],
                 "managedFields": [{"manager": "x"}]
             },
-            "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "i"}]},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "i"}],
+                "volumes": [{"name": "profile", "persistentVolumeClaim": {"claimName": "p"}}]},
             "status": {"phase": phase, "conditions": conditions, "message": "m",
+                "podIP": "10.0.0.1", "qosClass": "Burstable",
                 "initContainerStatuses": [{"name": "init", "image": "i", "imageID": "",
                     "ready": true, "restartCount": 0,
                     "state": {"terminated": {"exitCode": 0}}}],
@@ -760,7 +748,8 @@ mod tests {
     }
 
     #[test]
-    fn a_trimmed_pod_reads_as_the_full_one() {
+    fn a_cached_pod_reads_as_the_api_server_sent_it() {
+        // (conditions, phase) → (session phase unpaused, ready, message, unschedulable problem)
         let cases = [
             (
                 json!([
@@ -769,6 +758,7 @@ mod tests {
                     {"type": "Ready", "status": "False", "message": "not ready"},
                 ]),
                 "Pending",
+                (SessionPhase::Pending, false, "init", None),
             ),
             (
                 json!([
@@ -776,6 +766,12 @@ mod tests {
                         "message": "0/3 nodes are available"},
                 ]),
                 "Pending",
+                (
+                    SessionPhase::Pending,
+                    false,
+                    "0/3 nodes are available",
+                    Some("Unschedulable: 0/3 nodes are available"),
+                ),
             ),
             (
                 json!([
@@ -783,31 +779,53 @@ mod tests {
                     {"type": "Ready", "status": "True"},
                 ]),
                 "Running",
+                (SessionPhase::Running, true, "m", None),
             ),
-            (json!([]), "Failed"),
+            (
+                json!([]),
+                "Failed",
+                (SessionPhase::Failed, false, "m", None),
+            ),
         ];
-        for ((conditions, phase), waiting) in cases
+        for ((conditions, phase, expect), waiting) in cases
             .into_iter()
             .flat_map(|c| [(c.clone(), "ContainerCreating"), (c, "ImagePullBackOff")])
         {
-            let full = pod(conditions, phase, waiting);
-            let mut p = full.clone();
+            let (session_phase, ready, message, unschedulable) = expect;
+            let mut p = pod(conditions, phase, waiting);
+            let parsed = p.clone();
             trim_pod(&mut p);
-            assert_eq!(plan::pending_problem(&p), plan::pending_problem(&full));
-            if waiting == "ImagePullBackOff" {
-                assert!(plan::pending_problem(&p).is_some(), "the problem survives");
-            }
+            // Trimming changes no answer.
+            assert_eq!(plan::pending_problem(&p), plan::pending_problem(&parsed));
             for paused in [false, true] {
                 assert_eq!(
                     plan::observe(Some(&p), paused),
-                    plan::observe(Some(&full), paused)
+                    plan::observe(Some(&parsed), paused)
                 );
             }
-            assert_eq!(build::launch_record(&p), build::launch_record(&full));
-            assert_eq!(p.labels(), full.labels());
-            assert_eq!(p.owner_references(), full.owner_references());
-            assert_eq!(p.uid(), full.uid());
-            assert_eq!(p.creation_timestamp(), full.creation_timestamp());
+            // And the answers are those of the pod sent.
+            let o = plan::observe(Some(&p), false);
+            assert_eq!(o.phase, session_phase);
+            assert_eq!(o.ready, ready);
+            assert_eq!(o.node.as_deref(), Some("n1"));
+            assert_eq!(o.message.as_deref(), Some(message));
+            let pulling = (waiting == "ImagePullBackOff").then_some("ImagePullBackOff: Back-off");
+            let problem = (session_phase == SessionPhase::Pending)
+                .then(|| unschedulable.or(pulling))
+                .flatten();
+            assert_eq!(o.problem.as_deref(), problem);
+            if ready {
+                assert_eq!(plan::observe(Some(&p), true).phase, SessionPhase::Paused);
+            }
+            assert_eq!(
+                build::launch_record(&p).server.as_deref(),
+                Some("ws-1"),
+                "the launch record survives"
+            );
+            assert_eq!(p.labels().len(), 2);
+            assert_eq!(p.owner_references()[0].uid, "s1");
+            assert_eq!(p.uid().as_deref(), Some("p1"));
+            assert!(p.creation_timestamp().is_some());
             assert_eq!(
                 p.annotations().keys().collect::<Vec<_>>(),
                 [build::LAUNCH_ANNOTATION]
@@ -820,12 +838,18 @@ mod tests {
                 Some(1),
                 "one waits"
             );
-            assert!(p.spec.as_ref().unwrap().containers.is_empty());
+            assert!(
+                st.conditions
+                    .iter()
+                    .flatten()
+                    .all(|c| c.last_transition_time.is_none()),
+                "condition times are not kept"
+            );
         }
     }
 
-    fn volume(claim_ns: Option<&str>) -> PersistentVolume {
-        let mut v: PersistentVolume = serde_json::from_value(json!({
+    fn volume(claim_ns: Option<&str>) -> CachedVolume {
+        let mut v: CachedVolume = serde_json::from_value(json!({
             "metadata": {"name": "pv-1", "labels": {"a": "b"}, "annotations": {"x": "y"}},
             "spec": {
                 "capacity": {"storage": "1Gi"},
@@ -875,7 +899,7 @@ mod tests {
 
     #[test]
     fn claims_keep_labels_our_annotations_and_the_volume() {
-        let mut c: PersistentVolumeClaim = serde_json::from_value(json!({
+        let mut c: CachedClaim = serde_json::from_value(json!({
             "metadata": {"name": "profile-alice", "namespace": "ns",
                 "labels": {build::PROFILE_LABEL: "k"},
                 "annotations": {build::RESET_BY_ANNOTATION: "s1",
@@ -895,6 +919,5 @@ mod tests {
             c.spec.as_ref().unwrap().volume_name.as_deref(),
             Some("pv-1")
         );
-        assert!(c.status.is_none());
     }
 }

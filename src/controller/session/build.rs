@@ -63,7 +63,7 @@ pub struct LaunchRecord {
 }
 
 /// Reads a pod's launch record (empty when absent or unreadable).
-pub fn launch_record(pod: &Pod) -> LaunchRecord {
+pub fn launch_record(pod: &impl Resource) -> LaunchRecord {
     pod.annotations()
         .get(LAUNCH_ANNOTATION)
         .and_then(|v| serde_json::from_str(v).ok())

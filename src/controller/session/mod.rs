@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt, future::BoxFuture};
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::{Action, Config, Controller};
@@ -33,6 +33,7 @@ use self::build::{
     RESET_BY_ANNOTATION, SERVER_LABEL, ZONE_LABEL,
 };
 use self::plan::{AdmissionInputs, PoolKind, Refusal, ServerCandidate, reasons};
+use super::cached::{CachedClaim, CachedPod, CachedVolume};
 use super::status::directory;
 use super::stores::{Reflectors, Stores, in_namespace};
 use super::{CONTROLLER_NAME, Context, Error};
@@ -160,7 +161,7 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
     };
     let claims = {
         let stores = stores.clone();
-        move |c: Arc<PersistentVolumeClaim>| {
+        move |c: Arc<CachedClaim>| {
             let user = c
                 .labels()
                 .get(build::USER_LABEL)
@@ -184,7 +185,7 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
                 }))
             })
     };
-    let lost_pods = r.pods.subscribe_deletes().filter_map(|p: Arc<Pod>| {
+    let lost_pods = r.pods.subscribe_deletes().filter_map(|p: Arc<CachedPod>| {
         let owner = p
             .owner_references()
             .iter()
@@ -364,7 +365,7 @@ fn zones_with_nodes(stores: &Stores, selector: &BTreeMap<String, String>) -> Vec
 }
 
 /// The zone a bound claim's volume is pinned to (node affinity or the zone label).
-pub fn volume_zone(pv: &PersistentVolume) -> Option<String> {
+pub fn volume_zone(pv: &CachedVolume) -> Option<String> {
     let from_affinity = pv
         .spec
         .as_ref()
@@ -790,7 +791,7 @@ async fn reconcile(
                 status.phase = Some(obs.phase);
                 status.node = obs.node.clone();
                 status.pod = Some(p.name_any());
-                let record = build::launch_record(p);
+                let record = build::launch_record(p.as_ref());
                 status.server = record.server.or(status.server.clone());
                 if record.profile.is_some() {
                     status.profile = record.profile;
@@ -1043,7 +1044,7 @@ async fn run_timers(
     }
 }
 
-async fn delete_pod(ctx: &Context, ns: &str, p: &Pod) -> Result<(), Error> {
+async fn delete_pod(ctx: &Context, ns: &str, p: &CachedPod) -> Result<(), Error> {
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     let dp = DeleteParams {
         preconditions: Some(Preconditions {
@@ -1425,7 +1426,7 @@ struct ClaimPlan {
     reset_by: Option<String>,
 }
 
-fn active_claim(stores: &Stores, ns: &str, base: &str) -> Option<Arc<PersistentVolumeClaim>> {
+fn active_claim(stores: &Stores, ns: &str, base: &str) -> Option<Arc<CachedClaim>> {
     let key = build::profile_key(base);
     in_namespace(&stores.claims, ns)
         .into_iter()
@@ -1451,7 +1452,7 @@ fn next_claim_name(stores: &Stores, ns: &str, base: &str, stamp: i64) -> String 
     format!("{keep}{suffix}")
 }
 
-fn bound_zone(stores: &Stores, claim: &PersistentVolumeClaim) -> Option<String> {
+fn bound_zone(stores: &Stores, claim: &CachedClaim) -> Option<String> {
     let pv = claim.spec.as_ref()?.volume_name.as_ref()?;
     stores
         .volumes

@@ -1,7 +1,7 @@
 //! Pure decisions of the Session controller: launch checks, placement, profile zone, and the
 //! phase observed from the pod. No I/O, no clock.
 
-use k8s_openapi::api::core::v1::Pod;
+use crate::controller::cached::CachedPod;
 
 use super::build::Placement;
 use crate::crd::v1alpha1::{DesiredState, ProfileMode, SessionPhase};
@@ -375,7 +375,7 @@ pub struct Observed {
 const STARTING: &[&str] = &["ContainerCreating", "PodInitializing"];
 
 /// What holds a pending pod up, if anything needs attention (see [`Observed::problem`]).
-pub fn pending_problem(pod: &Pod) -> Option<String> {
+pub fn pending_problem(pod: &CachedPod) -> Option<String> {
     let status = pod.status.as_ref()?;
     let unscheduled = status
         .conditions
@@ -406,7 +406,7 @@ pub fn pending_problem(pod: &Pod) -> Option<String> {
 }
 
 /// The session's phase from its pod (when it should be running or paused).
-pub fn observe(pod: Option<&Pod>, paused: bool) -> Observed {
+pub fn observe(pod: Option<&CachedPod>, paused: bool) -> Observed {
     let Some(pod) = pod else {
         return Observed {
             phase: SessionPhase::Pending,
@@ -647,7 +647,7 @@ mod tests {
         assert!(check_state_change(DesiredState::Running, false, false, false).is_ok());
     }
 
-    fn pending_pod(status: serde_json::Value) -> Pod {
+    fn pending_pod(status: serde_json::Value) -> CachedPod {
         serde_json::from_value(serde_json::json!({
             "metadata": {"name": "p"},
             "status": status,
