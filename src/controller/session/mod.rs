@@ -53,12 +53,25 @@ const KIND: &str = "Session";
 /// How long a pending pod may be held up by a problem (unschedulable, image pull error...)
 /// before the status says so.
 const PENDING_REPORT_AFTER: Duration = Duration::from_secs(5);
+/// How long the scheduler may hold a pod back for its claims (one it has not seen yet, one not
+/// yet bound) before the status says so. In a burst the scheduler's cache lags the API server:
+/// a pod can reach it before the claim created just ahead of it, and wait until it sees it.
+const VOLUME_WAIT_REPORT_AFTER: Duration = Duration::from_secs(60);
 /// How long a pod may take to start without a problem (volumes provisioning, a large image
 /// pulling) before the status reports the slow start.
 const SLOW_START_REPORT_AFTER: Duration = Duration::from_secs(300);
 
+/// How long `problem` may last before it is reported.
+fn report_after(problem: &str) -> Duration {
+    if plan::waits_for_claims(problem) {
+        VOLUME_WAIT_REPORT_AFTER
+    } else {
+        PENDING_REPORT_AFTER
+    }
+}
+
 /// The `PodPending` message to write for a pending pod, if one is due: a problem once it has
-/// lasted [`PENDING_REPORT_AFTER`], a slow start after [`SLOW_START_REPORT_AFTER`]. A problem
+/// lasted [`report_after`] it, a slow start after [`SLOW_START_REPORT_AFTER`]. A problem
 /// already reported with the same reason keeps its message, so a scheduler retrying with new
 /// node counts does not rewrite the status each time.
 fn pending_report(problem: Option<&str>, age_secs: f64, old: &[Condition]) -> Option<String> {
@@ -66,7 +79,7 @@ fn pending_report(problem: Option<&str>, age_secs: f64, old: &[Condition]) -> Op
         .iter()
         .find(|c| c.type_ == "Ready" && c.status == "False" && c.reason == "PodPending");
     match problem {
-        Some(p) if age_secs >= PENDING_REPORT_AFTER.as_secs_f64() => {
+        Some(p) if age_secs >= report_after(p).as_secs_f64() => {
             let reason = |m: &str| m.split(':').next().unwrap_or_default().to_string();
             match reported {
                 Some(c) if reason(&c.message) == reason(p) => Some(c.message.clone()),
@@ -815,10 +828,9 @@ async fn reconcile(
                         for (t, reason, note, action) in events {
                             sh.event(t, reason, note, action).await;
                         }
-                        let left = if obs.problem.is_some() {
-                            PENDING_REPORT_AFTER.as_secs_f64() - age
-                        } else {
-                            SLOW_START_REPORT_AFTER.as_secs_f64() - age
+                        let left = match obs.problem.as_deref() {
+                            Some(p) => report_after(p).as_secs_f64() - age,
+                            None => SLOW_START_REPORT_AFTER.as_secs_f64() - age,
                         };
                         let wait = Duration::from_secs_f64(left.max(0.1)).min(requeue);
                         return Ok(Action::requeue(wait));
@@ -947,7 +959,15 @@ async fn reconcile(
     let mut version = session.resource_version();
     if !same_status(&status, &old) {
         version = sh.patch_status(&status).await?.resource_version();
-        info!(session = %key, phase = ?status.phase, "session status updated");
+        let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
+        info!(
+            session = %key,
+            phase = ?status.phase,
+            ready = ready.map(|c| c.status.as_str()),
+            reason = ready.map(|c| c.reason.as_str()),
+            message = ready.map(|c| c.message.as_str()),
+            "session status updated"
+        );
     }
     for (t, reason, note, action) in events {
         sh.event(t, reason, note, action).await;
@@ -1697,6 +1717,23 @@ mod tests {
         // A problem: reported once it has lasted PENDING_REPORT_AFTER, not before.
         let p = "Unschedulable: 0/3 nodes are available";
         assert_eq!(pending_report(Some(p), 4.9, &[]), None);
+        assert_eq!(pending_report(Some(p), 5.0, &[]).as_deref(), Some(p));
+        // Held back for a claim the scheduler has not seen yet (or not bound yet): a wait, not
+        // yet a problem.
+        for p in [
+            "Unschedulable: 0/3 nodes are available: persistentvolumeclaim \"profile-u-32\" not \
+             found. preemption: 0/3 nodes are available: 3 Preemption is not helpful for \
+             scheduling.",
+            "Unschedulable: 0/3 nodes are available: pod has unbound immediate \
+             PersistentVolumeClaims. preemption: 0/3 nodes are available",
+        ] {
+            assert_eq!(pending_report(Some(p), 5.0, &[]), None);
+            assert_eq!(pending_report(Some(p), 59.0, &[]), None);
+            assert_eq!(pending_report(Some(p), 60.0, &[]).as_deref(), Some(p));
+        }
+        // A claim being deleted is a problem at once.
+        let p = "Unschedulable: 0/3 nodes are available: persistentvolumeclaim \"p\" is being \
+                 deleted";
         assert_eq!(pending_report(Some(p), 5.0, &[]).as_deref(), Some(p));
     }
 

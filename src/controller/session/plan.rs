@@ -374,6 +374,21 @@ pub struct Observed {
 /// Container waiting reasons that are part of a normal start.
 const STARTING: &[&str] = &["ContainerCreating", "PodInitializing"];
 
+/// Whether a scheduler's message says the pod waits for its claims: one the scheduler has not
+/// seen yet (`persistentvolumeclaim "..." not found`, while its cache catches up with a claim
+/// created just before the pod) or one with immediate binding not bound yet. Either passes on
+/// its own in moments; it is a problem only if it lasts.
+pub fn waits_for_claims(message: &str) -> bool {
+    let not_seen = message
+        .split("persistentvolumeclaim \"")
+        .skip(1)
+        .any(|rest| {
+            rest.split_once('"')
+                .is_some_and(|(_, after)| after.starts_with(" not found"))
+        });
+    not_seen || message.contains("pod has unbound immediate PersistentVolumeClaims")
+}
+
 /// What holds a pending pod up, if anything needs attention (see [`Observed::problem`]).
 pub fn pending_problem(pod: &CachedPod) -> Option<String> {
     let status = pod.status.as_ref()?;
