@@ -545,7 +545,7 @@ impl Bench {
             },
             control_plane: format!(
                 "local etcd, kube-apiserver, kube-controller-manager and kube-scheduler \
-                 (default client QPS), fake kubelet and provisioner in the bench process; \
+                 (client QPS 200, burst 400), fake kubelet and provisioner in the bench process; \
                  {nodes} fake nodes x 110 pods in 3 zones"
             ),
             settings: Settings {
