@@ -445,12 +445,11 @@ pub fn session_stage(s: &Session) -> Stage {
 pub async fn cleanup(client: &Client, ns: &str) -> Result<(), BenchError> {
     let lp = ListParams::default();
     let sessions: Api<Session> = Api::namespaced(client.clone(), ns);
-    sessions
-        .delete_collection(&DeleteParams::default(), &lp)
+    delete_all(&sessions, &DeleteParams::default())
         .await
         .ctx(format!("delete the sessions of {ns}"))?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    pods.delete_collection(&DeleteParams::default().grace_period(0), &lp)
+    delete_all(&pods, &DeleteParams::default().grace_period(0))
         .await
         .ctx(format!("delete the pods of {ns}"))?;
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
@@ -463,8 +462,7 @@ pub async fn cleanup(client: &Client, ns: &str) -> Result<(), BenchError> {
         .map(|c| c.name_any())
         .collect();
     drop_finalizers(&claims, names).await;
-    claims
-        .delete_collection(&DeleteParams::default(), &lp)
+    delete_all(&claims, &DeleteParams::default())
         .await
         .ctx(format!("delete the claims of {ns}"))?;
     let volumes: Api<PersistentVolume> = Api::all(client.clone());
@@ -496,6 +494,27 @@ pub async fn cleanup(client: &Client, ns: &str) -> Result<(), BenchError> {
         .delete(ns, &DeleteParams::default())
         .await;
     Ok(())
+}
+
+/// Deletes every object of `api`, trying again while the API server times out: a collection of
+/// thousands takes it longer than its request timeout (60 s), and it goes on deleting after it
+/// has answered with the timeout.
+async fn delete_all<K>(api: &Api<K>, dp: &DeleteParams) -> Result<(), kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    let mut tries = 0;
+    loop {
+        match api.delete_collection(dp, &ListParams::default()).await {
+            Ok(_) => return Ok(()),
+            Err(e) if tries < 20 => {
+                tries += 1;
+                super::progress(format!("deleting a collection, trying again: {e}"));
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 async fn drop_finalizers<K>(api: &Api<K>, names: Vec<String>)
