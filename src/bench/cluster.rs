@@ -536,35 +536,92 @@ where
 /// Error responses the API server has served so far, by `"VERB resource code"`, from its own
 /// `apiserver_request_total` (every client counted; empty if the metrics cannot be read).
 pub async fn apiserver_errors(client: &Client) -> BTreeMap<String, f64> {
+    let text = apiserver_metrics(client).await;
+    sum_series(&text, "apiserver_request_total", error_key)
+}
+
+/// `"VERB resource code"` of an error response's series.
+fn error_key(l: &BTreeMap<String, String>) -> Option<String> {
+    let code = l.get("code").map(String::as_str).unwrap_or_default();
+    (code.starts_with('4') || code.starts_with('5'))
+        .then(|| format!("{} {} {code}", label(l, "verb"), resource(l)))
+}
+
+/// `"VERB resource"` of a request duration series, but a watch's (it stays open).
+fn seconds_key(l: &BTreeMap<String, String>) -> Option<String> {
+    let verb = label(l, "verb");
+    (!matches!(verb.as_str(), "WATCH" | "WATCHLIST" | "CONNECT"))
+        .then(|| format!("{verb} {}", resource(l)))
+}
+
+/// The resource of a watch event series.
+fn watch_key(l: &BTreeMap<String, String>) -> Option<String> {
+    l.get("resource").or(l.get("kind")).cloned()
+}
+
+/// What the API server has done so far for every client: the seconds it spent on requests, by
+/// `"VERB resource"` (from `apiserver_request_duration_seconds`; watches, which stay open, are
+/// left out), and the watch events it sent, by resource (`apiserver_watch_events_total`).
+/// Empty if its metrics cannot be read.
+pub async fn apiserver_work(client: &Client) -> ApiServerWork {
+    let text = apiserver_metrics(client).await;
+    ApiServerWork {
+        seconds: sum_series(&text, "apiserver_request_duration_seconds_sum", seconds_key),
+        watch_events: sum_series(&text, "apiserver_watch_events_total", watch_key),
+    }
+}
+
+/// See [`apiserver_work`].
+#[derive(Debug, Clone, Default)]
+pub struct ApiServerWork {
+    /// Seconds spent on requests, by `"VERB resource"`.
+    pub seconds: BTreeMap<String, f64>,
+    /// Watch events sent, by resource.
+    pub watch_events: BTreeMap<String, f64>,
+}
+
+async fn apiserver_metrics(client: &Client) -> String {
     let Ok(req) = http::Request::get("/metrics").body(Vec::new()) else {
-        return BTreeMap::new();
+        return String::new();
     };
-    let Ok(text) = client.request_text(req).await else {
-        return BTreeMap::new();
-    };
+    client.request_text(req).await.unwrap_or_default()
+}
+
+fn label(l: &BTreeMap<String, String>, k: &str) -> String {
+    l.get(k).cloned().unwrap_or_default()
+}
+
+/// `resource` or `resource/subresource`.
+fn resource(l: &BTreeMap<String, String>) -> String {
+    let sub = label(l, "subresource");
+    if sub.is_empty() {
+        label(l, "resource")
+    } else {
+        format!("{}/{sub}", label(l, "resource"))
+    }
+}
+
+/// Sums the samples of series `name` in Prometheus text `text` by the key `key` gives their
+/// labels (samples it gives no key are skipped).
+fn sum_series(
+    text: &str,
+    name: &str,
+    key: impl Fn(&BTreeMap<String, String>) -> Option<String>,
+) -> BTreeMap<String, f64> {
+    let prefix = format!("{name}{{");
     let mut out = BTreeMap::new();
     for line in text.lines() {
-        let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
+        let Some(rest) = line.strip_prefix(prefix.as_str()) else {
             continue;
         };
         let Some((labels, value)) = rest.rsplit_once("} ") else {
             continue;
         };
-        let l = parse_labels(labels);
-        let code = l.get("code").map(String::as_str).unwrap_or_default();
-        if !code.starts_with('4') && !code.starts_with('5') {
+        let Some(k) = key(&parse_labels(labels)) else {
             continue;
-        }
-        let get = |k: &str| l.get(k).cloned().unwrap_or_default();
-        let sub = get("subresource");
-        let resource = if sub.is_empty() {
-            get("resource")
-        } else {
-            format!("{}/{sub}", get("resource"))
         };
         if let Ok(v) = value.trim().parse::<f64>() {
-            *out.entry(format!("{} {resource} {code}", get("verb")))
-                .or_default() += v;
+            *out.entry(k).or_default() += v;
         }
     }
     out
@@ -681,5 +738,51 @@ fn json_size<K: Serialize>(mut items: Vec<K>, trim: fn(&mut K)) -> CacheEntry {
     CacheEntry {
         objects: items.len(),
         json_mb: bytes as f64 / 1e6,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const METRICS: &str = r#"# HELP apiserver_request_total [STABLE] Counter of apiserver requests
+apiserver_request_total{code="201",component="apiserver",dry_run="",group="",resource="pods",scope="resource",subresource="",verb="POST",version="v1"} 10
+apiserver_request_total{code="409",component="apiserver",dry_run="",group="",resource="pods",scope="resource",subresource="",verb="POST",version="v1"} 2
+apiserver_request_total{code="500",component="apiserver",dry_run="",group="cubicle.dev",resource="sessions",scope="resource",subresource="status",verb="PATCH",version="v1alpha1"} 1
+apiserver_request_duration_seconds_sum{component="apiserver",dry_run="",group="",resource="pods",scope="resource",subresource="",verb="POST",version="v1"} 1.5
+apiserver_request_duration_seconds_sum{component="apiserver",dry_run="",group="",resource="pods",scope="namespace",subresource="",verb="POST",version="v1"} 0.5
+apiserver_request_duration_seconds_sum{component="apiserver",dry_run="",group="",resource="pods",scope="namespace",subresource="",verb="WATCH",version="v1"} 900
+apiserver_request_duration_seconds_sum{component="apiserver",dry_run="",group="cubicle.dev",resource="users",scope="resource",subresource="status",verb="PATCH",version="v1alpha1"} 0.25
+apiserver_request_duration_seconds_count{component="apiserver",dry_run="",group="",resource="pods",scope="resource",subresource="",verb="POST",version="v1"} 12
+apiserver_watch_events_total{group="",resource="pods",version="v1"} 40
+apiserver_watch_events_total{group="cubicle.dev",resource="sessions",version="v1alpha1"} 7
+"#;
+
+    #[test]
+    fn api_server_metrics_are_summed_by_request_kind() {
+        let errors = sum_series(METRICS, "apiserver_request_total", error_key);
+        assert_eq!(
+            errors,
+            BTreeMap::from([
+                ("PATCH sessions/status 500".to_string(), 1.0),
+                ("POST pods 409".to_string(), 2.0),
+            ])
+        );
+        let seconds = sum_series(
+            METRICS,
+            "apiserver_request_duration_seconds_sum",
+            seconds_key,
+        );
+        assert_eq!(
+            seconds,
+            BTreeMap::from([
+                ("PATCH users/status".to_string(), 0.25),
+                ("POST pods".to_string(), 2.0),
+            ]),
+            "scopes summed, watches and _count left out"
+        );
+        let watch = sum_series(METRICS, "apiserver_watch_events_total", watch_key);
+        assert_eq!(watch["pods"], 40.0);
+        assert_eq!(watch["sessions"], 7.0);
     }
 }

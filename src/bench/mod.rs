@@ -293,6 +293,7 @@ struct Probe {
 struct FloorRun {
     wall: f64,
     api_errors: BTreeMap<String, f64>,
+    api_work: cluster::ApiServerWork,
     failures: usize,
     peak_rps: f64,
     phases: BTreeMap<String, f64>,
@@ -303,6 +304,7 @@ struct FloorRun {
 struct BurstRun {
     wall: f64,
     api_errors: BTreeMap<String, f64>,
+    api_work: cluster::ApiServerWork,
     failures: usize,
     errors: f64,
     peak_rps: f64,
@@ -499,6 +501,10 @@ impl Bench {
                     floor_cpu_s: median_map(floors.iter().map(|f| &f.cpu)),
                     api_errors: median_map(runs.iter().map(|r| &r.api_errors)),
                     floor_api_errors: median_map(floors.iter().map(|f| &f.api_errors)),
+                    api_seconds: median_map(runs.iter().map(|r| &r.api_work.seconds)),
+                    floor_api_seconds: median_map(floors.iter().map(|f| &f.api_work.seconds)),
+                    watch_events: median_map(runs.iter().map(|r| &r.api_work.watch_events)),
+                    floor_watch_events: median_map(floors.iter().map(|f| &f.api_work.watch_events)),
                 };
                 cpu.push(CpuRow {
                     what: format!("per launch, burst of {n}, {budget}"),
@@ -655,6 +661,7 @@ impl Bench {
         )
         .await;
         let errors0 = cluster::apiserver_errors(&self.client).await;
+        let work0 = cluster::apiserver_work(&self.client).await;
         let cpu0 = self.cpu_snapshot(None);
         let t0 = Instant::now();
         let create = {
@@ -694,12 +701,14 @@ impl Bench {
         let wall = t0.elapsed().as_secs_f64();
         let cpu = self.cpu_since(&cpu0, None);
         let api_errors = delta(&cluster::apiserver_errors(&self.client).await, &errors0);
+        let api_work = work_delta(&cluster::apiserver_work(&self.client).await, &work0);
         drop(pods);
         cluster::cleanup(&self.client, &ns).await?;
         progress(format!("floor of {n}: {wall:.1} s"));
         Ok(FloorRun {
             wall,
             api_errors,
+            api_work,
             failures: n - done.min(n),
             peak_rps: rate.peak,
             phases,
@@ -744,6 +753,7 @@ impl Bench {
         )
         .await;
         let errors0 = cluster::apiserver_errors(&self.client).await;
+        let work0 = cluster::apiserver_work(&self.client).await;
         let before = op.scrape().await?;
         let cpu0 = self.cpu_snapshot(Some(op.pid));
         let op_cpu0 = op.cpu();
@@ -799,6 +809,7 @@ impl Bench {
         };
         let wall = t0.elapsed().as_secs_f64();
         let cpu = self.cpu_since(&cpu0, Some(op.pid));
+        let api_work = work_delta(&cluster::apiserver_work(&self.client).await, &work0);
         drop(pods);
         drop(sessions);
         let after = op
@@ -854,6 +865,7 @@ impl Bench {
         Ok(BurstRun {
             wall,
             api_errors,
+            api_work,
             failures: n - running.min(n),
             errors: after.errors - before.errors,
             peak_rps: rate.peak,
@@ -913,6 +925,16 @@ fn delta(after: &BTreeMap<String, f64>, before: &BTreeMap<String, f64>) -> BTree
         .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or_default()))
         .filter(|(_, v)| *v != 0.0)
         .collect()
+}
+
+fn work_delta(
+    after: &cluster::ApiServerWork,
+    before: &cluster::ApiServerWork,
+) -> cluster::ApiServerWork {
+    cluster::ApiServerWork {
+        seconds: delta(&after.seconds, &before.seconds),
+        watch_events: delta(&after.watch_events, &before.watch_events),
+    }
 }
 
 fn median_map<'a>(maps: impl Iterator<Item = &'a BTreeMap<String, f64>>) -> BTreeMap<String, f64> {

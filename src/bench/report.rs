@@ -261,6 +261,16 @@ pub struct Burst {
     pub api_errors: BTreeMap<String, f64>,
     /// The same during the floor's burst.
     pub floor_api_errors: BTreeMap<String, f64>,
+    /// Seconds the API server spent on requests during the operator's burst, every client
+    /// counted, by `"VERB resource"` (watches left out).
+    pub api_seconds: BTreeMap<String, f64>,
+    /// The same during the floor's burst.
+    pub floor_api_seconds: BTreeMap<String, f64>,
+    /// Watch events the API server sent during the operator's burst (every watcher), by
+    /// resource.
+    pub watch_events: BTreeMap<String, f64>,
+    /// The same during the floor's burst.
+    pub floor_watch_events: BTreeMap<String, f64>,
 }
 
 /// A memory reading of the operator.
@@ -535,6 +545,42 @@ impl Report {
                  operator: {}",
                 errors(&b.floor_api_errors),
                 errors(&b.api_errors)
+            );
+            // Where the API server's time went: the largest request kinds, then the rest.
+            let top = |m: &BTreeMap<String, f64>, digits: usize| {
+                let total: f64 = m.values().sum();
+                let mut v: Vec<(&String, &f64)> = m.iter().collect();
+                v.sort_by(|a, b| b.1.total_cmp(a.1).then(a.0.cmp(b.0)));
+                let shown: Vec<String> = v
+                    .iter()
+                    .take(6)
+                    .map(|(k, x)| format!("{k} {:.digits$}", x))
+                    .collect();
+                let rest: f64 = v.iter().skip(6).map(|(_, x)| **x).sum();
+                format!(
+                    "{:.digits$} in all: {}{}",
+                    total,
+                    shown.join(", "),
+                    if v.len() > 6 {
+                        format!(", others {rest:.digits$}")
+                    } else {
+                        String::new()
+                    }
+                )
+            };
+            let _ = writeln!(
+                o,
+                "    API server request seconds (all clients, watches left out) during the \
+                 floor: {}; during the operator: {}",
+                top(&b.floor_api_seconds, 1),
+                top(&b.api_seconds, 1)
+            );
+            let _ = writeln!(
+                o,
+                "    API server watch events sent (all watchers) during the floor: {}; during \
+                 the operator: {}",
+                top(&b.floor_watch_events, 0),
+                top(&b.watch_events, 0)
             );
             if b.reconcile_errors > 0.0 {
                 let _ = writeln!(

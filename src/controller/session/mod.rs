@@ -965,7 +965,7 @@ async fn reconcile(
             phase = ?status.phase,
             ready = ready.map(|c| c.status.as_str()),
             reason = ready.map(|c| c.reason.as_str()),
-            message = ready.map(|c| c.message.as_str()),
+            detail = ready.map(|c| c.message.as_str()),
             "session status updated"
         );
     }
