@@ -17,7 +17,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use super::operator::parse_labels;
+use super::operator::samples;
 use super::report::CacheEntry;
 use super::{BenchError, Context};
 use crate::controller::cached::{CachedClaim, CachedPod, CachedVolume};
@@ -608,19 +608,14 @@ fn sum_series(
     name: &str,
     key: impl Fn(&BTreeMap<String, String>) -> Option<String>,
 ) -> BTreeMap<String, f64> {
-    let prefix = format!("{name}{{");
     let mut out = BTreeMap::new();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(prefix.as_str()) else {
-            continue;
-        };
-        let Some((labels, value)) = rest.rsplit_once("} ") else {
-            continue;
-        };
-        let Some(k) = key(&parse_labels(labels)) else {
-            continue;
-        };
-        if let Ok(v) = value.trim().parse::<f64>() {
+    // The API server's text is long: only the lines of `name` have their labels parsed.
+    let lines = text.lines().filter(|l| {
+        l.strip_prefix(name)
+            .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))
+    });
+    for (_, labels, v) in lines.flat_map(samples) {
+        if let Some(k) = key(&labels) {
             *out.entry(k).or_default() += v;
         }
     }

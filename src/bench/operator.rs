@@ -213,17 +213,7 @@ impl Scrape {
     /// Parses the OpenMetrics text of `/metrics`.
     pub fn parse(text: &str) -> Self {
         let mut s = Scrape::default();
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
-            let Some((series, value)) = line.rsplit_once(' ') else {
-                continue;
-            };
-            let Ok(value) = value.parse::<f64>() else {
-                continue;
-            };
-            let (name, labels) = match series.split_once('{') {
-                Some((n, rest)) => (n, parse_labels(rest.trim_end_matches('}'))),
-                None => (series, BTreeMap::new()),
-            };
+        for (name, labels, value) in samples(text) {
             let label = |k: &str| labels.get(k).cloned().unwrap_or_default();
             match name {
                 "cubicle_api_requests_total" => {
@@ -318,6 +308,21 @@ mod diagnostics {
             );
         }
     }
+}
+
+/// The samples of a Prometheus or OpenMetrics text: series name, labels, value (comments and
+/// unreadable lines skipped).
+pub(crate) fn samples(text: &str) -> impl Iterator<Item = (&str, BTreeMap<String, String>, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let value = value.parse::<f64>().ok()?;
+            Some(match series.split_once('{') {
+                Some((n, rest)) => (n, parse_labels(rest.trim_end_matches('}')), value),
+                None => (series, BTreeMap::new(), value),
+            })
+        })
 }
 
 /// The labels of a Prometheus series: `a="x",b="y"`.
