@@ -181,7 +181,7 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
                 .cloned()
                 .unwrap_or_default();
             sessions_where(&stores, c.namespace(), move |s| {
-                build::label_value(&s.spec.user) == user
+                build::has_label_value(&s.spec.user, &user)
             })
         }
     };
