@@ -10,7 +10,7 @@ use kube::runtime::reflector::ObjectRef;
 
 use super::Context;
 use super::status::{self, Cond, StatusView, Triggers, conditions, owned_conditions};
-use super::stores::{Reflectors, Stores, in_namespace};
+use super::stores::{Reflectors, Stores, digest, in_namespace};
 use crate::crd::v1alpha1::{Group, GroupStatus, User, Workspace};
 use crate::resolve::findings::group_findings;
 use crate::resolve::{self, Code, Directory, Finding, Severity};
@@ -139,7 +139,13 @@ fn groups_with_default_image(stores: &Stores, w: &Workspace) -> Vec<ObjectRef<Gr
 /// Builds the Group status controller over the shared caches.
 pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, ()> {
     Triggers::<Group>::new(&r.groups, ctx)
-        .on(&mut r.users, groups_of_user)
+        // Membership reads Users' specs only: their status writes (one per launch) are no
+        // trigger.
+        .on_digest(
+            &mut r.users,
+            |u| digest(&u.metadata.generation),
+            groups_of_user,
+        )
         .on(&mut r.workspaces, groups_with_default_image)
         .run()
 }

@@ -9,6 +9,7 @@ pub mod cached;
 pub mod error;
 pub mod events;
 pub mod group;
+pub mod index;
 pub mod pool;
 pub mod server;
 pub mod session;

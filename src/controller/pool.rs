@@ -102,10 +102,7 @@ impl StatusView for ServerPool {
                 .len() as u32,
             None => 0,
         };
-        let sessions = ctx
-            .stores
-            .sessions
-            .state_filter(|s| s.metadata.namespace.as_deref() == Some(dir.namespace.as_str()));
+        let sessions = pool_candidates(ctx, dir, pool);
         desired_status(dir, pool, matching, &sessions, pool.status.as_ref(), now)
     }
 
@@ -115,6 +112,27 @@ impl StatusView for ServerPool {
             ..c.clone()
         }
     }
+}
+
+/// The sessions that may count in `pool`: those on its servers and those of the workspaces
+/// that name it ([`resolve::pool_view`] decides which do).
+fn pool_candidates(ctx: &Context, dir: &Directory, pool: &ServerPool) -> Vec<Arc<Session>> {
+    let ns = dir.namespace.as_str();
+    let name = pool.name_any();
+    let mut out: Vec<Arc<Session>> = dir
+        .servers_of_pool(&name)
+        .iter()
+        .flat_map(|s| ctx.stores.sessions_on_server(ns, &s.name_any()))
+        .collect();
+    out.extend(
+        dir.workspaces
+            .iter()
+            .filter(|w| w.spec.server_pool.as_deref() == Some(name.as_str()))
+            .flat_map(|w| ctx.stores.sessions_of_workspace(ns, &w.name_any())),
+    );
+    out.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    out.dedup_by(|a, b| a.metadata.name == b.metadata.name);
+    out
 }
 
 fn pools_in(stores: &Stores, ns: Option<String>) -> Vec<ObjectRef<ServerPool>> {

@@ -15,7 +15,7 @@ use kube::runtime::reflector::ObjectRef;
 
 use super::Context;
 use super::status::{self, Cond, StatusView, Triggers, conditions, owned_conditions};
-use super::stores::{Reflectors, Stores};
+use super::stores::{Reflectors, Stores, digest};
 use crate::crd::v1alpha1::{Server, ServerAssignment, ServerPool, ServerStatus, Session, User};
 use crate::resolve::{self, Directory};
 
@@ -116,10 +116,7 @@ impl StatusView for Server {
             },
             None => NodeInfo::default(),
         };
-        let sessions = ctx.stores.sessions.state_filter(|s| {
-            s.metadata.namespace.as_deref() == Some(ns)
-                && s.status.as_ref().and_then(|st| st.server.as_deref()) == Some(name.as_str())
-        });
+        let sessions = ctx.stores.sessions_on_server(ns, &name);
         let users = &ctx.stores.users;
         let user_exists = |u: &str| users.get(&ObjectRef::new(u).within(ns)).is_some();
         desired_status(
@@ -210,7 +207,13 @@ fn server_of_session(s: &Session) -> Vec<ObjectRef<Server>> {
 pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, ()> {
     Triggers::<Server>::new(&r.servers, ctx)
         .on(&mut r.assignments, servers_of_assignment)
-        .on(&mut r.users, servers_of_user)
+        // A server's assigned users are read by name (existence) and from assignments: a User's
+        // status writes are no trigger.
+        .on_digest(
+            &mut r.users,
+            |u| digest(&u.metadata.generation),
+            servers_of_user,
+        )
         .on(&mut r.pools, servers_of_pool)
         .on(&mut r.sessions, |_, x: &Session| server_of_session(x))
         .run()

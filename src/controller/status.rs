@@ -31,7 +31,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use super::stores::{Shared, Stores, in_namespace};
+use super::stores::{Shared, Stores, in_namespace, when_changed};
 use super::{Context, Error};
 use crate::resolve::Directory;
 
@@ -129,6 +129,31 @@ impl<K: StatusView> Triggers<K> {
         let on_delete = map.clone();
         self.on_changes(other, move |s, o| map(s, o))
             .on_deletes(other, move |s, o| on_delete(s, o))
+    }
+
+    /// Reconciles what `map` names when `digest` of an `O` changes (its first sight included)
+    /// or an `O` is deleted: for mappings that read only part of an `O` (its spec, say), so the
+    /// other changes (a status write per launch) do not reconcile anything.
+    pub fn on_digest<O, I, F>(
+        mut self,
+        other: &mut Shared<O>,
+        digest: fn(&O) -> u64,
+        map: F,
+    ) -> Self
+    where
+        O: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+        I: IntoIterator<Item = ObjectRef<K>> + 'static,
+        I::IntoIter: Send,
+        F: Fn(&Stores, &O) -> I + Send + Sync + 'static,
+    {
+        let map = Arc::new(map);
+        let on_delete = map.clone();
+        let s = self.ctx.stores.clone();
+        self.controller = self.controller.watches_shared_stream(
+            other.subscribe().filter(when_changed(digest)),
+            move |o: Arc<O>| map(&s, &o),
+        );
+        self.on_deletes(other, move |s, o| on_delete(s, o))
     }
 
     /// Reconciles what `map` names when an `O` changes (deletions are not a trigger).

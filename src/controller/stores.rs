@@ -45,6 +45,7 @@ use tokio::task::JoinHandle;
 use tracing::warn;
 
 use super::cached::{CachedClaim, CachedPod, CachedVolume, CachedVolumeSpec};
+use super::index::{Index, Keys};
 use crate::crd::v1alpha1::{Group, Server, ServerAssignment, ServerPool, Session, User, Workspace};
 
 /// Label on every object the operator creates.
@@ -119,6 +120,12 @@ pub struct Stores {
     pub nodes: Store<PartialObjectMeta<Node>>,
     /// PersistentVolumes (to learn the zone a profile claim is bound to).
     pub volumes: Store<CachedVolume>,
+    /// Sessions by user, server and workspace ([`session_keys`]).
+    session_index: Arc<Index<Session>>,
+    /// Profile claims by profile ([`claim_keys`]).
+    claim_index: Arc<Index<CachedClaim>>,
+    /// Users by username, and those reported as duplicates ([`user_keys`]).
+    user_index: Arc<Index<User>>,
 }
 
 /// A kind's writer before its watch starts; hands out subscriber streams.
@@ -130,6 +137,7 @@ where
     /// The store.
     pub reader: Store<K>,
     deletes: Vec<mpsc::UnboundedSender<Arc<K>>>,
+    index: Option<Arc<Index<K>>>,
 }
 
 impl<K> Shared<K>
@@ -143,7 +151,23 @@ where
             writer,
             reader,
             deletes: Vec::new(),
+            index: None,
         }
+    }
+
+    /// With a secondary index, kept by the watch beside the store.
+    fn indexed(keys: Keys<K>) -> Self
+    where
+        K: Resource<DynamicType = ()>,
+    {
+        Self {
+            index: Some(Arc::new(Index::new(keys))),
+            ..Self::new()
+        }
+    }
+
+    fn index(&self) -> Arc<Index<K>> {
+        self.index.clone().expect("an indexed kind")
     }
 
     /// A stream of deleted objects. Shared subscribers only see changes, and a controller must
@@ -220,15 +244,15 @@ impl Reflectors {
         Self {
             client,
             scope,
-            users: Shared::new(),
+            users: Shared::indexed(user_keys),
             groups: Shared::new(),
             workspaces: Shared::new(),
             pools: Shared::new(),
             servers: Shared::new(),
             assignments: Shared::new(),
-            sessions: Shared::new(),
+            sessions: Shared::indexed(session_keys),
             pods: Shared::new(),
-            claims: Shared::new(),
+            claims: Shared::indexed(claim_keys),
             nodes,
             volumes,
         }
@@ -248,6 +272,9 @@ impl Reflectors {
             claims: self.claims.reader.clone(),
             nodes: self.nodes.0.clone(),
             volumes: self.volumes.0.clone(),
+            session_index: self.sessions.index(),
+            claim_index: self.claims.index(),
+            user_index: self.users.index(),
         }
     }
 
@@ -442,18 +469,39 @@ fn drive<K>(
     trim: fn(&mut K),
 ) -> JoinHandle<()>
 where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone + Default + Send + Sync,
 {
     let Shared {
-        writer, deletes, ..
+        writer,
+        deletes,
+        index,
+        ..
     } = shared;
     let mut log = log_errors::<K>(kind);
+    let (before, after) = (index.clone(), index);
     tokio::spawn(
         watcher(api, cfg)
             .default_backoff()
             .modify(trim)
+            // The index adds ahead of the store and removes behind it: never less than the store.
+            .inspect(move |ev| {
+                if let (Some(i), Ok(ev)) = (&before, ev) {
+                    i.before(ev);
+                }
+            })
             .reflect_shared(writer)
+            .inspect(move |ev| {
+                if let (Some(i), Ok(ev)) = (&after, ev) {
+                    i.after(ev);
+                }
+            })
             .for_each(move |ev| {
                 if let Ok(watcher::Event::Delete(obj)) = &ev {
                     let obj = Arc::new(obj.clone());
@@ -464,6 +512,27 @@ where
                 log(ev)
             }),
     )
+}
+
+/// A stream filter that passes an object on only when `f` of it differs from the last value
+/// seen for that object (by uid): its first sight, then each change of `f`.
+pub fn when_changed<K: Resource>(
+    f: impl Fn(&K) -> u64,
+) -> impl FnMut(&Arc<K>) -> future::Ready<bool> {
+    let mut seen: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    move |o: &Arc<K>| {
+        let key = o.meta().uid.clone().unwrap_or_default();
+        let d = f(o);
+        future::ready(seen.insert(key, d) != Some(d))
+    }
+}
+
+/// A hash of `v`.
+pub fn digest(v: &impl std::hash::Hash) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    v.hash(&mut h);
+    h.finish()
 }
 
 /// What every cached object loses: `managedFields` and kubectl's last-applied copy.
@@ -647,7 +716,89 @@ pub fn trim_user(u: &mut User) {
     }
 }
 
+/// Index key of a session's user: its label form, which a profile claim's user label also
+/// carries (so a claim finds its user's sessions by it).
+fn user_key(label: &str) -> String {
+    format!("u/{label}")
+}
+
+/// A Session is found by its user, its server and its workspace.
+pub fn session_keys(s: &Session) -> Vec<String> {
+    let mut keys = vec![
+        user_key(&super::session::build::label_value(&s.spec.user)),
+        format!("w/{}", s.spec.workspace),
+    ];
+    if let Some(server) = s.status.as_ref().and_then(|st| st.server.as_deref()) {
+        keys.push(format!("s/{server}"));
+    }
+    keys
+}
+
+/// A profile claim is found by its profile label.
+pub fn claim_keys(c: &CachedClaim) -> Vec<String> {
+    c.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(super::session::build::PROFILE_LABEL))
+        .map(|p| vec![format!("p/{p}")])
+        .unwrap_or_default()
+}
+
+/// Index key of the Users reported as duplicates.
+const REPORTED_DUPLICATE: &str = "dup";
+
+/// A User is found by its username, and among those reported as duplicates.
+pub fn user_keys(u: &User) -> Vec<String> {
+    let mut keys = vec![format!("n/{}", super::user::uname(u))];
+    if super::user::reported_duplicate(u) {
+        keys.push(REPORTED_DUPLICATE.to_string());
+    }
+    keys
+}
+
 impl Stores {
+    /// The sessions of `user` in `ns`, by name.
+    pub fn sessions_of_user(&self, ns: &str, user: &str) -> Vec<Arc<Session>> {
+        let key = user_key(&super::session::build::label_value(user));
+        let mut v = self.session_index.find(&self.sessions, ns, &key);
+        v.retain(|s| s.spec.user == user);
+        v
+    }
+
+    /// The sessions in `ns` whose user has the label value `label` (a profile claim's user).
+    pub fn sessions_of_user_label(&self, ns: &str, label: &str) -> Vec<Arc<Session>> {
+        self.session_index
+            .find(&self.sessions, ns, &user_key(label))
+    }
+
+    /// The sessions in `ns` placed on `server` (`status.server`).
+    pub fn sessions_on_server(&self, ns: &str, server: &str) -> Vec<Arc<Session>> {
+        self.session_index
+            .find(&self.sessions, ns, &format!("s/{server}"))
+    }
+
+    /// The sessions in `ns` of `workspace`.
+    pub fn sessions_of_workspace(&self, ns: &str, workspace: &str) -> Vec<Arc<Session>> {
+        self.session_index
+            .find(&self.sessions, ns, &format!("w/{workspace}"))
+    }
+
+    /// The profile claims in `ns` labelled with profile key `profile`.
+    pub fn claims_of_profile(&self, ns: &str, profile: &str) -> Vec<Arc<CachedClaim>> {
+        self.claim_index
+            .find(&self.claims, ns, &format!("p/{profile}"))
+    }
+
+    /// The Users in `ns` whose username is `uname`.
+    pub fn users_named(&self, ns: &str, uname: &str) -> Vec<Arc<User>> {
+        self.user_index.find(&self.users, ns, &format!("n/{uname}"))
+    }
+
+    /// The Users in `ns` whose status reports a duplicate username.
+    pub fn users_reported_duplicate(&self, ns: &str) -> Vec<Arc<User>> {
+        self.user_index.find(&self.users, ns, REPORTED_DUPLICATE)
+    }
+
     /// Waits until every cache has completed its first list. Controllers start only after this,
     /// so no decision is ever taken on a half-synced cache.
     pub async fn wait_until_ready(&self) -> Result<(), reflector::store::WriterDropped> {

@@ -15,7 +15,7 @@ use kube::runtime::reflector::ObjectRef;
 
 use super::Context;
 use super::status::{self, Cond, StatusView, Triggers, comparable, conditions, owned_conditions};
-use super::stores::{Reflectors, STATUS_DIGEST_ANNOTATION, Stores};
+use super::stores::{Reflectors, STATUS_DIGEST_ANNOTATION, Stores, digest};
 use crate::crd::v1alpha1::{
     Group, Server, ServerAssignment, ServerPool, Session, User, UserStatus, Workspace,
 };
@@ -25,12 +25,22 @@ use crate::resolve::{self, Code, Directory, Finding, Severity};
 /// The condition types this controller owns.
 pub const CONDITIONS: &[&str] = &["Ready", "SettingsConflict", "SettingsInconsistent"];
 
-fn uname(u: &User) -> &str {
+/// The username of `u` (`spec.username`, else its name).
+pub fn uname(u: &User) -> &str {
     u.spec
         .username
         .as_deref()
         .or(u.metadata.name.as_deref())
         .unwrap_or("")
+}
+
+/// Whether `u`'s status reports its username as shared with another User.
+pub fn reported_duplicate(u: &User) -> bool {
+    u.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.reason == Code::DuplicateUsername.as_str())
+    })
 }
 
 fn joined(fs: &[&Finding]) -> String {
@@ -172,22 +182,13 @@ impl StatusView for User {
     const MANAGER: &'static str = "cubicle/user-status";
 
     fn desired(ctx: &Context, dir: &Directory, user: &User, now: &Time) -> UserStatus {
-        let name = user.name_any();
-        let in_ns = |o: &Option<String>| o.as_deref() == Some(dir.namespace.as_str());
-        let sessions = ctx
-            .stores
-            .sessions
-            .state_filter(|s| s.spec.user == name && in_ns(&s.metadata.namespace));
-        let mine = uname(user);
+        let ns = dir.namespace.as_str();
+        let sessions = ctx.stores.sessions_of_user(ns, &user.name_any());
         let same: Vec<String> = ctx
             .stores
-            .users
-            .state_filter(|u| {
-                uname(u) == mine
-                    && in_ns(&u.metadata.namespace)
-                    && u.metadata.name != user.metadata.name
-            })
+            .users_named(ns, uname(user))
             .iter()
+            .filter(|u| u.metadata.name != user.metadata.name)
             .map(|u| u.name_any())
             .collect();
         desired_status(dir, user, &sessions, &same, user.status.as_ref(), now)
@@ -322,17 +323,13 @@ fn user_of_session(s: &Session) -> Vec<ObjectRef<User>> {
 /// Other users sharing `u`'s username, and users reported as duplicates (which may no longer
 /// be).
 fn users_sharing_username(stores: &Stores, u: &User) -> Vec<ObjectRef<User>> {
-    let mine = uname(u).to_string();
-    let me = u.metadata.name.clone();
-    users_where(stores, u.namespace(), |o| {
-        o.metadata.name != me
-            && (uname(o) == mine
-                || o.status.as_ref().is_some_and(|s| {
-                    s.conditions
-                        .iter()
-                        .any(|c| c.type_ == "Ready" && c.reason == Code::DuplicateUsername.as_str())
-                }))
-    })
+    let Some(ns) = u.namespace() else {
+        return Vec::new();
+    };
+    let mut others = stores.users_named(&ns, uname(u));
+    others.extend(stores.users_reported_duplicate(&ns));
+    others.retain(|o| o.metadata.name != u.metadata.name);
+    status::refs(others)
 }
 
 /// Builds the User status controller over the shared caches.
@@ -346,7 +343,11 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
         .on(&mut r.assignments, users_of_assignment)
         .on_changes(&r.workspaces, users_with_default_workspace)
         .on(&mut r.sessions, |_, x: &Session| user_of_session(x))
-        .on(&mut r.users, users_sharing_username)
+        .on_digest(
+            &mut r.users,
+            |u| digest(&(&u.metadata.generation, reported_duplicate(u))),
+            users_sharing_username,
+        )
         .run()
 }
 

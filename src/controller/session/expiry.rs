@@ -133,26 +133,26 @@ fn find_entry<'a>(
         .find(|e| e.group.as_deref() == Some(group) && e.scope == scope)
 }
 
-/// Whether a session counts against the budget of `limit` for `user`.
-fn in_budget(
+/// The users whose sessions count against the budget of `limit` for `budget_user`: the user
+/// alone, or the members of the limit's group (by its status; the user alone while the group or
+/// its status is not there yet).
+fn budget_users(
     stores: &Stores,
     ns: &str,
     limit: &ResolvedUsageLimit,
     budget_user: &str,
-    s: &Session,
-) -> bool {
-    match limit.limit.type_ {
-        UsageLimitType::PerUser => s.spec.user == budget_user,
+) -> Vec<String> {
+    let members = match limit.limit.type_ {
+        UsageLimitType::PerUser => None,
         UsageLimitType::PerGroup => stores
             .groups
             .get(&ObjectRef::new(&limit.group).within(ns))
-            .and_then(|g| {
-                g.status
-                    .as_ref()
-                    .map(|st| st.members.contains(&s.spec.user))
-            })
-            .unwrap_or(s.spec.user == budget_user),
-    }
+            .and_then(|g| g.status.as_ref().map(|st| st.members.clone())),
+    };
+    let mut users = members.unwrap_or_else(|| vec![budget_user.to_string()]);
+    users.sort();
+    users.dedup();
+    users
 }
 
 /// The budget that applies to `user`, with its ledger and open sessions.
@@ -183,9 +183,9 @@ pub fn budget(
         .unwrap_or_default();
     let ledger = expiry::roll(&persisted, &window);
     let user_name = user.name_any();
-    let open = in_namespace(&stores.sessions, ns)
+    let open = budget_users(stores, ns, limit, &user_name)
         .iter()
-        .filter(|s| in_budget(stores, ns, limit, &user_name, s))
+        .flat_map(|u| stores.sessions_of_user(ns, u))
         .filter_map(|s| {
             let start = s.status.as_ref()?.started_at.as_ref()?.0;
             Some(Open {
@@ -253,12 +253,11 @@ pub async fn close_session(
         return Ok(());
     }
     // Drop uids of sessions that no longer exist, except this one (still present, finalizing).
-    let closed = expiry::prune(&closed, |u| {
-        u == uid
-            || in_namespace(&ctx.stores.sessions, ns)
-                .iter()
-                .any(|s| s.uid().as_deref() == Some(u))
-    });
+    let live: HashSet<String> = in_namespace(&ctx.stores.sessions, ns)
+        .iter()
+        .filter_map(|s| s.uid())
+        .collect();
+    let closed = expiry::prune(&closed, |u| u == uid || live.contains(u));
     write_ledger(ctx, ns, user, limit, &b, &closed, now).await
 }
 
@@ -668,7 +667,7 @@ pub fn armed(phase: Option<SessionPhase>, has_pod: bool) -> bool {
 /// Sessions in `ns` that share a usage budget with `s`'s user: re-evaluated when `s` starts or
 /// ends, since their usage deadline moves.
 pub fn budget_peers(stores: &Stores, ns: &str, s: &Session) -> Vec<Arc<Session>> {
-    let groups: Vec<String> = stores
+    let mut users: Vec<String> = stores
         .groups
         .state()
         .iter()
@@ -682,9 +681,12 @@ pub fn budget_peers(stores: &Stores, ns: &str, s: &Session) -> Vec<Arc<Session>>
         .filter_map(|g| g.status.as_ref().map(|st| st.members.clone()))
         .flatten()
         .collect();
-    in_namespace(&stores.sessions, ns)
-        .into_iter()
-        .filter(|o| o.spec.user == s.spec.user || groups.contains(&o.spec.user))
+    users.push(s.spec.user.clone());
+    users.sort();
+    users.dedup();
+    users
+        .iter()
+        .flat_map(|u| stores.sessions_of_user(ns, u))
         .collect()
 }
 

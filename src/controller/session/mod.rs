@@ -29,13 +29,13 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use self::build::{
-    ACCESS_LABEL, ARCHIVED_LABEL, PROFILE_LABEL, Placement, PodInputs, ProfileMount,
-    RESET_BY_ANNOTATION, SERVER_LABEL, ZONE_LABEL,
+    ACCESS_LABEL, ARCHIVED_LABEL, Placement, PodInputs, ProfileMount, RESET_BY_ANNOTATION,
+    SERVER_LABEL, ZONE_LABEL,
 };
 use self::plan::{AdmissionInputs, PoolKind, Refusal, ServerCandidate, reasons};
 use super::cached::{CachedClaim, CachedPod, CachedVolume};
 use super::status::directory;
-use super::stores::{Reflectors, Stores, in_namespace};
+use super::stores::{Reflectors, Stores, digest, in_namespace, when_changed};
 use super::{CONTROLLER_NAME, Context, Error};
 use crate::crd::v1alpha1::{
     DesiredState, Keepalive, KeepaliveExpirationAction, KeepaliveSource, ProfileMode,
@@ -148,7 +148,11 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
     let stores = ctx.stores.clone();
     let by_user = {
         let stores = stores.clone();
-        move |u: Arc<User>| sessions_where(&stores, u.namespace(), |s| s.spec.user == u.name_any())
+        move |u: Arc<User>| {
+            session_refs(u.namespace(), |ns| {
+                stores.sessions_of_user(ns, &u.name_any())
+            })
+        }
     };
     let all_pending =
         |stores: Stores| move |ns: Option<String>| sessions_where(&stores, ns, |s| !is_steady(s));
@@ -156,7 +160,9 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
     let workspaces = {
         let stores = stores.clone();
         move |w: Arc<Workspace>| {
-            sessions_where(&stores, w.namespace(), |s| s.spec.workspace == w.name_any())
+            session_refs(w.namespace(), |ns| {
+                stores.sessions_of_workspace(ns, &w.name_any())
+            })
         }
     };
     let servers = all_pending(stores.clone());
@@ -165,10 +171,10 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
     let siblings = {
         let stores = stores.clone();
         move |s: Arc<Session>| {
-            let user = s.spec.user.clone();
-            let me = s.name_any();
-            sessions_where(&stores, s.namespace(), move |o| {
-                o.spec.user == user && o.name_any() != me && waiting_for_room(o)
+            session_refs(s.namespace(), |ns| {
+                let mut v = stores.sessions_of_user(ns, &s.spec.user);
+                v.retain(|o| o.metadata.name != s.metadata.name && waiting_for_room(o));
+                v
             })
         }
     };
@@ -180,9 +186,7 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
                 .get(build::USER_LABEL)
                 .cloned()
                 .unwrap_or_default();
-            sessions_where(&stores, c.namespace(), move |s| {
-                build::has_label_value(&s.spec.user, &user)
-            })
+            session_refs(c.namespace(), |ns| stores.sessions_of_user_label(ns, &user))
         }
     };
     // Deletions are not broadcast to shared subscribers: a deleted session may free a slot for
@@ -192,9 +196,10 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
         r.sessions
             .subscribe_deletes()
             .flat_map(move |s: Arc<Session>| {
-                let user = s.spec.user.clone();
-                futures::stream::iter(sessions_where(&stores, s.namespace(), move |o| {
-                    o.spec.user == user && waiting_for_room(o)
+                futures::stream::iter(session_refs(s.namespace(), |ns| {
+                    let mut v = stores.sessions_of_user(ns, &s.spec.user);
+                    v.retain(|o| waiting_for_room(o));
+                    v
                 }))
             })
     };
@@ -296,17 +301,32 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
     .boxed()
 }
 
+/// Every session in `ns` for which `pred` holds: a pass over the namespace's sessions, for
+/// triggers that are rare (a Group's, a Server's, a pool's or an assignment's spec changed).
 fn sessions_where(
     stores: &Stores,
     ns: Option<String>,
     pred: impl Fn(&Session) -> bool,
 ) -> Vec<ObjectRef<Session>> {
-    let Some(ns) = ns else { return Vec::new() };
-    in_namespace(&stores.sessions, &ns)
-        .into_iter()
-        .filter(|s| pred(s))
-        .map(|s| ObjectRef::from_obj(s.as_ref()))
-        .collect()
+    session_refs(ns, |ns| {
+        let mut v = in_namespace(&stores.sessions, ns);
+        v.retain(|s| pred(s));
+        v
+    })
+}
+
+/// References to the sessions `find` gives for namespace `ns` (none without one).
+fn session_refs(
+    ns: Option<String>,
+    find: impl FnOnce(&str) -> Vec<Arc<Session>>,
+) -> Vec<ObjectRef<Session>> {
+    match ns {
+        Some(ns) => find(&ns)
+            .iter()
+            .map(|s| ObjectRef::from_obj(s.as_ref()))
+            .collect(),
+        None => Vec::new(),
+    }
 }
 
 /// Refused (or stopped and refused a resume): waiting for a slot a sibling may free.
@@ -315,27 +335,6 @@ fn waiting_for_room(s: &Session) -> bool {
     phase == Some(SessionPhase::Refused)
         || (phase == Some(SessionPhase::Stopped)
             && s.spec.state.unwrap_or(DesiredState::Running) == DesiredState::Running)
-}
-
-/// A stream filter that passes an object on only when `f` of it differs from the last value
-/// seen for that object (by uid).
-fn when_changed<K: Resource>(
-    f: impl Fn(&K) -> u64,
-) -> impl FnMut(&Arc<K>) -> futures::future::Ready<bool> {
-    let mut seen: HashMap<String, u64> = HashMap::new();
-    move |o: &Arc<K>| {
-        let key = o.meta().uid.clone().unwrap_or_default();
-        let d = f(o);
-        futures::future::ready(seen.insert(key, d) != Some(d))
-    }
-}
-
-/// A hash of `v`.
-fn digest(v: &impl std::hash::Hash) -> u64 {
-    use std::hash::Hasher;
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    v.hash(&mut h);
-    h.finish()
 }
 
 /// Running or paused with a ready pod, or stopped: nothing for another object to unblock.
@@ -1448,11 +1447,10 @@ struct ClaimPlan {
 
 fn active_claim(stores: &Stores, ns: &str, base: &str) -> Option<Arc<CachedClaim>> {
     let key = build::profile_key(base);
-    in_namespace(&stores.claims, ns)
+    stores
+        .claims_of_profile(ns, &key)
         .into_iter()
-        .filter(|c| {
-            c.labels().get(PROFILE_LABEL) == Some(&key) && !c.labels().contains_key(ARCHIVED_LABEL)
-        })
+        .filter(|c| !c.labels().contains_key(ARCHIVED_LABEL))
         .filter(|c| c.metadata.deletion_timestamp.is_none())
         .max_by(|a, b| {
             a.creation_timestamp()
@@ -1489,9 +1487,10 @@ fn count_active_before(
 ) -> u32 {
     let ns = me.namespace().unwrap_or_default();
     let my_key = (me.creation_timestamp().map(|t| t.0), me.name_any());
-    in_namespace(&stores.sessions, &ns)
+    stores
+        .sessions_of_user(&ns, &me.spec.user)
         .iter()
-        .filter(|o| o.spec.user == me.spec.user && o.name_any() != me.name_any())
+        .filter(|o| o.metadata.name != me.metadata.name)
         .filter(|o| o.metadata.deletion_timestamp.is_none())
         .filter(|o| {
             let phase = o.status.as_ref().and_then(|s| s.phase);
