@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use cubicle::crd::v1alpha1::{Session, SessionPhase};
+use cubicle::crd::v1alpha1::{Server, ServerPool, Session, SessionPhase, User};
 use k8s_openapi::api::core::v1::{Event, Namespace, Node, PersistentVolumeClaim, Pod};
 use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
@@ -344,7 +344,57 @@ async fn sessions_go_to_assigned_servers_least_loaded_first_within_capacity() {
     // ws-a is full (maxSessions 1): the next goes to ws-b, never to the unassigned ws-c.
     assert_eq!(s2.status.as_ref().unwrap().server.as_deref(), Some("ws-b"));
     assert_eq!(pod_node(&ns, "a2").await, "fake-node-1");
+    // The views count them: each server its own, the pool both, the user both.
+    counts(&ns, [Some(1), Some(1), Some(0)], Some(2), Some(2)).await;
+    // An ended session leaves every count.
+    ns.api::<Session>()
+        .delete("a1", &DeleteParams::default())
+        .await
+        .unwrap();
+    counts(&ns, [Some(0), Some(1), Some(0)], Some(1), Some(1)).await;
     op.stop().await;
+}
+
+/// Waits until servers ws-a, ws-b and ws-c, pool `dedicated` and user alice report these
+/// session counts.
+async fn counts(ns: &TestNs, servers: [Option<u32>; 3], pool: Option<u32>, alice: Option<u32>) {
+    let want = (servers, pool, alice);
+    let mut seen = None;
+    let got = tokio::time::timeout(LONG, async {
+        loop {
+            let mut now = ([None; 3], None, None);
+            for (i, name) in ["ws-a", "ws-b", "ws-c"].into_iter().enumerate() {
+                now.0[i] = ns
+                    .api::<Server>()
+                    .get(name)
+                    .await
+                    .ok()
+                    .and_then(|s| s.status?.sessions);
+            }
+            now.1 = ns
+                .api::<ServerPool>()
+                .get("dedicated")
+                .await
+                .ok()
+                .and_then(|p| p.status?.sessions);
+            now.2 = ns
+                .api::<User>()
+                .get("alice")
+                .await
+                .ok()
+                .and_then(|u| u.status?.active_sessions);
+            if now == want {
+                return;
+            }
+            seen = Some(now);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert!(
+        got.is_ok(),
+        "session counts (servers, pool, alice): want {want:?}, last seen {seen:?}"
+    );
 }
 
 #[tokio::test]
