@@ -31,7 +31,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use super::stores::{Shared, Stores, in_namespace, when_changed};
+use super::stores::{Shared, Stores, digest, in_namespace, when_changed};
 use super::{Context, Error};
 use crate::resolve::Directory;
 
@@ -413,41 +413,58 @@ fn kind_name<K: Resource<DynamicType = ()>>() -> &'static str {
 /// What each status controller last wrote, so that a reconcile that runs again before the
 /// cache has seen its own write (a second trigger arriving in between) does not write the same
 /// status again. Keyed by object; remembers the uid and the resourceVersion the object had when
-/// the status was written, and a hash of that status.
+/// the status was written, and a hash of that status (all as 64-bit hashes: 24 bytes an entry).
+///
+/// An entry is only needed until the cache shows the write: the first look at a later version
+/// of the object drops it, so the map holds the writes still in flight, not one entry for every
+/// object ever written (deleted ones included).
 #[derive(Default)]
 pub struct Written {
-    last: std::sync::Mutex<std::collections::HashMap<String, (String, String, u64)>>,
+    last: std::sync::Mutex<std::collections::HashMap<u64, (u64, u64)>>,
 }
 
 impl Written {
     /// Whether `status` was already written for this version of the object (the cache still
     /// shows the object as it was before that write).
     pub fn already<K: Resource>(&self, obj: &K, status: &impl Serialize) -> bool {
-        let (key, uid, rv) = identity(obj);
-        let h = hash_of(status);
-        let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        last.get(&key) == Some(&(uid, rv, h))
+        let (key, version) = identity(obj);
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        match last.get(&key) {
+            Some((v, h)) if *v == version => *h == hash_of(status),
+            Some(_) => {
+                // The cache has moved past the recorded write.
+                last.remove(&key);
+                false
+            }
+            None => false,
+        }
     }
 
     /// Records that `status` was written for this version of the object.
     pub fn record<K: Resource>(&self, obj: &K, status: &impl Serialize) {
-        let (key, uid, rv) = identity(obj);
+        let (key, version) = identity(obj);
         let h = hash_of(status);
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        last.insert(key, (uid, rv, h));
+        last.insert(key, (version, h));
+    }
+
+    /// How many writes are remembered.
+    pub fn len(&self) -> usize {
+        self.last.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether no write is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
-fn identity<K: Resource>(obj: &K) -> (String, String, String) {
+/// Hashes of an object's namespace and name, and of its uid and resourceVersion.
+fn identity<K: Resource>(obj: &K) -> (u64, u64) {
     let m = obj.meta();
     (
-        format!(
-            "{}/{}",
-            m.namespace.as_deref().unwrap_or(""),
-            m.name.as_deref().unwrap_or("")
-        ),
-        m.uid.clone().unwrap_or_default(),
-        m.resource_version.clone().unwrap_or_default(),
+        digest(&(&m.namespace, &m.name)),
+        digest(&(&m.uid, &m.resource_version)),
     )
 }
 
@@ -477,6 +494,35 @@ mod tests {
 
     fn t(s: &str) -> Time {
         Time(s.parse().unwrap())
+    }
+
+    #[test]
+    fn a_write_is_remembered_until_the_cache_shows_a_later_version() {
+        let w = Written::default();
+        let mut g: crate::crd::v1alpha1::Group = serde_json::from_value(json!({
+            "apiVersion": "cubicle.dev/v1alpha1", "kind": "Group",
+            "metadata": {"name": "g"}, "spec": {"priority": 1}
+        }))
+        .unwrap();
+        g.metadata.namespace = Some("ns".into());
+        g.metadata.uid = Some("u1".into());
+        g.metadata.resource_version = Some("10".into());
+        let status = json!({"memberCount": 1});
+        assert!(!w.already(&g, &status));
+        w.record(&g, &status);
+        // The cache still shows version 10: the same status is not written twice, another is.
+        assert!(w.already(&g, &status));
+        assert!(!w.already(&g, &json!({"memberCount": 2})));
+        assert_eq!(w.len(), 1);
+        // Version 11 (the write, seen): nothing is held back and the entry is gone.
+        g.metadata.resource_version = Some("11".into());
+        assert!(!w.already(&g, &status));
+        assert!(w.is_empty());
+        // A re-created object (new uid, same name and version) is another object.
+        g.metadata.resource_version = Some("10".into());
+        w.record(&g, &status);
+        g.metadata.uid = Some("u2".into());
+        assert!(!w.already(&g, &status));
     }
 
     #[test]

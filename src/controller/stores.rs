@@ -516,12 +516,15 @@ where
 
 /// A stream filter that passes an object on only when `f` of it differs from the last value
 /// seen for that object (by uid): its first sight, then each change of `f`.
+///
+/// What it remembers is two 64-bit hashes an object (the uid's and `f`'s); a deleted object's
+/// entry stays (16 bytes), as deletions do not pass through a change stream.
 pub fn when_changed<K: Resource>(
     f: impl Fn(&K) -> u64,
 ) -> impl FnMut(&Arc<K>) -> future::Ready<bool> {
-    let mut seen: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    let mut seen: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
     move |o: &Arc<K>| {
-        let key = o.meta().uid.clone().unwrap_or_default();
+        let key = digest(&o.meta().uid);
         let d = f(o);
         future::ready(seen.insert(key, d) != Some(d))
     }
