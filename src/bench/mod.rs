@@ -381,13 +381,15 @@ impl Bench {
         if let Err(e) = op.settle(tail, 0.0, Duration::from_secs(60)).await {
             progress(format!("before the quiet period: {e}"));
         }
+        // The CPU is read inside the scrapes: serving one (encoding every metric) is the
+        // bench's work, not the operator's idle cost.
         let before = op.scrape().await?;
         let cpu0 = op.cpu();
         let t0 = Instant::now();
         tokio::time::sleep(self.quiet).await;
-        let after = op.scrape().await?;
         let cpu = op.cpu().saturating_sub(cpu0).as_secs_f64() * 1000.0;
         let secs = t0.elapsed().as_secs_f64();
+        let after = op.scrape().await?;
         Ok((
             Quiet {
                 sessions,
