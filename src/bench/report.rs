@@ -335,7 +335,8 @@ pub fn memory_target_mb(sessions: usize) -> f64 {
     30.0 + 10.0 * sessions as f64 / 1000.0
 }
 
-/// A number without needless decimals.
+/// A number without needless decimals; a small one that is not whole never reads as whole
+/// (3.001 writes per session, one extra in a burst of 1,000, is not shown as 3.00).
 pub fn num(x: f64) -> String {
     if (x - x.round()).abs() < 1e-9 {
         format!("{}", x.round() as i64)
@@ -344,7 +345,10 @@ pub fn num(x: f64) -> String {
     } else if x.abs() >= 10.0 {
         format!("{x:.1}")
     } else {
-        format!("{x:.2}")
+        (2..=4)
+            .map(|d| format!("{x:.d$}"))
+            .find(|s| s.parse::<f64>().is_ok_and(|v| v != x.round()))
+            .unwrap_or_else(|| format!("{x:.4}"))
     }
 }
 
@@ -655,6 +659,17 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbers_that_are_not_whole_never_read_as_whole() {
+        assert_eq!(num(3.0), "3");
+        assert_eq!(num(3.001), "3.001");
+        assert_eq!(num(2.9999), "2.9999");
+        assert_eq!(num(1.5), "1.50");
+        assert_eq!(num(0.004), "0.004");
+        assert_eq!(num(12.34), "12.3");
+        assert_eq!(num(1234.5), "1234");
+    }
 
     #[test]
     fn requests_are_split_into_writes_events_and_reads() {
