@@ -6,7 +6,7 @@ use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::{StreamExt, TryStreamExt, stream};
+use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::{Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
@@ -357,7 +357,28 @@ pub struct Tally {
     pub failed: usize,
 }
 
-/// Follows the objects of one namespace through a watch and counts their stages.
+impl Tally {
+    /// Notes that object `name` is now in stage `now` (`stages`: each object's last stage).
+    fn observe(&mut self, stages: &mut HashMap<String, Stage>, name: String, now: Stage) {
+        match stages.insert(name, now) {
+            Some(was) => self.count(was, -1),
+            None => self.seen += 1,
+        }
+        self.count(now, 1);
+    }
+
+    fn count(&mut self, stage: Stage, by: isize) {
+        let n = match stage {
+            Stage::Done => &mut self.done,
+            Stage::Failed => &mut self.failed,
+            Stage::Seen => return,
+        };
+        *n = n.saturating_add_signed(by);
+    }
+}
+
+/// Follows the objects of one namespace through a watch and counts their stages (an object
+/// counts in the stage it was last seen in).
 pub struct Tracker {
     tally: Arc<Mutex<Tally>>,
     task: tokio::task::JoinHandle<()>,
@@ -376,31 +397,26 @@ impl Tracker {
         let (t, s) = (tally.clone(), synced.clone());
         let task = tokio::spawn(async move {
             let mut stages: HashMap<String, Stage> = HashMap::new();
+            let mut c = Tally::default();
             let events = watcher(api, watcher::Config::default()).default_backoff();
             futures::pin_mut!(events);
-            while let Ok(Some(ev)) = events.try_next().await {
-                let objs = match ev {
-                    watcher::Event::Apply(o) | watcher::Event::InitApply(o) => vec![o],
-                    watcher::Event::InitDone => {
+            // A watch error (a dropped connection, an expired resourceVersion under load) is
+            // retried by the watcher after its backoff: it must not end the tracking, or a
+            // burst never sees its last objects arrive.
+            while let Some(ev) = events.next().await {
+                let o = match ev {
+                    Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => o,
+                    Ok(watcher::Event::InitDone) => {
                         s.notify_one();
                         continue;
                     }
-                    _ => continue,
-                };
-                for o in objs {
-                    stages.insert(o.name_any(), stage(&o));
-                }
-                let mut c = Tally {
-                    seen: stages.len(),
-                    ..Tally::default()
-                };
-                for st in stages.values() {
-                    match st {
-                        Stage::Done => c.done += 1,
-                        Stage::Failed => c.failed += 1,
-                        Stage::Seen => {}
+                    Ok(_) => continue,
+                    Err(e) => {
+                        eprintln!("[bench] tracking watch error, retrying: {e}");
+                        continue;
                     }
-                }
+                };
+                c.observe(&mut stages, o.name_any(), stage(&o));
                 *t.lock().unwrap_or_else(|p| p.into_inner()) = c;
             }
         });
@@ -739,6 +755,32 @@ fn json_size<K: Serialize>(mut items: Vec<K>, trim: fn(&mut K)) -> CacheEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tally_counts_each_object_in_its_last_stage() {
+        let (mut t, mut stages) = (Tally::default(), HashMap::new());
+        t.observe(&mut stages, "a".into(), Stage::Seen);
+        t.observe(&mut stages, "b".into(), Stage::Done);
+        t.observe(&mut stages, "a".into(), Stage::Done);
+        t.observe(&mut stages, "b".into(), Stage::Done);
+        assert_eq!(
+            t,
+            Tally {
+                seen: 2,
+                done: 2,
+                failed: 0
+            }
+        );
+        t.observe(&mut stages, "b".into(), Stage::Failed);
+        assert_eq!(
+            t,
+            Tally {
+                seen: 2,
+                done: 1,
+                failed: 1
+            }
+        );
+    }
 
     const METRICS: &str = r#"# HELP apiserver_request_total [STABLE] Counter of apiserver requests
 apiserver_request_total{code="201",component="apiserver",dry_run="",group="",resource="pods",scope="resource",subresource="",verb="POST",version="v1"} 10
