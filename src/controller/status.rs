@@ -91,6 +91,7 @@ pub async fn reconcile<K: StatusView>(
     let dir = directory(&ctx.stores, &ns);
     let now = Time(jiff::Timestamp::now());
     let desired = K::desired(&ctx, &dir, &obj, &now);
+    written.seen(obj.as_ref());
     if obj.needs_write(&desired) && !written.already(obj.as_ref(), &desired) {
         apply::<K>(&ctx.client, &ns, &name, K::MANAGER, &desired).await?;
         written.record(obj.as_ref(), &desired);
@@ -440,6 +441,17 @@ impl Written {
         }
     }
 
+    /// Notes the version of the object the cache shows: a write recorded for an earlier one has
+    /// been seen and is forgotten. Cheap (two hashes); every reconcile calls it, so the map only
+    /// holds writes still in flight.
+    pub fn seen<K: Resource>(&self, obj: &K) {
+        let (key, version) = identity(obj);
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.get(&key).is_some_and(|(v, _)| *v != version) {
+            last.remove(&key);
+        }
+    }
+
     /// Records that `status` was written for this version of the object.
     pub fn record<K: Resource>(&self, obj: &K, status: &impl Serialize) {
         let (key, version) = identity(obj);
@@ -516,8 +528,9 @@ mod tests {
         assert_eq!(w.len(), 1);
         // Version 11 (the write, seen): nothing is held back and the entry is gone.
         g.metadata.resource_version = Some("11".into());
-        assert!(!w.already(&g, &status));
+        w.seen(&g);
         assert!(w.is_empty());
+        assert!(!w.already(&g, &status));
         // A re-created object (new uid, same name and version) is another object.
         g.metadata.resource_version = Some("10".into());
         w.record(&g, &status);
