@@ -126,19 +126,26 @@ impl<K: StatusView> Triggers<K> {
         I::IntoIter: Send,
         F: Fn(&Stores, &O) -> I + Send + Sync + 'static,
     {
-        let map = Arc::new(map);
-        let on_delete = map.clone();
-        self.on_changes(other, move |s, o| map(s, o))
-            .on_deletes(other, move |s, o| on_delete(s, o))
+        self.on_filtered(other, None, map)
     }
 
     /// Reconciles what `map` names when `digest` of an `O` changes (its first sight included)
     /// or an `O` is deleted: for mappings that read only part of an `O` (its spec, say), so the
     /// other changes (a status write per launch) do not reconcile anything.
-    pub fn on_digest<O, I, F>(
+    pub fn on_digest<O, I, F>(self, other: &mut Shared<O>, digest: fn(&O) -> u64, map: F) -> Self
+    where
+        O: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+        I: IntoIterator<Item = ObjectRef<K>> + 'static,
+        I::IntoIter: Send,
+        F: Fn(&Stores, &O) -> I + Send + Sync + 'static,
+    {
+        self.on_filtered(other, Some(digest), map)
+    }
+
+    fn on_filtered<O, I, F>(
         mut self,
         other: &mut Shared<O>,
-        digest: fn(&O) -> u64,
+        digest: Option<fn(&O) -> u64>,
         map: F,
     ) -> Self
     where
@@ -150,10 +157,14 @@ impl<K: StatusView> Triggers<K> {
         let map = Arc::new(map);
         let on_delete = map.clone();
         let s = self.ctx.stores.clone();
-        self.controller = self.controller.watches_shared_stream(
-            other.subscribe().filter(when_changed(digest)),
-            move |o: Arc<O>| map(&s, &o),
-        );
+        let mut changed = digest.map(when_changed);
+        let changes = other.subscribe().filter(move |o| match changed.as_mut() {
+            Some(f) => f(o),
+            None => futures::future::ready(true),
+        });
+        self.controller = self
+            .controller
+            .watches_shared_stream(changes, move |o: Arc<O>| map(&s, &o));
         self.on_deletes(other, move |s, o| on_delete(s, o))
     }
 
