@@ -454,6 +454,50 @@ pub fn session_stage(s: &Session) -> Stage {
     }
 }
 
+/// Sessions of a namespace as listed: counts by stage, and when the last of them started.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SessionOutcome {
+    /// Sessions listed.
+    pub seen: usize,
+    /// Running.
+    pub done: usize,
+    /// Refused or failed.
+    pub failed: usize,
+    /// The latest `status.startedAt` among them.
+    pub last_started: Option<jiff::Timestamp>,
+}
+
+/// Lists the sessions of `ns` (in pages) and tells how far they got.
+pub async fn session_outcome(client: &Client, ns: &str) -> Result<SessionOutcome, BenchError> {
+    let api: Api<Session> = Api::namespaced(client.clone(), ns);
+    let mut out = SessionOutcome::default();
+    let mut lp = ListParams::default().limit(500);
+    loop {
+        let page = api
+            .list(&lp)
+            .await
+            .ctx(format!("list the sessions of {ns}"))?;
+        for s in &page.items {
+            out.seen += 1;
+            match session_stage(s) {
+                Stage::Done => out.done += 1,
+                Stage::Failed => out.failed += 1,
+                Stage::Seen => {}
+            }
+            let started = s.status.as_ref().and_then(|st| st.started_at.as_ref());
+            if let Some(t) = started
+                && out.last_started.is_none_or(|l| t.0 > l)
+            {
+                out.last_started = Some(t.0);
+            }
+        }
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(c) => lp = lp.continue_token(&c),
+            None => return Ok(out),
+        }
+    }
+}
+
 /// Empties namespace `ns` quickly and deletes it, so that the next run starts on a cluster
 /// without leftovers: sessions first (the operator is stopped by then), pods at once (grace 0),
 /// claims and their volumes with their protection finalizers removed (the volumes are

@@ -42,7 +42,7 @@ use serde::Serialize;
 use crate::apicount::ApiCounter;
 use crate::client::{self, ApiBudget};
 use crate::crd::v1alpha1::Session;
-use cluster::{Template, Tracker};
+use cluster::{Tally, Template, Tracker};
 use operator::{OperatorProcess, OperatorSpec, Scrape};
 use report::{
     Burst, Check, CpuRow, LaunchCost, MemoryRow, Quiet, Report, Requests, Resync, Settings, median,
@@ -189,6 +189,11 @@ pub async fn main(args: BenchArgs) -> ExitCode {
         }
     }
 }
+
+/// How often a long burst reports its progress.
+const PROGRESS_EVERY: Duration = Duration::from_secs(60);
+/// How long a burst's sessions watch may say nothing new before the sessions are listed.
+const TRACKER_SILENT: Duration = Duration::from_secs(20);
 
 fn progress(msg: impl Display) {
     eprintln!("[bench] {msg}");
@@ -760,6 +765,7 @@ impl Bench {
         let cpu0 = self.cpu_snapshot(Some(op.pid));
         let op_cpu0 = op.cpu();
         let t0 = Instant::now();
+        let t0_clock = jiff::Timestamp::now();
         let create = {
             let (client, ns) = (self.client.clone(), ns.clone());
             let items = (0..n)
@@ -772,9 +778,47 @@ impl Bench {
         let mut create = Some(create);
         let mut create_failures = None;
         let mut next_sample = Instant::now();
+        let (mut last_tally, mut moved) = (sessions.tally(), Instant::now());
+        let mut next_report = Instant::now() + PROGRESS_EVERY;
+        let mut listed_end: Option<f64> = None;
         let running = loop {
             let p = pods.tally();
-            let s = sessions.tally();
+            let mut s = sessions.tally();
+            if s != last_tally {
+                (last_tally, moved) = (s, Instant::now());
+            }
+            if Instant::now() >= next_report {
+                next_report += PROGRESS_EVERY;
+                progress(format!(
+                    "operator burst of {n}: {:.0} s, sessions {} seen {} Running {} failed; pods {} seen {} Running",
+                    t0.elapsed().as_secs_f64(),
+                    s.seen,
+                    s.done,
+                    s.failed,
+                    p.seen,
+                    p.done
+                ));
+            }
+            // The watch is the clock, but if it has said nothing new for a while the sessions
+            // are listed: a burst must not wait for its timeout on a watch that fell silent.
+            if create.is_none() && moved.elapsed() >= TRACKER_SILENT {
+                moved = Instant::now();
+                let listed = cluster::session_outcome(&self.client, &ns).await?;
+                if listed.done + listed.failed > s.done + s.failed {
+                    progress(format!(
+                        "operator burst of {n}: the sessions watch fell silent at {} Running; listed {} Running, {} failed",
+                        s.done, listed.done, listed.failed
+                    ));
+                    s = Tally {
+                        seen: listed.seen,
+                        done: listed.done,
+                        failed: listed.failed,
+                    };
+                    listed_end = listed
+                        .last_started
+                        .map(|t| t.duration_since(t0_clock).as_secs_f64());
+                }
+            }
             if create.as_ref().is_some_and(|h| h.is_finished()) {
                 let failed = create
                     .take()
@@ -800,7 +844,9 @@ impl Bench {
             if let Some(failed) = create_failures
                 && s.done + s.failed + failed >= n
             {
-                phases.insert("sessions running".into(), t0.elapsed().as_secs_f64());
+                // From a listing: when the last session started, not when it was listed.
+                let end = listed_end.unwrap_or_else(|| t0.elapsed().as_secs_f64());
+                phases.insert("sessions running".into(), end);
                 break s.done;
             }
             if t0.elapsed() > self.timeout {
@@ -809,7 +855,7 @@ impl Bench {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        let wall = t0.elapsed().as_secs_f64();
+        let wall = listed_end.unwrap_or_else(|| t0.elapsed().as_secs_f64());
         let cpu = self.cpu_since(&cpu0, Some(op.pid));
         let api_work = work_delta(&cluster::apiserver_work(&self.client).await, &work0);
         drop(pods);
