@@ -643,6 +643,16 @@ impl Bench {
         })
     }
 
+    /// A client of its own (its own connections): what follows a burst must not stall with
+    /// the shared client, which the fake kubelet and provisioner load with thousands of
+    /// requests. At 10,000 sessions the trackers' watches and a listing on the shared client
+    /// stopped answering while the API server served everyone else.
+    async fn own_client(&self) -> Result<Client, BenchError> {
+        crate::devenv::client_from_kubeconfig(&self.kubeconfig)
+            .await
+            .map_err(|e| BenchError(format!("a client for the bench: {e}")))
+    }
+
     /// The floor: the same claims and pods, created directly.
     async fn floor(
         &self,
@@ -663,7 +673,7 @@ impl Bench {
         let plain =
             client::build(config, counter.clone(), ApiBudget::UNLIMITED).ctx("build a client")?;
         let pods = Tracker::start(
-            Api::<Pod>::namespaced(self.client.clone(), &ns),
+            Api::<Pod>::namespaced(self.own_client().await?, &ns),
             cluster::pod_stage,
         )
         .await;
@@ -750,12 +760,12 @@ impl Bench {
         }
         let idle = op.memory();
         let pods = Tracker::start(
-            Api::<Pod>::namespaced(self.client.clone(), &ns),
+            Api::<Pod>::namespaced(self.own_client().await?, &ns),
             cluster::pod_stage,
         )
         .await;
         let sessions = Tracker::start(
-            Api::<Session>::namespaced(self.client.clone(), &ns),
+            Api::<Session>::namespaced(self.own_client().await?, &ns),
             cluster::session_stage,
         )
         .await;
@@ -803,7 +813,20 @@ impl Bench {
             // are listed: a burst must not wait for its timeout on a watch that fell silent.
             if create.is_none() && moved.elapsed() >= TRACKER_SILENT {
                 moved = Instant::now();
-                let listed = cluster::session_outcome(&self.client, &ns).await?;
+                let listed = match tokio::time::timeout(
+                    TRACKER_SILENT,
+                    cluster::session_outcome(&self.own_client().await?, &ns),
+                )
+                .await
+                {
+                    Ok(listed) => listed?,
+                    Err(_) => {
+                        progress(format!(
+                            "operator burst of {n}: listing the sessions timed out"
+                        ));
+                        cluster::SessionOutcome::default()
+                    }
+                };
                 if listed.done + listed.failed > s.done + s.failed {
                     progress(format!(
                         "operator burst of {n}: the sessions watch fell silent at {} Running; listed {} Running, {} failed",
