@@ -102,16 +102,30 @@ pub struct Launches {
     /// shows it.
     launched: Mutex<HashMap<String, (Option<String>, std::time::Instant)>>,
     /// Per-user and per-pool launch locks.
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    locks: Mutex<Locks>,
+}
+
+#[derive(Default)]
+struct Locks {
+    locks: HashMap<String, Arc<tokio::sync::Mutex<()>>>,
+    /// Size at which the next pass drops the locks not in use.
+    prune_at: usize,
 }
 
 /// How long a created pod may take to show up in the cache before the launch is retried.
 const LAUNCH_VISIBLE_WITHIN: Duration = Duration::from_secs(30);
 
 impl Launches {
+    /// The lock of `key` (a user or a pool). A lock nobody holds or waits for is only in the
+    /// map (one reference): such entries are dropped whenever the map has doubled since the
+    /// last pass, so it stays as large as the locks in use, not as every user ever launched.
     fn lock(&self, key: String) -> Arc<tokio::sync::Mutex<()>> {
         let mut l = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-        l.entry(key).or_default().clone()
+        if l.locks.len() >= l.prune_at {
+            l.locks.retain(|_, m| Arc::strong_count(m) > 1);
+            l.prune_at = (2 * l.locks.len()).max(64);
+        }
+        l.locks.entry(key).or_default().clone()
     }
     fn remember(&self, session: String, server: Option<String>) {
         self.launched
@@ -1702,6 +1716,24 @@ mod tests {
             observed_generation: None,
             last_transition_time: Time(jiff::Timestamp::UNIX_EPOCH),
         }
+    }
+
+    #[test]
+    fn launch_locks_in_use_are_kept_and_the_others_dropped() {
+        let l = Launches::default();
+        let held = l.lock("user/ns/held".into());
+        let guard = held.try_lock().expect("free");
+        for i in 0..1000 {
+            drop(l.lock(format!("user/ns/u-{i}")));
+        }
+        let map = l.locks.lock().unwrap();
+        // Bounded by the passes (at most twice the locks in use, or the floor of 64)...
+        assert!(map.locks.len() <= 64, "{} locks kept", map.locks.len());
+        drop(map);
+        // ...and the held lock is the same one: a second launch of that user still waits.
+        assert!(l.lock("user/ns/held".into()).try_lock().is_err());
+        drop(guard);
+        assert!(l.lock("user/ns/held".into()).try_lock().is_ok());
     }
 
     #[test]
