@@ -883,6 +883,9 @@ impl Bench {
         let api_work = work_delta(&cluster::apiserver_work(&self.client).await, &work0);
         drop(pods);
         drop(sessions);
+        progress(format!(
+            "operator burst of {n}: {running} Running at {wall:.1} s; waiting for the operator to settle"
+        ));
         let after = op
             .settle(self.window, 0.0, self.timeout)
             .await

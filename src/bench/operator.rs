@@ -150,8 +150,13 @@ impl OperatorProcess {
         sys::cpu_time(self.pid).unwrap_or_default()
     }
 
-    /// Waits until the operator has been quiet (no API request, no reconcile) for `window`, and
-    /// at least `min_reconciles` Session reconciles have happened; returns the counters then.
+    /// Waits until the operator has been quiet for `window` (no API request and no reconcile),
+    /// and at least `min_reconciles` Session reconciles have happened; returns the counters then.
+    ///
+    /// Reconciles alone never make it wait longer than [`RESYNC_QUIET`]: with more objects than
+    /// the resync interval gets through in a burst (10,000 sessions take longer than the 300 s
+    /// resync), the resync's reconciles, which make no request, never stop; no request for that
+    /// long is quiet too.
     pub async fn settle(
         &self,
         window: Duration,
@@ -160,22 +165,29 @@ impl OperatorProcess {
     ) -> Result<Scrape, BenchError> {
         let start = Instant::now();
         let mut last = self.scrape().await?;
-        let mut quiet_since = Instant::now();
+        let (mut no_request, mut no_reconcile) = (Instant::now(), Instant::now());
         loop {
             tokio::time::sleep(Duration::from_millis(200)).await;
             let now = self.scrape().await?;
-            if now.activity() != last.activity() {
-                quiet_since = Instant::now();
-                last = now;
-                continue;
+            if now.total_requests() != last.total_requests() {
+                no_request = Instant::now();
             }
-            let reconciled = now.reconciles.get("Session").copied().unwrap_or_default();
-            if quiet_since.elapsed() >= window && reconciled >= min_reconciles {
-                return Ok(now);
+            if now.total_reconciles() != last.total_reconciles() {
+                no_reconcile = Instant::now();
+            }
+            last = now;
+            let reconciled = last.reconciles.get("Session").copied().unwrap_or_default();
+            if quiet(no_request.elapsed(), no_reconcile.elapsed(), window)
+                && reconciled >= min_reconciles
+            {
+                return Ok(last);
             }
             if start.elapsed() > timeout {
                 return Err(BenchError(format!(
-                    "the operator did not settle within {timeout:?} ({reconciled} of {min_reconciles} session reconciles)"
+                    "the operator did not settle within {timeout:?} ({reconciled} of {min_reconciles} session reconciles, \
+                     {:.0} s since its last request, {:.0} s since its last reconcile)",
+                    no_request.elapsed().as_secs_f64(),
+                    no_reconcile.elapsed().as_secs_f64()
                 )));
             }
         }
@@ -236,8 +248,9 @@ impl Scrape {
         self.requests.values().sum()
     }
 
-    fn activity(&self) -> f64 {
-        self.total_requests() + self.reconciles.values().sum::<f64>()
+    /// Every reconcile so far.
+    pub fn total_reconciles(&self) -> f64 {
+        self.reconciles.values().sum()
     }
 
     /// Requests made since `before`, by `"verb resource"` (zero entries dropped).
@@ -354,6 +367,15 @@ pub(crate) fn parse_labels(s: &str) -> BTreeMap<String, String> {
 }
 
 /// A plain HTTP/1.1 GET with `Connection: close`; returns the status code and the body.
+/// How long without an API request counts as quiet while reconciles go on ([`OperatorProcess::settle`]).
+pub const RESYNC_QUIET: Duration = Duration::from_secs(30);
+
+/// Whether an operator is settled: no request and no reconcile for `window`, or no request for
+/// [`RESYNC_QUIET`] (the longer of the two) whatever it reconciles.
+fn quiet(no_request: Duration, no_reconcile: Duration, window: Duration) -> bool {
+    no_request >= window && (no_reconcile >= window || no_request >= RESYNC_QUIET.max(window))
+}
+
 async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let fetch = async {
         let mut stream = TcpStream::connect(addr).await?;
@@ -401,6 +423,20 @@ fn dechunk(mut body: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settled_means_no_request_and_no_reconcile_or_no_request_for_long() {
+        let (s, w) = (Duration::from_secs, Duration::from_millis(1500));
+        assert!(quiet(s(2), s(2), w));
+        // Still reconciling after a request: not yet.
+        assert!(!quiet(s(2), s(0), w));
+        assert!(!quiet(s(0), s(5), w));
+        // Reconciling on and on without a request (a resync of 10,000): quiet after a while.
+        assert!(!quiet(s(29), s(0), w));
+        assert!(quiet(RESYNC_QUIET, s(0), w));
+        // A window longer than that still holds.
+        assert!(!quiet(s(40), s(0), s(60)));
+    }
 
     #[test]
     fn parses_the_operator_counters() {
