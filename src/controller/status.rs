@@ -8,8 +8,8 @@
 //! the fields of its status it owns (the ones compared), and the trigger mappings from other
 //! kinds to its objects. Every reconcile then waits for the caches, times itself under the
 //! kind's label, computes the desired status, writes it only when it differs from the current
-//! one (and was not already written for this version of the object, see [`Written`]), and
-//! requeues at the resync interval.
+//! one (and was not already written for this version of the object, see [`Written`]); the
+//! resync interval brings every object back through a sweep of the cache ([`super::stores::sweep`]).
 //!
 //! Each status controller applies with its own field manager (`cubicle/<kind>-status`), so the
 //! fields it omits are never the ones another writer owns (e.g. `User.status.usage`, kept by the
@@ -31,7 +31,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use super::stores::{Shared, Stores, digest, in_namespace, when_changed};
+use super::stores::{Shared, Stores, digest, in_namespace, sweep, when_changed};
 use super::{Context, Error};
 use crate::resolve::Directory;
 
@@ -75,7 +75,7 @@ pub trait StatusView:
 
 /// The reconcile of every status controller: computes `obj`'s desired status and applies it
 /// (as [`StatusView::MANAGER`]) only when it must be written and was not already written for
-/// this version of `obj`; requeues at the resync interval.
+/// this version of `obj`. It does not requeue: the controller's sweep is the resync.
 pub async fn reconcile<K: StatusView>(
     obj: Arc<K>,
     ctx: Arc<Context>,
@@ -98,7 +98,8 @@ pub async fn reconcile<K: StatusView>(
     }
     ctx.backoff
         .succeeded(&ObjectRef::from_obj(obj.as_ref()).to_string());
-    Ok(Action::requeue(ctx.config.resync))
+    // The resync comes from the controller's sweep ([`Triggers::run`]), not a requeue per object.
+    Ok(Action::await_change())
 }
 
 /// A status controller being built: its own kind's changes, plus the kind's triggers, each a
@@ -106,6 +107,7 @@ pub async fn reconcile<K: StatusView>(
 /// affects. Mappings read the caches through the [`Stores`] they are given.
 pub struct Triggers<K: StatusView> {
     controller: Controller<K>,
+    own: kube::runtime::reflector::Store<K>,
     ctx: Arc<Context>,
 }
 
@@ -114,6 +116,7 @@ impl<K: StatusView> Triggers<K> {
     pub fn new(own: &Shared<K>, ctx: Arc<Context>) -> Self {
         Self {
             controller: Controller::for_shared_stream(own.subscribe(), own.reader.clone()),
+            own: own.reader.clone(),
             ctx,
         }
     }
@@ -206,6 +209,7 @@ impl<K: StatusView> Triggers<K> {
         let written = Arc::new(Written::default());
         let ctx = self.ctx;
         self.controller
+            .reconcile_on(sweep(self.own, ctx.config.resync))
             .with_config(Config::default().concurrency(ctx.config.concurrency))
             .run(
                 move |obj, ctx| reconcile(obj, ctx, written.clone()),

@@ -35,7 +35,7 @@ use self::build::{
 use self::plan::{AdmissionInputs, PoolKind, Refusal, ServerCandidate, reasons};
 use super::cached::{CachedClaim, CachedPod, CachedVolume};
 use super::status::directory;
-use super::stores::{Reflectors, Stores, digest, in_namespace, when_changed};
+use super::stores::{Reflectors, Stores, digest, in_namespace, sweep, when_changed};
 use super::{CONTROLLER_NAME, Context, Error};
 use crate::crd::v1alpha1::{
     DesiredState, Keepalive, KeepaliveExpirationAction, KeepaliveSource, ProfileMode,
@@ -273,6 +273,7 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
             .reconcile_on(freed)
             .reconcile_on(lost_pods)
             .reconcile_on(ctx.expiries.retries())
+            .reconcile_on(sweep(r.sessions.reader.clone(), resync))
             .with_config(Config::default().concurrency(concurrency))
             .run(
                 move |s, ctx| reconcile(s, ctx, resync),
@@ -1007,7 +1008,17 @@ async fn reconcile(
         );
         requeue = resync.min(expiry::until(d.at, now_ts) + FAST_PATH_GRACE);
     }
-    Ok(Action::requeue(requeue))
+    Ok(requeue_within(requeue, resync))
+}
+
+/// Requeues at `requeue` when it comes before the resync; at the resync the controller's sweep
+/// brings the session back ([`sweep`]), without an entry in kube's scheduler meanwhile.
+fn requeue_within(requeue: Duration, resync: Duration) -> Action {
+    if requeue < resync {
+        Action::requeue(requeue)
+    } else {
+        Action::await_change()
+    }
 }
 
 /// How long after an armed deadline the controller looks at the session itself, should the
