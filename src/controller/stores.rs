@@ -10,10 +10,10 @@
 //! reflector), so the caches hold what the operator reads and nothing else:
 //!
 //! - every kind loses `managedFields` and kubectl's `last-applied-configuration` annotation;
-//! - Pods keep their identity, labels, owner references, deletion and creation times, the
-//!   launch record annotation, `spec.nodeName`, and of their status the phase, the message, the
-//!   conditions that tell readiness or why not, and the waiting containers' reasons
-//!   ([`trim_pod`]);
+//! - Pods keep their identity, the labels read (access and server), owner references, deletion
+//!   and creation times, the launch record annotation, `spec.nodeName`, and of their status the
+//!   phase, the message, the conditions that tell readiness or why not, and the waiting
+//!   containers' reasons ([`trim_pod`]);
 //! - profile claims keep their identity, labels, Cubicle's own annotations and
 //!   `spec.volumeName` ([`trim_claim`]);
 //! - PersistentVolumes are cached only while bound (`spec.claimRef`) to a claim in the
@@ -635,13 +635,24 @@ fn child_meta(m: ObjectMeta, annotations: Option<BTreeMap<String, String>>) -> O
 /// states only); this keeps of those the conditions that tell readiness or why not and the
 /// containers that wait.
 pub fn trim_pod(p: &mut CachedPod) {
-    use super::session::build::LAUNCH_ANNOTATION;
+    use super::session::build::{ACCESS_LABEL, LAUNCH_ANNOTATION, SERVER_LABEL};
     let mut m = std::mem::take(&mut p.metadata);
     let launch = m
         .annotations
         .as_mut()
         .and_then(|a| a.remove(LAUNCH_ANNOTATION))
         .map(|v| BTreeMap::from([(LAUNCH_ANNOTATION.to_string(), v)]));
+    // Of its labels, the two read (a paused pod, a pod's server): the others (the watch's own
+    // selector, user, workspace, session) would cost a map node of about 540 bytes per pod,
+    // plus their strings.
+    m.labels = m
+        .labels
+        .map(|l| {
+            l.into_iter()
+                .filter(|(k, _)| k == ACCESS_LABEL || k == SERVER_LABEL)
+                .collect::<BTreeMap<_, _>>()
+        })
+        .filter(|l| !l.is_empty());
     p.metadata = child_meta(m, launch);
     // Read: the Ready condition, the False ones (the first with a message explains a pod that
     // is not ready; PodScheduled=False says why it is not placed), and the containers that
@@ -979,7 +990,8 @@ mod tests {
             "metadata": {
                 "name": "s-1", "namespace": "ns", "uid": "p1", "resourceVersion": "7",
                 "creationTimestamp": "2026-01-01T00:00:00Z",
-                "labels": {"cubicle.dev/server": "ws-1", "cubicle.dev/access": "paused"},
+                "labels": {"cubicle.dev/server": "ws-1", "cubicle.dev/access": "paused",
+                    "app.kubernetes.io/managed-by": "cubicle", "cubicle.dev/user": "u"},
                 "annotations": {
                     build::LAUNCH_ANNOTATION: "{\"server\":\"ws-1\"}",
                     build::SETTINGS_ANNOTATION: "{\"big\": true}",
@@ -1080,7 +1092,11 @@ mod tests {
                 Some("ws-1"),
                 "the launch record survives"
             );
-            assert_eq!(p.labels().len(), 2);
+            assert_eq!(
+                p.labels().keys().collect::<Vec<_>>(),
+                [build::ACCESS_LABEL, build::SERVER_LABEL],
+                "only the labels read"
+            );
             assert_eq!(p.owner_references()[0].uid, "s1");
             assert_eq!(p.uid().as_deref(), Some("p1"));
             assert!(p.creation_timestamp().is_some());
