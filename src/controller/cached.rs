@@ -145,6 +145,11 @@ pub struct CachedVolume {
     /// `spec`, in part.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spec: Option<CachedVolumeSpec>,
+    /// Cache-only: the volume's zone as its node affinity or zone label tells it, taken when it
+    /// is trimmed for the cache (which then drops both: a label map alone is a ~540-byte node).
+    /// Never sent by the API server.
+    #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
 }
 same_resource_as!(CachedVolume, k8s_openapi::api::core::v1::PersistentVolume);
 

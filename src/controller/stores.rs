@@ -32,9 +32,7 @@ use std::time::Duration;
 
 use futures::channel::mpsc;
 use futures::{StreamExt, future};
-use k8s_openapi::api::core::v1::{
-    Node, NodeSelector, NodeSelectorTerm, ObjectReference, PodCondition, VolumeNodeAffinity,
-};
+use k8s_openapi::api::core::v1::{Node, ObjectReference, PodCondition};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::PartialObjectMeta;
 use kube::runtime::reflector::{self, ReflectHandle, Store, store::Writer};
@@ -709,22 +707,17 @@ pub fn bound_in(scope: &Scope, v: &CachedVolume) -> bool {
     }
 }
 
-/// A PersistentVolume as cached: its claim reference and what tells its zone (the zone label,
-/// and the node affinity's zone terms only). The watch parses only those parts of its spec (a
-/// [`CachedVolume`]); this drops the rest of its metadata and of the claim reference and
-/// affinity.
+/// A PersistentVolume as cached: its claim reference and its zone. The watch parses only the
+/// parts of its spec that tell them (a [`CachedVolume`]); this takes the zone from the node
+/// affinity or the zone label into [`CachedVolume::zone`] and drops the affinity, the labels and
+/// the rest of the metadata and of the claim reference.
 pub fn trim_volume(v: &mut CachedVolume) {
-    use super::session::build::ZONE_LABEL;
+    v.zone = super::session::volume_zone(v);
     let m = std::mem::take(&mut v.metadata);
-    let zone = m
-        .labels
-        .and_then(|mut l| l.remove(ZONE_LABEL))
-        .map(|z| BTreeMap::from([(ZONE_LABEL.to_string(), z)]));
     v.metadata = ObjectMeta {
         name: m.name,
         uid: m.uid,
         resource_version: m.resource_version,
-        labels: zone,
         ..ObjectMeta::default()
     };
     v.spec = v.spec.take().map(|s| CachedVolumeSpec {
@@ -734,29 +727,7 @@ pub fn trim_volume(v: &mut CachedVolume) {
             uid: r.uid,
             ..ObjectReference::default()
         }),
-        node_affinity: s
-            .node_affinity
-            .and_then(|a| a.required)
-            .map(|r| {
-                r.node_selector_terms
-                    .into_iter()
-                    .map(|t| NodeSelectorTerm {
-                        match_expressions: t.match_expressions.map(|es| {
-                            es.into_iter()
-                                .filter(|e| e.key == ZONE_LABEL && e.operator == "In")
-                                .collect()
-                        }),
-                        match_fields: None,
-                    })
-                    .filter(|t| t.match_expressions.as_ref().is_some_and(|e| !e.is_empty()))
-                    .collect::<Vec<_>>()
-            })
-            .filter(|terms| !terms.is_empty())
-            .map(|terms| VolumeNodeAffinity {
-                required: Some(NodeSelector {
-                    node_selector_terms: terms,
-                }),
-            }),
+        node_affinity: None,
     });
 }
 
@@ -1163,12 +1134,21 @@ mod tests {
         assert_eq!(r.name.as_deref(), Some("profile-alice"));
         assert!(r.kind.is_none());
         assert!(v.metadata.labels.is_none() && v.metadata.annotations.is_none());
+        // The zone is kept as found, the affinity that told it is not.
+        assert_eq!(v.zone.as_deref(), Some("zone-b"));
+        assert!(v.spec.as_ref().unwrap().node_affinity.is_none());
         // The zone label alone (no affinity) survives too.
         let mut labelled = volume(Some("ns"));
         labelled.spec.as_mut().unwrap().node_affinity = None;
         labelled.metadata.labels = Some([(build::ZONE_LABEL.to_string(), "zone-c".into())].into());
         trim_volume(&mut labelled);
         assert_eq!(volume_zone(&labelled), Some("zone-c".into()));
+        assert!(labelled.metadata.labels.is_none());
+        // No zone either way: none.
+        let mut nowhere = volume(Some("ns"));
+        nowhere.spec.as_mut().unwrap().node_affinity = None;
+        trim_volume(&mut nowhere);
+        assert_eq!(volume_zone(&nowhere), None);
     }
 
     #[test]

@@ -393,6 +393,9 @@ fn zones_with_nodes(stores: &Stores, selector: &BTreeMap<String, String>) -> Vec
 
 /// The zone a bound claim's volume is pinned to (node affinity or the zone label).
 pub fn volume_zone(pv: &CachedVolume) -> Option<String> {
+    if pv.zone.is_some() {
+        return pv.zone.clone(); // as trimmed for the cache
+    }
     let from_affinity = pv
         .spec
         .as_ref()
