@@ -59,8 +59,27 @@ pub struct CachedPod {
     /// `status`, in part.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<CachedPodStatus>,
+    /// Cache-only: the launch record annotation's value, moved here when the pod is trimmed for
+    /// the cache (an annotation map for one entry is a ~540-byte node). Never sent by the API
+    /// server; read it through [`CachedPod::launch_annotation`].
+    #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub launch: Option<String>,
 }
 same_resource_as!(CachedPod, k8s_openapi::api::core::v1::Pod);
+
+impl CachedPod {
+    /// The launch record annotation's value: as trimmed for the cache, or on the pod as sent.
+    pub fn launch_annotation(&self) -> Option<&str> {
+        use super::session::build::LAUNCH_ANNOTATION;
+        self.launch.as_deref().or_else(|| {
+            self.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(LAUNCH_ANNOTATION))
+                .map(String::as_str)
+        })
+    }
+}
 
 /// A pod's `spec`, as read.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]

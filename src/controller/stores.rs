@@ -11,9 +11,9 @@
 //!
 //! - every kind loses `managedFields` and kubectl's `last-applied-configuration` annotation;
 //! - Pods keep their identity, the labels read (access and server), owner references, deletion
-//!   and creation times, the launch record annotation, `spec.nodeName`, and of their status the
-//!   phase, the message, the conditions that tell readiness or why not, and the waiting
-//!   containers' reasons ([`trim_pod`]);
+//!   and creation times, the launch record annotation (kept apart, [`CachedPod::launch`]),
+//!   `spec.nodeName`, and of their status the phase, the message, the conditions that tell
+//!   readiness or why not, and the waiting containers' reasons ([`trim_pod`]);
 //! - profile claims keep their identity, labels, Cubicle's own annotations and
 //!   `spec.volumeName` ([`trim_claim`]);
 //! - PersistentVolumes are cached only while bound (`spec.claimRef`) to a claim in the
@@ -635,11 +635,10 @@ fn child_meta(m: ObjectMeta, annotations: Option<BTreeMap<String, String>>) -> O
 pub fn trim_pod(p: &mut CachedPod) {
     use super::session::build::{ACCESS_LABEL, LAUNCH_ANNOTATION, SERVER_LABEL};
     let mut m = std::mem::take(&mut p.metadata);
-    let launch = m
+    p.launch = m
         .annotations
         .as_mut()
-        .and_then(|a| a.remove(LAUNCH_ANNOTATION))
-        .map(|v| BTreeMap::from([(LAUNCH_ANNOTATION.to_string(), v)]));
+        .and_then(|a| a.remove(LAUNCH_ANNOTATION));
     // Of its labels, the two read (a paused pod, a pod's server): the others (the watch's own
     // selector, user, workspace, session) would cost a map node of about 540 bytes per pod,
     // plus their strings.
@@ -651,7 +650,7 @@ pub fn trim_pod(p: &mut CachedPod) {
                 .collect::<BTreeMap<_, _>>()
         })
         .filter(|l| !l.is_empty());
-    p.metadata = child_meta(m, launch);
+    p.metadata = child_meta(m, None);
     // Read: the Ready condition, the False ones (the first with a message explains a pod that
     // is not ready; PodScheduled=False says why it is not placed), and the containers that
     // wait, with their reason. Kept in order, so every "first such" answer stays the same.
@@ -1059,7 +1058,9 @@ mod tests {
                 assert_eq!(plan::observe(Some(&p), true).phase, SessionPhase::Paused);
             }
             assert_eq!(
-                build::launch_record(&p).server.as_deref(),
+                build::parse_launch_record(p.launch_annotation())
+                    .server
+                    .as_deref(),
                 Some("ws-1"),
                 "the launch record survives"
             );
@@ -1071,10 +1072,7 @@ mod tests {
             assert_eq!(p.owner_references()[0].uid, "s1");
             assert_eq!(p.uid().as_deref(), Some("p1"));
             assert!(p.creation_timestamp().is_some());
-            assert_eq!(
-                p.annotations().keys().collect::<Vec<_>>(),
-                [build::LAUNCH_ANNOTATION]
-            );
+            assert!(p.metadata.annotations.is_none(), "kept apart from a map");
             assert!(p.metadata.managed_fields.is_none());
             let st = p.status.as_ref().unwrap();
             assert!(st.init_container_statuses.is_none(), "none waits");

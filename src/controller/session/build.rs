@@ -64,8 +64,13 @@ pub struct LaunchRecord {
 
 /// Reads a pod's launch record (empty when absent or unreadable).
 pub fn launch_record(pod: &impl Resource) -> LaunchRecord {
-    pod.annotations()
-        .get(LAUNCH_ANNOTATION)
+    parse_launch_record(pod.annotations().get(LAUNCH_ANNOTATION).map(String::as_str))
+}
+
+/// Reads a launch record annotation's value (empty when absent or unreadable); a cached pod's
+/// is [`super::super::cached::CachedPod::launch_annotation`].
+pub fn parse_launch_record(value: Option<&str>) -> LaunchRecord {
+    value
         .and_then(|v| serde_json::from_str(v).ok())
         .unwrap_or_default()
 }

@@ -821,7 +821,7 @@ async fn reconcile(
                 status.phase = Some(obs.phase);
                 status.node = obs.node.clone();
                 status.pod = Some(p.name_any());
-                let record = build::launch_record(p.as_ref());
+                let record = build::parse_launch_record(p.launch_annotation());
                 status.server = record.server.or(status.server.clone());
                 if record.profile.is_some() {
                     status.profile = record.profile;
