@@ -533,9 +533,10 @@ pub fn when_changed<K: Resource>(
 ///
 /// Controllers reconcile through it instead of requeueing each object at the resync interval:
 /// kube's scheduler keeps an entry per requeued object for as long as it waits (about 800
-/// bytes with its references and tables: 16 MB for 10,000 Sessions and their Users), where this
-/// holds a round's references only. The work is the same, one reconcile per object per
-/// interval; an object deleted meanwhile is skipped by the controller.
+/// bytes with its references and tables: 16 MB for 10,000 Sessions and their Users), where a
+/// sweep holds a pointer per object of its round (an object deleted meanwhile lives on until
+/// its batch, which the controller then skips). The work is the same, one reconcile per object
+/// per interval.
 pub fn sweep<K>(
     store: Store<K>,
     every: Duration,
@@ -544,7 +545,7 @@ where
     K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
 {
     struct Round<K: Resource> {
-        due: Vec<reflector::ObjectRef<K>>,
+        due: Vec<Arc<K>>,
         per_tick: usize,
         tick: Duration,
     }
@@ -558,11 +559,7 @@ where
             tokio::time::sleep(round.tick).await;
             if round.due.is_empty() {
                 // A new round: what the cache holds now, spread over the interval.
-                round.due = store
-                    .state()
-                    .iter()
-                    .map(|o| reflector::ObjectRef::from_obj(o.as_ref()))
-                    .collect();
+                round.due = store.state();
                 let n = round.due.len().max(1);
                 round.tick = (every / u32::try_from(n).unwrap_or(u32::MAX)).max(SWEEP_TICK);
                 round.per_tick = n.div_ceil(
@@ -576,7 +573,11 @@ where
                 }
             }
             let at = round.due.len().saturating_sub(round.per_tick);
-            let batch = round.due.split_off(at);
+            let batch: Vec<_> = round
+                .due
+                .drain(at..)
+                .map(|o| reflector::ObjectRef::from_obj(o.as_ref()))
+                .collect();
             return Some((futures::stream::iter(batch), (store, round)));
         }
     })
