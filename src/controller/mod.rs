@@ -45,7 +45,9 @@ pub struct OperatorConfig {
     pub namespaces: Vec<String>,
     /// Parallel reconciles per controller.
     pub concurrency: u16,
-    /// Periodic re-check of objects with nothing scheduled (safety net; no writes when steady).
+    /// Periodic re-check of every object (safety net; no writes when steady): each controller
+    /// sweeps its cache once per interval ([`stores::sweep`]), so an object waiting for it holds
+    /// no entry in kube's scheduler.
     pub resync: Duration,
     /// This replica's identity (pod name).
     pub identity: String,
