@@ -103,6 +103,10 @@ pub struct Launches {
     launched: Mutex<HashMap<String, (Option<String>, std::time::Instant)>>,
     /// Per-user and per-pool launch locks.
     locks: Mutex<Locks>,
+    /// Status writes the cache has not shown yet: a reconcile right after a write (a pod event
+    /// queued meanwhile) still reads the session as it was, and must not write the same status
+    /// again.
+    statuses: super::status::Written,
 }
 
 #[derive(Default)]
@@ -974,8 +978,14 @@ async fn reconcile(
         status.conditions = conditions;
     }
     let mut version = session.resource_version();
-    if !same_status(&status, &old) {
+    let written = &ctx.launches.statuses;
+    written.seen(session.as_ref());
+    // The status (and the Events of its transition) already went out for this version of the
+    // session: the cache has not caught up with that write yet.
+    let repeat = !same_status(&status, &old) && written.already(session.as_ref(), &status);
+    if !same_status(&status, &old) && !repeat {
         version = sh.patch_status(&status).await?.resource_version();
+        written.record(session.as_ref(), &status);
         let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
         info!(
             session = %key,
@@ -986,7 +996,7 @@ async fn reconcile(
             "session status updated"
         );
     }
-    for (t, reason, note, action) in events {
+    for (t, reason, note, action) in events.into_iter().filter(|_| !repeat) {
         sh.event(t, reason, note, action).await;
     }
     ctx.backoff.succeeded(&key);
