@@ -982,8 +982,9 @@ async fn reconcile(
     written.seen(session.as_ref());
     // The status (and the Events of its transition) already went out for this version of the
     // session: the cache has not caught up with that write yet.
-    let repeat = !same_status(&status, &old) && written.already(session.as_ref(), &status);
-    if !same_status(&status, &old) && !repeat {
+    let changed = !same_status(&status, &old);
+    let repeat = changed && written.already(session.as_ref(), &status);
+    if changed && !repeat {
         version = sh.patch_status(&status).await?.resource_version();
         written.record(session.as_ref(), &status);
         let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
