@@ -156,10 +156,26 @@ struct RunArgs {
     /// Parallel reconciles per controller.
     #[arg(long, env = "CUBICLE_CONCURRENCY", default_value_t = 16)]
     concurrency: u16,
+    /// Re-check every object from the cache once per interval (a safety net that writes nothing
+    /// when steady; deadlines never wait for it). 0: never. A steady operator spends about a
+    /// quarter of a millisecond of CPU per object per interval.
+    #[arg(long, env = "CUBICLE_RESYNC", default_value = "1h", value_parser = parse_resync)]
+    resync: Duration,
     /// Also shut down when standard input closes (used by `cubicle dev` and the tests, so the
     /// operator never outlives the process that started it).
     #[arg(long, hide = true)]
     exit_on_stdin_eof: bool,
+}
+
+/// A resync interval: 0 (none), or at least a minute (a shorter one is a polling loop).
+fn parse_resync(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if !d.is_zero() && d < Duration::from_secs(60) {
+        return Err(format!(
+            "resync {s:?} is shorter than a minute; use 0 for none or at least 1m"
+        ));
+    }
+    Ok(d)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -568,8 +584,8 @@ async fn run(args: RunArgs) -> ExitCode {
     let config = OperatorConfig {
         namespaces: args.namespaces.clone(),
         concurrency: args.concurrency,
+        resync: args.resync,
         identity,
-        ..OperatorConfig::default()
     };
     let shutdown = async {
         interrupted(args.exit_on_stdin_eof).await;

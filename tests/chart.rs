@@ -712,6 +712,8 @@ fn schema_and_guards_reject_bad_values() {
         ),
         (&["metrics.port=70000"], "/metrics/port"),
         (&["concurrency=0"], "/concurrency"),
+        (&["resync=30s"], "/resync"),
+        (&["resync=often"], "/resync"),
         (
             &["networkPolicy.pausedSessions.enabled=maybe"],
             "/networkPolicy/pausedSessions/enabled",

@@ -263,6 +263,22 @@ fn unreadable_paths_are_usage_errors() {
     assert_eq!(o.status.code(), Some(2));
 }
 
+#[test]
+fn a_resync_shorter_than_a_minute_is_refused_before_connecting() {
+    for bad in ["30s", "59s", "500ms", "soon"] {
+        let o = cubicle(&root(), &["run", "--resync", bad]);
+        assert_eq!(o.status.code(), Some(2), "--resync {bad}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("--resync"),
+            "--resync {bad}: the error names the flag: {}",
+            stderr(&o)
+        );
+    }
+    let o = cubicle(&root(), &["run", "--help"]);
+    assert!(stdout(&o).contains("--resync"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("[default: 1h]"), "{}", stdout(&o));
+}
+
 struct Expect {
     exit: i32,
     strict_exit: Option<i32>,

@@ -320,6 +320,7 @@ async fn all_sizes(
                 namespace: ns.clone(),
                 budget: Budget::UNLIMITED,
                 concurrency: 16,
+                resync: crate::controller::DEFAULT_RESYNC,
                 log: dir.join(format!("operator-{ns}.log")),
             };
             let r = one_run(&cluster.client, &spec, n, limit, args.spread).await?;

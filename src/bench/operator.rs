@@ -27,6 +27,8 @@ pub struct OperatorSpec {
     pub budget: Budget,
     /// Parallel reconciles per controller.
     pub concurrency: u16,
+    /// Its resync interval.
+    pub resync: std::time::Duration,
     /// Where its logs go (appended).
     pub log: PathBuf,
 }
@@ -69,10 +71,13 @@ impl OperatorProcess {
             .arg(spec.budget.burst.to_string())
             .arg("--concurrency")
             .arg(spec.concurrency.to_string())
+            .arg("--resync")
+            .arg(format!("{}s", spec.resync.as_secs()))
             .env("KUBECONFIG", &spec.kubeconfig)
             // Settings from the caller's environment would change what is measured.
             .env_remove("CUBICLE_LEADER_ELECT")
             .env_remove("CUBICLE_NAMESPACES")
+            .env_remove("CUBICLE_RESYNC")
             .env_remove("DUMP_HEAPTRACK_OUTPUT")
             .stdin(Stdio::null())
             .stdout(log)

@@ -210,6 +210,9 @@ pub struct Resync {
     pub sessions: usize,
     /// From process start until every session was reconciled and the operator was quiet, s.
     pub seconds: f64,
+    /// CPU of the restarted operator over those seconds, ms: an upper bound of a resync's (it
+    /// also parsed every object of its lists).
+    pub cpu_ms: f64,
     /// All requests of the restarted operator (lists and watches included).
     pub requests: Requests,
     /// Writes per session (target 0).

@@ -1,8 +1,8 @@
 //! The ServerPool status controller: servers (Server objects, or for an autoscaled pool the
 //! nodes matching its selector), total session capacity and active sessions.
 //!
-//! Node changes are not a trigger (Nodes are cached without a change stream); the periodic
-//! resync picks up an autoscaled pool's growth and shrinkage.
+//! Node changes are not a trigger (Nodes are cached without a change stream); a sweep at least
+//! every [`super::NODE_REFRESH`] picks up an autoscaled pool's growth and shrinkage.
 
 use std::sync::Arc;
 
@@ -167,6 +167,7 @@ fn pools_of_session(stores: &Stores, s: &Session) -> Vec<ObjectRef<ServerPool>> 
 /// Builds the ServerPool status controller over the shared caches.
 pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, ()> {
     Triggers::<ServerPool>::new(&r.pools, ctx)
+        .refresh_within(super::NODE_REFRESH)
         .on(&mut r.servers, |s, x: &Server| pools_in(s, x.namespace()))
         .on(&mut r.sessions, pools_of_session)
         .on_changes(&r.workspaces, |_, w: &Workspace| {

@@ -2,8 +2,8 @@
 //! sessions placed on it against its capacity, and assigned users with whether each assignment
 //! is in effect (the seed's "Assigned Users" tab).
 //!
-//! Node label changes are not a trigger (Nodes are cached without a change stream); the periodic
-//! resync picks them up.
+//! Node label changes are not a trigger (Nodes are cached without a change stream); a sweep at
+//! least every [`super::NODE_REFRESH`] picks them up.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -206,6 +206,7 @@ fn server_of_session(s: &Session) -> Vec<ObjectRef<Server>> {
 /// Builds the Server status controller over the shared caches.
 pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, ()> {
     Triggers::<Server>::new(&r.servers, ctx)
+        .refresh_within(super::NODE_REFRESH)
         .on(&mut r.assignments, servers_of_assignment)
         // A server's assigned users are read by name (existence) and from assignments: a User's
         // status writes are no trigger.

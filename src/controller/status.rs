@@ -16,6 +16,7 @@
 //! usage ledger): server-side apply removes only fields previously applied by the same manager.
 
 use std::fmt::Debug;
+use std::time::Duration;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
@@ -109,6 +110,7 @@ pub struct Triggers<K: StatusView> {
     controller: Controller<K>,
     own: kube::runtime::reflector::Store<K>,
     ctx: Arc<Context>,
+    every: Duration,
 }
 
 impl<K: StatusView> Triggers<K> {
@@ -117,8 +119,20 @@ impl<K: StatusView> Triggers<K> {
         Self {
             controller: Controller::for_shared_stream(own.subscribe(), own.reader.clone()),
             own: own.reader.clone(),
+            every: ctx.config.resync,
             ctx,
         }
+    }
+
+    /// Sweeps every object at least once per `at_most` whatever the configured resync: for a
+    /// status read from objects whose changes are no trigger (Nodes).
+    pub fn refresh_within(mut self, at_most: Duration) -> Self {
+        self.every = if self.every.is_zero() {
+            at_most
+        } else {
+            self.every.min(at_most)
+        };
+        self
     }
 
     /// Reconciles what `map` names when an `O` changes or is deleted.
@@ -209,7 +223,7 @@ impl<K: StatusView> Triggers<K> {
         let written = Arc::new(Written::default());
         let ctx = self.ctx;
         self.controller
-            .reconcile_on(sweep(self.own, ctx.config.resync))
+            .reconcile_on(sweep(self.own, self.every))
             .with_config(Config::default().concurrency(ctx.config.concurrency))
             .run(
                 move |obj, ctx| reconcile(obj, ctx, written.clone()),

@@ -530,6 +530,7 @@ pub fn when_changed<K: Resource>(
 
 /// The resync as a stream: every object of `store` once per `every`, spread over it (one batch a
 /// second, or one object per `every / n` when fewer), starting `every` after it is first polled.
+/// A zero `every` is no resync: the stream never yields.
 ///
 /// Controllers reconcile through it instead of requeueing each object at the resync interval:
 /// kube's scheduler keeps an entry per requeued object for as long as it waits (about 800
@@ -555,6 +556,9 @@ where
         tick: every,
     };
     futures::stream::unfold((store, first), move |(store, mut round)| async move {
+        if every.is_zero() {
+            return futures::future::pending().await;
+        }
         loop {
             tokio::time::sleep(round.tick).await;
             if round.due.is_empty() {
@@ -921,6 +925,11 @@ mod tests {
             next.push(s.next().await.expect("a sweep never ends").name);
         }
         assert!(!next.contains(&"c7".to_string()));
+        // No resync: a zero interval never names anything (and does not spin).
+        let none = sweep(writer.as_reader(), Duration::ZERO);
+        futures::pin_mut!(none);
+        let waited = tokio::time::timeout(Duration::from_secs(10 * 3600), none.next()).await;
+        assert!(waited.is_err(), "a zero interval yielded {waited:?}");
     }
     use crate::controller::session::{build, plan, volume_zone};
     use crate::crd::v1alpha1::SessionPhase;

@@ -604,7 +604,7 @@ async fn reconcile(
     let mut status = old.clone();
     status.observed_generation = generation;
     let mut conditions: Vec<Condition> = Vec::new();
-    let mut requeue = resync;
+    let mut requeue = horizon(resync);
     let now_ts = sh.now.0;
     // The deadline this pass leaves armed, if the fast path may enforce it (see below).
     let mut armable: Option<crate::expiry::Deadline> = None;
@@ -1020,15 +1020,26 @@ async fn reconcile(
                 groups: expiry::groups_digest(stores, &ns),
             },
         );
-        requeue = resync.min(expiry::until(d.at, now_ts) + FAST_PATH_GRACE);
+        requeue = horizon(resync).min(expiry::until(d.at, now_ts) + FAST_PATH_GRACE);
     }
     Ok(requeue_within(requeue, resync))
 }
 
+/// How far ahead a reconcile looks for its next requeue: the resync, or with none (zero) no
+/// limit.
+fn horizon(resync: Duration) -> Duration {
+    if resync.is_zero() {
+        Duration::MAX
+    } else {
+        resync
+    }
+}
+
 /// Requeues at `requeue` when it comes before the resync; at the resync the controller's sweep
-/// brings the session back ([`sweep`]), without an entry in kube's scheduler meanwhile.
+/// brings the session back ([`sweep`]), without an entry in kube's scheduler meanwhile (with no
+/// resync, nothing brings it back but a change).
 fn requeue_within(requeue: Duration, resync: Duration) -> Action {
-    if requeue < resync {
+    if requeue < horizon(resync) {
         Action::requeue(requeue)
     } else {
         Action::await_change()
@@ -1731,6 +1742,23 @@ impl Expiring {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requeues_come_before_the_resync_or_without_one() {
+        let s = Duration::from_secs;
+        assert_eq!(requeue_within(s(30), s(3600)), Action::requeue(s(30)));
+        // At or past the resync the sweep brings the session back: nothing to schedule.
+        assert_eq!(requeue_within(s(3600), s(3600)), Action::await_change());
+        // No resync: every deadline keeps its requeue, and a reconcile with none waits.
+        assert_eq!(
+            requeue_within(s(7200), Duration::ZERO),
+            Action::requeue(s(7200))
+        );
+        assert_eq!(
+            requeue_within(horizon(Duration::ZERO), Duration::ZERO),
+            Action::await_change()
+        );
+    }
 
     fn pending(message: &str) -> Condition {
         Condition {
