@@ -139,11 +139,59 @@ pub struct CachedClaim {
     /// `spec`: the volume name only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spec: Option<CachedClaimSpec>,
+    /// Cache-only: the labels and the annotation the operator reads, moved here when the claim
+    /// is trimmed for the cache, which then drops both maps (a label map is a ~540-byte node
+    /// plus two strings per label; a claim carries five). Never sent by the API server; read
+    /// them through the accessors below.
+    #[serde(skip)]
+    pub marks: Option<ClaimMarks>,
 }
 same_resource_as!(
     CachedClaim,
     k8s_openapi::api::core::v1::PersistentVolumeClaim
 );
+
+/// What the operator reads of a profile claim's labels and annotations.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClaimMarks {
+    /// The user label.
+    pub user: Option<String>,
+    /// The profile label.
+    pub profile: Option<String>,
+    /// Whether it carries the archived label.
+    pub archived: bool,
+    /// The reset-by annotation.
+    pub reset_by: Option<String>,
+}
+
+impl ClaimMarks {
+    /// Read from a claim's maps.
+    pub fn of(meta: &ObjectMeta) -> Self {
+        use super::session::build::{ARCHIVED_LABEL, PROFILE_LABEL, RESET_BY_ANNOTATION, USER_LABEL};
+        let label = |k: &str| meta.labels.as_ref().and_then(|l| l.get(k));
+        Self {
+            user: label(USER_LABEL).cloned(),
+            profile: label(PROFILE_LABEL).cloned(),
+            archived: label(ARCHIVED_LABEL).is_some(),
+            reset_by: meta
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(RESET_BY_ANNOTATION))
+                .cloned(),
+        }
+    }
+}
+
+impl CachedClaim {
+    /// What the operator reads of its labels and annotations: as trimmed for the cache, or
+    /// from its maps.
+    pub fn marks(&self) -> std::borrow::Cow<'_, ClaimMarks> {
+        match &self.marks {
+            Some(m) => std::borrow::Cow::Borrowed(m),
+            None => std::borrow::Cow::Owned(ClaimMarks::of(&self.metadata)),
+        }
+    }
+}
 
 /// A claim's `spec`, as read.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]

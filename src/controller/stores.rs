@@ -14,16 +14,16 @@
 //!   and creation times, the launch record annotation (kept apart, [`CachedPod::launch`]),
 //!   `spec.nodeName`, and of their status the phase, the message, the conditions that tell
 //!   readiness or why not, and the waiting containers' reasons ([`trim_pod`]);
-//! - profile claims keep their identity, labels, Cubicle's own annotations and
-//!   `spec.volumeName` ([`trim_claim`]);
+//! - profile claims keep their identity, `spec.volumeName` and, apart from the maps, the labels
+//!   and annotation read (user, profile, archived, reset by: [`trim_claim`]);
 //! - PersistentVolumes are cached only while bound (`spec.claimRef`) to a claim in the
 //!   operator's scope, as their claim reference and zone ([`trim_volume`]);
 //! - Nodes keep their labels ([`trim_node`]);
 //! - Users lose `status.effectiveSettings`, which only the User status controller reads, and
 //!   only to compare it with the status it computes: a digest of the whole status (as that
-//!   controller compares it) is kept instead, in the cache-only annotation
-//!   [`STATUS_DIGEST_ANNOTATION`] ([`trim_user`]). Cached objects are never written back to the
-//!   API server: every write builds its own body.
+//!   controller compares it) is kept instead, in the status's cache-only field `cached`, never
+//!   serialized ([`trim_user`]). Cached objects are never written back to the API server:
+//!   every write builds its own body.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -42,7 +42,7 @@ use serde::de::DeserializeOwned;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
-use super::cached::{CachedClaim, CachedPod, CachedVolume, CachedVolumeSpec};
+use super::cached::{CachedClaim, CachedPod, CachedVolume, CachedVolumeSpec, ClaimMarks};
 use super::index::{Index, Keys};
 use crate::crd::v1alpha1::{Group, Server, ServerAssignment, ServerPool, Session, User, Workspace};
 
@@ -50,12 +50,6 @@ use crate::crd::v1alpha1::{Group, Server, ServerAssignment, ServerPool, Session,
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// Its value.
 pub const MANAGED_BY: &str = "cubicle";
-
-/// Annotation that exists only on cached Users (never on the API server, never written): the
-/// digest of the User's status as the User status controller compares it
-/// ([`super::user::status_digest`]), taken before `status.effectiveSettings` is dropped from the
-/// cache.
-pub const STATUS_DIGEST_ANNOTATION: &str = "cubicle.dev/status-digest";
 
 /// kubectl's copy of the last applied object (as big as the object): never read.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
@@ -683,17 +677,14 @@ pub fn trim_pod(p: &mut CachedPod) {
     }
 }
 
-/// A profile claim as cached: identity, labels, Cubicle's annotations and the volume it is
-/// bound to (all the watch parses of its spec, as a [`CachedClaim`]).
+/// A profile claim as cached: identity, the volume it is bound to (all the watch parses of its
+/// spec, as a [`CachedClaim`]), and the labels and annotation read, kept apart
+/// ([`CachedClaim::marks`]) without the maps.
 pub fn trim_claim(c: &mut CachedClaim) {
-    let m = std::mem::take(&mut c.metadata);
-    let ours = m.annotations.as_ref().map(|a| {
-        a.iter()
-            .filter(|(k, _)| k.starts_with("cubicle.dev/"))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect::<BTreeMap<_, _>>()
-    });
-    c.metadata = child_meta(m, ours.filter(|a| !a.is_empty()));
+    let mut m = std::mem::take(&mut c.metadata);
+    c.marks = Some(ClaimMarks::of(&m));
+    m.labels = None;
+    c.metadata = child_meta(m, None);
 }
 
 /// Whether `v` is bound (or pre-bound) to a claim in `scope`: the only volumes the operator
@@ -749,16 +740,14 @@ pub fn trim_node(n: &mut PartialObjectMeta<Node>) {
 
 /// A User as cached: without `status.effectiveSettings` (every setting with its provenance,
 /// most of a User's size), which only the User status controller reads, to compare it with the
-/// status it computes; it compares the digest in [`STATUS_DIGEST_ANNOTATION`] instead, taken
-/// here from the full status.
+/// status it computes; it compares a digest instead, taken here from the full status and kept
+/// in the status's cache-only field `cached` (eight bytes: an annotation cost a map node of
+/// about 540 bytes and two strings per User).
 pub fn trim_user(u: &mut User) {
     trim_meta(&mut u.metadata);
     let digest = super::user::status_digest(u.status.as_ref());
-    u.metadata
-        .annotations
-        .get_or_insert_default()
-        .insert(STATUS_DIGEST_ANNOTATION.to_string(), digest);
     if let Some(s) = u.status.as_mut() {
+        s.cached = crate::crd::v1alpha1::CacheNote(Some(digest));
         s.effective_settings = Vec::new();
     }
 }
@@ -783,10 +772,9 @@ pub fn session_keys(s: &Session) -> Vec<String> {
 
 /// A profile claim is found by its profile label.
 pub fn claim_keys(c: &CachedClaim) -> Vec<String> {
-    c.metadata
-        .labels
+    c.marks()
+        .profile
         .as_ref()
-        .and_then(|l| l.get(super::session::build::PROFILE_LABEL))
         .map(|p| vec![format!("p/{p}")])
         .unwrap_or_default()
 }
@@ -1171,11 +1159,15 @@ mod tests {
             "status": {"phase": "Bound"}
         }))
         .unwrap();
+        let untrimmed = c.marks().into_owned();
         trim_claim(&mut c);
-        assert_eq!(c.labels()[build::PROFILE_LABEL], "k");
-        assert_eq!(
-            c.annotations().keys().collect::<Vec<_>>(),
-            [build::RESET_BY_ANNOTATION]
+        assert_eq!(c.marks().profile.as_deref(), Some("k"));
+        assert_eq!(c.marks().reset_by.as_deref(), Some("s1"));
+        assert!(!c.marks().archived);
+        assert_eq!(*c.marks(), untrimmed, "the same, read from the maps or kept apart");
+        assert!(
+            c.metadata.labels.is_none() && c.metadata.annotations.is_none(),
+            "no map kept"
         );
         assert_eq!(
             c.spec.as_ref().unwrap().volume_name.as_deref(),

@@ -15,7 +15,7 @@ use kube::runtime::reflector::ObjectRef;
 
 use super::Context;
 use super::status::{self, Cond, StatusView, Triggers, comparable, conditions, owned_conditions};
-use super::stores::{Reflectors, STATUS_DIGEST_ANNOTATION, Stores, digest};
+use super::stores::{Reflectors, Stores, digest};
 use crate::crd::v1alpha1::{
     Group, Server, ServerAssignment, ServerPool, Session, User, UserStatus, Workspace,
 };
@@ -158,6 +158,7 @@ pub fn desired_status(
             now,
         ),
         observed_generation: generation,
+        cached: Default::default(),
     }
 }
 
@@ -168,13 +169,13 @@ fn owned_comparable(status: Option<&UserStatus>) -> serde_json::Value {
 }
 
 /// A digest of the fields of `status` this controller owns, as [`User::changed`] compares
-/// them: two statuses it finds equal have the same digest. The cache keeps it on each User
-/// ([`STATUS_DIGEST_ANNOTATION`]) instead of `status.effectiveSettings`.
-pub fn status_digest(status: Option<&UserStatus>) -> String {
+/// them: two statuses it finds equal have the same digest. The cache keeps it in each cached
+/// User's status (`status.cached`, never serialized) instead of `status.effectiveSettings`.
+pub fn status_digest(status: Option<&UserStatus>) -> u64 {
     use std::hash::Hasher;
     let mut h = std::collections::hash_map::DefaultHasher::new();
     status::hash_value(&owned_comparable(status), &mut h);
-    format!("{:016x}", h.finish())
+    h.finish()
 }
 
 impl StatusView for User {
@@ -202,11 +203,11 @@ impl StatusView for User {
         }
     }
 
-    /// By the digest the cache keeps, or, for a User that was not trimmed by the cache, by
-    /// comparing the statuses.
+    /// By the digest the cache keeps, or, for a User that was not trimmed by the cache (or has
+    /// no status), by comparing the statuses.
     fn needs_write(&self, desired: &UserStatus) -> bool {
-        match self.annotations().get(STATUS_DIGEST_ANNOTATION) {
-            Some(digest) => *digest != status_digest(Some(desired)),
+        match self.status.as_ref().and_then(|s| s.cached.0) {
+            Some(digest) => digest != status_digest(Some(desired)),
             None => Self::changed(self.status.as_ref(), desired),
         }
     }
@@ -516,9 +517,21 @@ mod tests {
             1,
             "the ledger is kept for the Session controller"
         );
-        let annotations = cached.annotations();
-        assert!(annotations.contains_key(STATUS_DIGEST_ANNOTATION));
-        assert!(!annotations.contains_key("kubectl.kubernetes.io/last-applied-configuration"));
+        assert_eq!(st.cached.0, Some(status_digest(u.status.as_ref())));
+        assert!(
+            !cached
+                .annotations()
+                .contains_key("kubectl.kubernetes.io/last-applied-configuration")
+        );
+        assert_eq!(
+            serde_json::to_value(st).unwrap(),
+            serde_json::to_value(UserStatus {
+                effective_settings: Vec::new(),
+                ..u.status.clone().unwrap()
+            })
+            .unwrap(),
+            "the digest is never serialized"
+        );
         // The same status (even computed later) needs no write; a changed setting does.
         let later = desired_status(&d, &cached, &[], &[], st.into(), &t("2026-03-01T00:00:00Z"));
         assert!(!cached.needs_write(&later));
@@ -533,7 +546,7 @@ mod tests {
         let edited = desired_status(&d2, &cached, &[], &[], st.into(), &now);
         assert!(cached.needs_write(&edited));
         assert!(User::changed(u.status.as_ref(), &edited));
-        // A User never written has a digest too, and any status is news for it.
+        // A User never written has no status to keep a digest of, and any status is news for it.
         let mut fresh = user("bob", &[]);
         crate::controller::stores::trim_user(&mut fresh);
         assert!(fresh.needs_write(&desired_status(&d, &fresh, &[], &[], None, &now)));

@@ -29,8 +29,7 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use self::build::{
-    ACCESS_LABEL, ARCHIVED_LABEL, Placement, PodInputs, ProfileMount, RESET_BY_ANNOTATION,
-    SERVER_LABEL, ZONE_LABEL,
+    ACCESS_LABEL, ARCHIVED_LABEL, Placement, PodInputs, ProfileMount, SERVER_LABEL, ZONE_LABEL,
 };
 use self::plan::{AdmissionInputs, PoolKind, Refusal, ServerCandidate, reasons};
 use super::cached::{CachedClaim, CachedPod, CachedVolume};
@@ -199,11 +198,7 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
     let claims = {
         let stores = stores.clone();
         move |c: Arc<CachedClaim>| {
-            let user = c
-                .labels()
-                .get(build::USER_LABEL)
-                .cloned()
-                .unwrap_or_default();
+            let user = c.marks().user.clone().unwrap_or_default();
             session_refs(c.namespace(), |ns| stores.sessions_of_user_label(ns, &user))
         }
     };
@@ -1255,7 +1250,7 @@ async fn launch(
             let uid = session.uid().unwrap_or_default();
             let done_by_me = active
                 .as_ref()
-                .is_some_and(|c| c.annotations().get(RESET_BY_ANNOTATION) == Some(&uid));
+                .is_some_and(|c| c.marks().reset_by.as_ref() == Some(&uid));
             let (claim_name, plan) = match (&active, reset && !done_by_me) {
                 (Some(c), false) => {
                     profile_zone = bound_zone(stores, c);
@@ -1500,7 +1495,7 @@ fn active_claim(stores: &Stores, ns: &str, base: &str) -> Option<Arc<CachedClaim
     stores
         .claims_of_profile(ns, &key)
         .into_iter()
-        .filter(|c| !c.labels().contains_key(ARCHIVED_LABEL))
+        .filter(|c| !c.marks().archived)
         .filter(|c| c.metadata.deletion_timestamp.is_none())
         .max_by(|a, b| {
             a.creation_timestamp()

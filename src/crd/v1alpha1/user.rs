@@ -270,6 +270,32 @@ pub struct UserStatus {
     /// The `.metadata.generation` this status describes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// Not part of the API (never serialized, never read from it): what the operator's cache
+    /// keeps of this status once it has dropped `effectiveSettings`.
+    // (Skipped by a predicate rather than `skip`: the schema derive copies this struct, and a
+    // field that copy never reads would warn.)
+    #[serde(skip_deserializing, skip_serializing_if = "CacheNote::never_sent")]
+    #[schemars(skip)]
+    pub cached: CacheNote,
+}
+
+/// A digest the operator's cache keeps beside a status it trimmed, so that the status can still
+/// be compared with a computed one. Bookkeeping, not a value: any two are equal, so a status's
+/// equality is its API fields'.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct CacheNote(pub Option<u64>);
+
+impl CacheNote {
+    /// Always: it is never serialized.
+    fn never_sent(&self) -> bool {
+        true
+    }
+}
+
+impl PartialEq for CacheNote {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 /// A group the user is a member of.
