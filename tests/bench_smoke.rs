@@ -67,6 +67,7 @@ fn bench_quick_run_reports_the_floor() {
         "forced relist",
         "Controller CPU",
         "per launch, burst of 10",
+        "idle, 10 sessions Running, a full resync every 1h amortized",
         "Targets",
     ] {
         assert!(stdout.contains(row), "no {row:?} in the table:\n{stdout}");
@@ -113,6 +114,10 @@ fn bench_quick_run_reports_the_floor() {
         all_writes(&resync[0]["requests"]),
         0.0,
         "a resync of steady sessions writes nothing\n{stdout}"
+    );
+    assert!(
+        f(&resync[0], "/cpuMs") > 0.0,
+        "the restarted operator's CPU is measured\n{stdout}"
     );
 
     let bursts = report["bursts"].as_array().expect("bursts");
