@@ -159,7 +159,7 @@ struct RunArgs {
     /// Re-check every object from the cache once per interval (a safety net that writes nothing
     /// when steady; deadlines never wait for it). 0: never. A steady operator spends about a
     /// quarter of a millisecond of CPU per object per interval.
-    #[arg(long, env = "CUBICLE_RESYNC", default_value = "1h", value_parser = parse_resync)]
+    #[arg(long, env = "CUBICLE_RESYNC", default_value = "10h", value_parser = parse_resync)]
     resync: Duration,
     /// Also shut down when standard input closes (used by `cubicle dev` and the tests, so the
     /// operator never outlives the process that started it).

@@ -67,7 +67,7 @@ fn bench_quick_run_reports_the_floor() {
         "forced relist",
         "Controller CPU",
         "per launch, burst of 10",
-        "idle, 10 sessions Running, a full resync every 1h amortized",
+        "idle, 10 sessions Running, a full resync every 10h amortized",
         "Targets",
     ] {
         assert!(stdout.contains(row), "no {row:?} in the table:\n{stdout}");

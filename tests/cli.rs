@@ -276,7 +276,12 @@ fn a_resync_shorter_than_a_minute_is_refused_before_connecting() {
     }
     let o = cubicle(&root(), &["run", "--help"]);
     assert!(stdout(&o).contains("--resync"), "{}", stdout(&o));
-    assert!(stdout(&o).contains("[default: 1h]"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("[default: 10h]"), "{}", stdout(&o));
+    assert_eq!(
+        cubicle::controller::DEFAULT_RESYNC,
+        std::time::Duration::from_secs(10 * 3600),
+        "the flag's default is the library's"
+    );
 }
 
 struct Expect {

@@ -38,11 +38,13 @@ use stores::{Reflectors, Scope, Stores};
 /// Name used for events and field managers.
 pub const CONTROLLER_NAME: &str = "cubicle";
 
-/// The default [`OperatorConfig::resync`]: an hour. Every reconcile of a resync costs CPU
-/// (about a quarter of a millisecond for a Session or a User), so a steady operator spends
-/// `objects x cost / interval`: 10,000 Sessions and their Users cost about 18 ms of CPU a second
-/// at 5 minutes and 1.4 at an hour. Nothing waits for it: deadlines have their own requeue.
-pub const DEFAULT_RESYNC: Duration = Duration::from_secs(3600);
+/// The default [`OperatorConfig::resync`]: ten hours, controller-runtime's default sync
+/// period. Every reconcile of a resync costs CPU (about a quarter of a millisecond for a
+/// Session or a User), so a steady operator spends `objects x cost / interval`: 10,000
+/// Sessions and their Users cost about 18 ms of CPU a second at 5 minutes, 1.4 at an hour and
+/// 0.14 at ten. Nothing waits for it: deadlines have their own requeue, and a watch that
+/// re-lists reconciles everything it lists.
+pub const DEFAULT_RESYNC: Duration = Duration::from_secs(10 * 3600);
 
 /// How often the status of Servers and pools, read from Nodes (cached without a change stream),
 /// is refreshed at the latest, whatever [`OperatorConfig::resync`] is.
