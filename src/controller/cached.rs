@@ -167,7 +167,9 @@ pub struct ClaimMarks {
 impl ClaimMarks {
     /// Read from a claim's maps.
     pub fn of(meta: &ObjectMeta) -> Self {
-        use super::session::build::{ARCHIVED_LABEL, PROFILE_LABEL, RESET_BY_ANNOTATION, USER_LABEL};
+        use super::session::build::{
+            ARCHIVED_LABEL, PROFILE_LABEL, RESET_BY_ANNOTATION, USER_LABEL,
+        };
         let label = |k: &str| meta.labels.as_ref().and_then(|l| l.get(k));
         Self {
             user: label(USER_LABEL).cloned(),

@@ -16,8 +16,8 @@
 //! usage ledger): server-side apply removes only fields previously applied by the same manager.
 
 use std::fmt::Debug;
-use std::time::Duration;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt, stream};

@@ -1164,7 +1164,11 @@ mod tests {
         assert_eq!(c.marks().profile.as_deref(), Some("k"));
         assert_eq!(c.marks().reset_by.as_deref(), Some("s1"));
         assert!(!c.marks().archived);
-        assert_eq!(*c.marks(), untrimmed, "the same, read from the maps or kept apart");
+        assert_eq!(
+            *c.marks(),
+            untrimmed,
+            "the same, read from the maps or kept apart"
+        );
         assert!(
             c.metadata.labels.is_none() && c.metadata.annotations.is_none(),
             "no map kept"
