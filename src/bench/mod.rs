@@ -150,9 +150,10 @@ pub struct BenchArgs {
     /// Counts stay exact.
     #[arg(long)]
     pub quick: bool,
-    /// The operator's `--resync`, seconds (its default unless given). The idle CPU with it
-    /// amortized is reported: the CPU of a full resync (the forced relist's) over this.
-    #[arg(long, default_value_t = crate::controller::DEFAULT_RESYNC.as_secs())]
+    /// The operator's `--resync`, seconds: 0 (none) or at least 60, as the operator takes it
+    /// (its default unless given). The idle CPU with it amortized is reported: the CPU of a
+    /// full resync (the forced relist's) over this.
+    #[arg(long, default_value_t = crate::controller::DEFAULT_RESYNC.as_secs(), value_parser = resync_seconds)]
     pub resync_seconds: u64,
     /// Give up on a burst after this many seconds.
     #[arg(long, default_value_t = 1800)]
@@ -1178,6 +1179,20 @@ pub fn checks(r: &Report) -> Vec<Check> {
     c
 }
 
+/// `--resync-seconds`: what the operator's `--resync` accepts, refused here rather than by an
+/// operator that would not start.
+fn resync_seconds(s: &str) -> Result<u64, String> {
+    let n: u64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if (1..60).contains(&n) {
+        return Err(format!(
+            "{n} s: the operator refuses a resync shorter than a minute; use 0 (none) or at least 60"
+        ));
+    }
+    Ok(n)
+}
+
 /// `s` seconds as the operator's flags write a duration: `1h`, `5m`, `90s`.
 fn human_secs(s: u64) -> String {
     match s {
@@ -1199,6 +1214,10 @@ mod tests {
         assert_eq!(human_secs(300), "5m");
         assert_eq!(human_secs(90), "90s");
         assert_eq!(human_secs(0), "0");
+        assert_eq!(resync_seconds("0"), Ok(0));
+        assert_eq!(resync_seconds("60"), Ok(60));
+        assert!(resync_seconds("30").unwrap_err().contains("at least 60"));
+        assert!(resync_seconds("soon").is_err());
     }
 
     #[test]
