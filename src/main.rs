@@ -169,13 +169,7 @@ struct RunArgs {
 
 /// A resync interval: 0 (none), or at least a minute (a shorter one is a polling loop).
 fn parse_resync(s: &str) -> Result<Duration, String> {
-    let d = parse_duration(s)?;
-    if !d.is_zero() && d < Duration::from_secs(60) {
-        return Err(format!(
-            "resync {s:?} is shorter than a minute; use 0 for none or at least 1m"
-        ));
-    }
-    Ok(d)
+    cubicle::controller::check_resync(parse_duration(s)?)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -1185,12 +1185,7 @@ fn resync_seconds(s: &str) -> Result<u64, String> {
     let n: u64 = s
         .parse()
         .map_err(|_| format!("{s:?} is not a number of seconds"))?;
-    if (1..60).contains(&n) {
-        return Err(format!(
-            "{n} s: the operator refuses a resync shorter than a minute; use 0 (none) or at least 60"
-        ));
-    }
-    Ok(n)
+    crate::controller::check_resync(Duration::from_secs(n)).map(|d| d.as_secs())
 }
 
 /// `s` seconds as the operator's flags write a duration: `1h`, `5m`, `90s`.

@@ -46,6 +46,20 @@ pub const CONTROLLER_NAME: &str = "cubicle";
 /// re-lists reconciles everything it lists.
 pub const DEFAULT_RESYNC: Duration = Duration::from_secs(10 * 3600);
 
+/// The shortest resync the operator takes (0 aside: none). A shorter one is a polling loop.
+pub const MIN_RESYNC: Duration = Duration::from_secs(60);
+
+/// `d` as an [`OperatorConfig::resync`]: zero (none) or at least [`MIN_RESYNC`].
+pub fn check_resync(d: Duration) -> Result<Duration, String> {
+    if !d.is_zero() && d < MIN_RESYNC {
+        return Err(format!(
+            "a resync of {} s is shorter than a minute; use 0 for none or at least 60 s (1m)",
+            d.as_secs_f64()
+        ));
+    }
+    Ok(d)
+}
+
 /// How often the status of Servers and pools, read from Nodes (cached without a change stream),
 /// is refreshed at the latest, whatever [`OperatorConfig::resync`] is.
 pub const NODE_REFRESH: Duration = Duration::from_secs(300);
