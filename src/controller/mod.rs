@@ -8,6 +8,7 @@ pub mod assignment;
 pub mod cached;
 pub mod error;
 pub mod events;
+pub mod gate;
 pub mod group;
 pub mod index;
 pub mod pool;

@@ -25,13 +25,14 @@ use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Patch, PatchParams};
 use kube::core::object::HasStatus;
-use kube::runtime::controller::{Action, Config, Controller};
+use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
+use super::gate::Inputs;
 use super::stores::{Shared, Stores, digest, in_namespace, sweep, when_changed};
 use super::{Context, Error};
 use crate::resolve::Directory;
@@ -107,7 +108,7 @@ pub async fn reconcile<K: StatusView>(
 /// mapping from another object (changed, deleted, or both) to the objects whose status it
 /// affects. Mappings read the caches through the [`Stores`] they are given.
 pub struct Triggers<K: StatusView> {
-    controller: Controller<K>,
+    inputs: Inputs<K>,
     own: kube::runtime::reflector::Store<K>,
     ctx: Arc<Context>,
     every: Duration,
@@ -117,7 +118,7 @@ impl<K: StatusView> Triggers<K> {
     /// A controller of `own`'s objects (their changes reconcile them), to run with `ctx`.
     pub fn new(own: &Shared<K>, ctx: Arc<Context>) -> Self {
         Self {
-            controller: Controller::for_shared_stream(own.subscribe(), own.reader.clone()),
+            inputs: Inputs::default().own(own.subscribe()),
             own: own.reader.clone(),
             every: ctx.config.resync,
             ctx,
@@ -179,9 +180,7 @@ impl<K: StatusView> Triggers<K> {
             Some(f) => f(o),
             None => futures::future::ready(true),
         });
-        self.controller = self
-            .controller
-            .watches_shared_stream(changes, move |o: Arc<O>| map(&s, &o));
+        self.inputs = self.inputs.map(changes, move |o: Arc<O>| map(&s, &o));
         self.on_deletes(other, move |s, o| on_delete(s, o))
     }
 
@@ -194,9 +193,9 @@ impl<K: StatusView> Triggers<K> {
         F: Fn(&Stores, &O) -> I + Send + Sync + 'static,
     {
         let s = self.ctx.stores.clone();
-        self.controller = self
-            .controller
-            .watches_shared_stream(other.subscribe(), move |o: Arc<O>| map(&s, &o));
+        self.inputs = self
+            .inputs
+            .map(other.subscribe(), move |o: Arc<O>| map(&s, &o));
         self
     }
 
@@ -212,7 +211,7 @@ impl<K: StatusView> Triggers<K> {
         let deleted = other
             .subscribe_deletes()
             .flat_map(move |o: Arc<O>| stream::iter(map(&s, &o)));
-        self.controller = self.controller.reconcile_on(deleted);
+        self.inputs = self.inputs.refs(deleted);
         self
     }
 
@@ -222,10 +221,11 @@ impl<K: StatusView> Triggers<K> {
     pub fn run(self) -> BoxFuture<'static, ()> {
         let written = Arc::new(Written::default());
         let ctx = self.ctx;
-        self.controller
-            .reconcile_on(sweep(self.own, self.every))
-            .with_config(Config::default().concurrency(ctx.config.concurrency))
+        self.inputs
+            .refs(sweep(self.own.clone(), self.every))
             .run(
+                self.own,
+                ctx.config.concurrency,
                 move |obj, ctx| reconcile(obj, ctx, written.clone()),
                 |obj, e, ctx: Arc<Context>| {
                     ctx.on_error(K::KIND, &ObjectRef::from_obj(obj.as_ref()), e)

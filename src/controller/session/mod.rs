@@ -21,7 +21,7 @@ use futures::{FutureExt, StreamExt, future::BoxFuture};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
-use kube::runtime::controller::{Action, Config, Controller};
+use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
@@ -33,6 +33,7 @@ use self::build::{
 };
 use self::plan::{AdmissionInputs, PoolKind, Refusal, ServerCandidate, reasons};
 use super::cached::{CachedClaim, CachedPod, CachedVolume};
+use super::gate::Inputs;
 use super::status::directory;
 use super::stores::{Reflectors, Stores, digest, in_namespace, sweep, when_changed};
 use super::{CONTROLLER_NAME, Context, Error};
@@ -227,65 +228,73 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
     let concurrency = ctx.config.concurrency;
     let resync = ctx.config.resync;
     let timers_ctx = ctx.clone();
-    let controller =
-        Controller::for_shared_stream(r.sessions.subscribe(), r.sessions.reader.clone())
-            .owns_shared_stream(r.pods.subscribe())
-            // Status writes that sessions do not read (a User's activeSessions, a Server's or
-            // a pool's session counts) change with every launch: passed on, each would fan out
-            // to every session it maps to, quadratic in a burst. Only what sessions read (specs,
-            // the usage ledger) goes through.
-            .watches_shared_stream(
-                r.users.subscribe().filter(when_changed(|u: &User| {
-                    digest(&(
-                        &u.metadata.generation,
-                        u.status
-                            .as_ref()
-                            .map(|s| serde_json::to_string(&s.usage).ok()),
-                    ))
-                })),
-                by_user,
-            )
-            .watches_shared_stream(r.groups.subscribe(), move |g| groups(g.namespace()))
-            .watches_shared_stream(r.workspaces.subscribe(), workspaces)
-            .watches_shared_stream(
-                r.servers
-                    .subscribe()
-                    .filter(when_changed(|o: &Server| digest(&o.metadata.generation))),
-                move |s| servers(s.namespace()),
-            )
-            .watches_shared_stream(
-                r.pools.subscribe().filter(when_changed(|o: &ServerPool| {
+    let owners = |p: Arc<CachedPod>| {
+        let ns = p.namespace();
+        p.owner_references()
+            .iter()
+            .filter_map(|o| ObjectRef::<Session>::from_owner_ref(ns.as_deref(), o, ()))
+            .collect::<Vec<_>>()
+    };
+    let controller = Inputs::default()
+        .own(r.sessions.subscribe())
+        .map(r.pods.subscribe(), owners)
+        // Status writes that sessions do not read (a User's activeSessions, a Server's or
+        // a pool's session counts) change with every launch: passed on, each would fan out
+        // to every session it maps to, quadratic in a burst. Only what sessions read (specs,
+        // the usage ledger) goes through.
+        .map(
+            r.users.subscribe().filter(when_changed(|u: &User| {
+                digest(&(
+                    &u.metadata.generation,
+                    u.status
+                        .as_ref()
+                        .map(|s| serde_json::to_string(&s.usage).ok()),
+                ))
+            })),
+            by_user,
+        )
+        .map(r.groups.subscribe(), move |g| groups(g.namespace()))
+        .map(r.workspaces.subscribe(), workspaces)
+        .map(
+            r.servers
+                .subscribe()
+                .filter(when_changed(|o: &Server| digest(&o.metadata.generation))),
+            move |s| servers(s.namespace()),
+        )
+        .map(
+            r.pools.subscribe().filter(when_changed(|o: &ServerPool| {
+                digest(&o.metadata.generation)
+            })),
+            move |p| pools(p.namespace()),
+        )
+        .map(
+            r.assignments
+                .subscribe()
+                .filter(when_changed(|o: &ServerAssignment| {
                     digest(&o.metadata.generation)
                 })),
-                move |p| pools(p.namespace()),
-            )
-            .watches_shared_stream(
-                r.assignments
-                    .subscribe()
-                    .filter(when_changed(|o: &ServerAssignment| {
-                        digest(&o.metadata.generation)
-                    })),
-                move |a| assignments(a.namespace()),
-            )
-            .watches_shared_stream(r.sessions.subscribe(), siblings)
-            .watches_shared_stream(r.claims.subscribe(), claims)
-            .reconcile_on(freed)
-            .reconcile_on(lost_pods)
-            .reconcile_on(ctx.expiries.retries())
-            .reconcile_on(sweep(r.sessions.reader.clone(), resync))
-            .with_config(Config::default().concurrency(concurrency))
-            .run(
-                move |s, ctx| reconcile(s, ctx, resync),
-                |s, e, ctx: Arc<Context>| ctx.on_error(KIND, &ObjectRef::from_obj(s.as_ref()), e),
-                ctx,
-            )
-            .for_each(|res| {
-                match res {
-                    Ok((obj, _)) => debug!(session = %obj, "reconciled"),
-                    Err(e) => debug!(error = %e, "session controller event"),
-                }
-                futures::future::ready(())
-            });
+            move |a| assignments(a.namespace()),
+        )
+        .map(r.sessions.subscribe(), siblings)
+        .map(r.claims.subscribe(), claims)
+        .refs(freed)
+        .refs(lost_pods)
+        .refs(ctx.expiries.retries())
+        .refs(sweep(r.sessions.reader.clone(), resync))
+        .run(
+            r.sessions.reader.clone(),
+            concurrency,
+            move |s, ctx| reconcile(s, ctx, resync),
+            |s, e, ctx: Arc<Context>| ctx.on_error(KIND, &ObjectRef::from_obj(s.as_ref()), e),
+            ctx,
+        )
+        .for_each(|res| {
+            match res {
+                Ok((obj, _)) => debug!(session = %obj, "reconciled"),
+                Err(e) => debug!(error = %e, "session controller event"),
+            }
+            futures::future::ready(())
+        });
     // The fast path runs beside the controller from the moment the controller is first polled
     // (once every cache has synced) and stops with it. It has a thread and a timer of its own:
     // on the shared runtime, a timer is only looked at between other tasks' polls, and in a
