@@ -67,6 +67,8 @@ pub struct Metrics {
     pub duration: Family<KindLabel, Histogram>,
     /// Sessions by phase.
     pub sessions: Family<PhaseLabel, Gauge>,
+    /// Objects waiting for a reconcile (triggered, not yet handed to a worker), by kind.
+    pub queued: Family<KindLabel, Gauge>,
     /// How late an expiry action started after its deadline, in seconds.
     pub expiry_lateness: Family<ActionLabel, Histogram>,
     /// API requests made, by verb and resource.
@@ -84,6 +86,7 @@ impl Default for Metrics {
             Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0])
         });
         let sessions = Family::<PhaseLabel, Gauge>::default();
+        let queued = Family::<KindLabel, Gauge>::default();
         let expiry_lateness = Family::<ActionLabel, Histogram>::new_with_constructor(|| {
             // 100 µs .. ~13 s
             Histogram::new(exponential_buckets(0.0001, 2.0, 18))
@@ -102,6 +105,11 @@ impl Default for Metrics {
         );
         registry.register("sessions", "Sessions, by phase", sessions.clone());
         registry.register(
+            "reconcile_queue",
+            "Objects triggered and waiting for a reconcile, by kind",
+            queued.clone(),
+        );
+        registry.register(
             "expiry_lateness_seconds",
             "Delay between a session's deadline and the start of its expiry action",
             expiry_lateness.clone(),
@@ -117,6 +125,7 @@ impl Default for Metrics {
             errors,
             duration,
             sessions,
+            queued,
             expiry_lateness,
             api_requests,
             session_stores: Mutex::default(),

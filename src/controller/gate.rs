@@ -35,6 +35,7 @@ use kube::Resource;
 use kube::runtime::controller::{Action, Config, Controller, Error};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
+use prometheus_client::metrics::gauge::Gauge;
 use serde::de::DeserializeOwned;
 use tokio::time::{Instant, Sleep};
 
@@ -57,6 +58,8 @@ struct State<K: Resource<DynamicType = ()>> {
     out: HashMap<ObjectRef<K>, Out>,
     /// The gated stream's task, parked at the limit.
     waker: Option<Waker>,
+    /// Where the number waiting is shown.
+    depth: Gauge,
 }
 
 struct Out {
@@ -71,12 +74,14 @@ impl<K: Resource<DynamicType = ()>> State<K> {
             o.again = true;
         } else if self.queued.insert(r.clone()) {
             self.order.push_back(r);
+            self.depth.inc();
         }
     }
 
     fn release(&mut self, now: Instant) -> Option<ObjectRef<K>> {
         let r = self.order.pop_front()?;
         self.queued.remove(&r);
+        self.depth.dec();
         if self.order.is_empty() && self.queued.capacity() > KEEP {
             self.order = VecDeque::new();
             self.queued = HashSet::new();
@@ -147,14 +152,16 @@ pub fn key<K: Resource<DynamicType = ()>>(r: &ObjectRef<K>) -> ObjectRef<K> {
 
 impl<K: Resource<DynamicType = ()>> Gate<K> {
     /// A gate for a controller running `concurrency` reconciles at a time (0: unlimited, and
-    /// so is the gate).
-    pub fn new(concurrency: u16) -> Self {
+    /// so is the gate), showing how many wait in `depth`.
+    pub fn new(concurrency: u16, depth: Gauge) -> Self {
+        depth.set(0);
         Self {
             state: Arc::new(Mutex::new(State {
                 order: VecDeque::new(),
                 queued: HashSet::new(),
                 out: HashMap::new(),
                 waker: None,
+                depth,
             })),
             limit: match usize::from(concurrency) {
                 0 => usize::MAX,
@@ -312,11 +319,13 @@ where
     }
 
     /// Runs the controller over `reader`'s objects, `concurrency` reconciles at a time, fed
-    /// through a [`Gate`] that its output settles. Polled like kube's [`Controller::run`].
+    /// through a [`Gate`] that its output settles and whose waiting objects `depth` counts.
+    /// Polled like kube's [`Controller::run`].
     pub fn run<Fut, Ctx>(
         self,
         reader: Store<K>,
         concurrency: u16,
+        depth: Gauge,
         reconciler: impl FnMut(Arc<K>, Arc<Ctx>) -> Fut,
         error_policy: impl Fn(Arc<K>, &Fut::Error, Arc<Ctx>) -> Action,
         context: Arc<Ctx>,
@@ -325,7 +334,7 @@ where
         Fut: TryFuture<Ok = Action> + Send + 'static,
         Fut::Error: std::error::Error + Send + 'static,
     {
-        let gate = Gate::new(concurrency);
+        let gate = Gate::new(concurrency, depth);
         let triggers = gate.stream(stream::select_all(self.streams).boxed());
         // The controller's own-kind trigger is part of `triggers`: kube's is left empty.
         Controller::for_shared_stream(stream::pending(), reader)
@@ -364,7 +373,8 @@ mod tests {
 
     #[tokio::test]
     async fn releases_at_most_the_limit_and_the_next_when_one_is_done() {
-        let gate = Gate::<Session>::new(2);
+        let depth = Gauge::default();
+        let gate = Gate::<Session>::new(2, depth.clone());
         let (tx, rx) = mpsc::unbounded();
         for i in 0..10 {
             tx.unbounded_send(r(&format!("s{i}"))).unwrap();
@@ -380,6 +390,7 @@ mod tests {
             "limit is 2 per slot x 2 slots"
         );
         assert_eq!(gate.counts(), (6, 4));
+        assert_eq!(depth.get(), 6, "the gauge shows what waits");
         gate.settle(&ok("s1"));
         assert_eq!(poll!(s.next()), Poll::Ready(Some(r("s4"))));
         assert!(poll!(s.next()).is_pending());
@@ -398,11 +409,12 @@ mod tests {
         gate.settle(&ok("s9"));
         assert!(poll!(s.next()).is_pending());
         assert_eq!(gate.counts(), (3, 4));
+        assert_eq!(depth.get(), 3);
     }
 
     #[tokio::test]
     async fn merges_waiting_triggers_and_requeues_one_that_came_while_out() {
-        let gate = Gate::<Session>::new(1);
+        let gate = Gate::<Session>::new(1, Gauge::default());
         let (tx, rx) = mpsc::unbounded();
         let mut s = gate.stream(rx.boxed());
         for n in ["a", "b", "a", "b", "a"] {
@@ -446,7 +458,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_trigger_never_reported_done_stops_counting_after_the_stall_time() {
-        let gate = Gate::<Session>::new(1);
+        let gate = Gate::<Session>::new(1, Gauge::default());
         let (tx, rx) = mpsc::unbounded();
         let mut s = gate.stream(rx.boxed());
         for n in ["a", "b", "c"] {
@@ -464,7 +476,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_tables_are_dropped_once_a_wave_has_drained() {
-        let gate = Gate::<Session>::new(0);
+        let gate = Gate::<Session>::new(0, Gauge::default());
         let (tx, rx) = mpsc::unbounded();
         for i in 0..5000 {
             tx.unbounded_send(r(&format!("s{i}"))).unwrap();

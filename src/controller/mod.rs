@@ -93,6 +93,14 @@ impl Default for OperatorConfig {
     }
 }
 
+/// The gauge of `kind`'s reconcile queue (`cubicle_reconcile_queue`).
+pub fn queue_gauge(ctx: &Context, kind: &'static str) -> prometheus_client::metrics::gauge::Gauge {
+    ctx.metrics
+        .queued
+        .get_or_create(&crate::metrics::KindLabel { kind })
+        .clone()
+}
+
 /// Per-object retry counters for capped exponential backoff (kube has none built in).
 #[derive(Default)]
 pub struct Backoff {

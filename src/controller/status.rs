@@ -34,7 +34,8 @@ use serde_json::{Value, json};
 
 use super::gate::Inputs;
 use super::stores::{Shared, Stores, digest, in_namespace, sweep, when_changed};
-use super::{Context, Error};
+use super::{Context, Error, queue_gauge};
+
 use crate::resolve::Directory;
 
 /// A kind whose status a status controller keeps: what is the kind's own, around the shared
@@ -221,11 +222,13 @@ impl<K: StatusView> Triggers<K> {
     pub fn run(self) -> BoxFuture<'static, ()> {
         let written = Arc::new(Written::default());
         let ctx = self.ctx;
+        let depth = queue_gauge(&ctx, K::KIND);
         self.inputs
             .refs(sweep(self.own.clone(), self.every))
             .run(
                 self.own,
                 ctx.config.concurrency,
+                depth,
                 move |obj, ctx| reconcile(obj, ctx, written.clone()),
                 |obj, e, ctx: Arc<Context>| {
                     ctx.on_error(K::KIND, &ObjectRef::from_obj(obj.as_ref()), e)

@@ -60,6 +60,18 @@ async fn the_binary_serves_probes_and_metrics_and_exits_cleanly_on_sigterm() {
         "{metrics}"
     );
     assert!(metrics.contains("# TYPE cubicle_reconcile_duration_seconds histogram"));
+    for kind in [
+        "Session",
+        "User",
+        "Group",
+        "Server",
+        "ServerPool",
+        "ServerAssignment",
+    ] {
+        let series = format!("cubicle_reconcile_queue{{kind=\"{kind}\"}}");
+        let v = sample(&metrics, &series).unwrap_or_else(|| panic!("no {series}:\n{metrics}"));
+        assert!(v >= 0.0, "{series} = {v}");
+    }
     assert!(metrics.ends_with("# EOF\n"));
     // Bounded labels: no object name appears in any label.
     for l in metrics.lines().filter(|l| !l.starts_with('#')) {

@@ -226,6 +226,7 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
         futures::future::ready(owner)
     });
     let concurrency = ctx.config.concurrency;
+    let depth = super::queue_gauge(&ctx, KIND);
     let resync = ctx.config.resync;
     let timers_ctx = ctx.clone();
     let owners = |p: Arc<CachedPod>| {
@@ -284,6 +285,7 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
         .run(
             r.sessions.reader.clone(),
             concurrency,
+            depth,
             move |s, ctx| reconcile(s, ctx, resync),
             |s, e, ctx: Arc<Context>| ctx.on_error(KIND, &ObjectRef::from_obj(s.as_ref()), e),
             ctx,
