@@ -610,13 +610,13 @@ pub fn trim<K: Resource>(o: &mut K) {
 }
 
 /// The metadata every cached child keeps: identity, times, labels, owners; `annotations` as
-/// given.
+/// given. Not its resourceVersion: nothing reads a child's, and kube's store would keep it
+/// twice (in the object and in its key), two strings per object.
 fn child_meta(m: ObjectMeta, annotations: Option<BTreeMap<String, String>>) -> ObjectMeta {
     ObjectMeta {
         name: m.name,
         namespace: m.namespace,
         uid: m.uid,
-        resource_version: m.resource_version,
         creation_timestamp: m.creation_timestamp,
         deletion_timestamp: m.deletion_timestamp,
         labels: m.labels,
@@ -684,6 +684,8 @@ pub fn trim_claim(c: &mut CachedClaim) {
     let mut m = std::mem::take(&mut c.metadata);
     c.marks = Some(ClaimMarks::of(&m));
     m.labels = None;
+    // Nor its uid: a claim is looked up and referred to by name only.
+    m.uid = None;
     c.metadata = child_meta(m, None);
 }
 
@@ -702,24 +704,22 @@ pub fn bound_in(scope: &Scope, v: &CachedVolume) -> bool {
     }
 }
 
-/// A PersistentVolume as cached: its claim reference and its zone. The watch parses only the
-/// parts of its spec that tell them (a [`CachedVolume`]); this takes the zone from the node
-/// affinity or the zone label into [`CachedVolume::zone`] and drops the affinity, the labels and
-/// the rest of the metadata and of the claim reference.
+/// A PersistentVolume as cached: its name, its claim reference and its zone. The watch parses
+/// only the parts of its spec that tell them (a [`CachedVolume`]); this takes the zone from the
+/// node affinity or the zone label into [`CachedVolume::zone`] and drops the affinity, the
+/// labels and the rest of the metadata (its uid and resourceVersion too: a volume is looked up
+/// by name) and of the claim reference (the claim's namespace and name).
 pub fn trim_volume(v: &mut CachedVolume) {
     v.zone = super::session::volume_zone(v);
     let m = std::mem::take(&mut v.metadata);
     v.metadata = ObjectMeta {
         name: m.name,
-        uid: m.uid,
-        resource_version: m.resource_version,
         ..ObjectMeta::default()
     };
     v.spec = v.spec.take().map(|s| CachedVolumeSpec {
         claim_ref: s.claim_ref.map(|r| ObjectReference {
             namespace: r.namespace,
             name: r.name,
-            uid: r.uid,
             ..ObjectReference::default()
         }),
         node_affinity: None,
@@ -1068,7 +1068,12 @@ mod tests {
                 "only the labels read"
             );
             assert_eq!(p.owner_references()[0].uid, "s1");
-            assert_eq!(p.uid().as_deref(), Some("p1"));
+            assert_eq!(
+                p.uid().as_deref(),
+                Some("p1"),
+                "deletes are preconditioned on it"
+            );
+            assert_eq!(p.resource_version(), None, "never read");
             assert!(p.creation_timestamp().is_some());
             assert!(p.metadata.annotations.is_none(), "kept apart from a map");
             assert!(p.metadata.managed_fields.is_none());
@@ -1091,7 +1096,8 @@ mod tests {
 
     fn volume(claim_ns: Option<&str>) -> CachedVolume {
         let mut v: CachedVolume = serde_json::from_value(json!({
-            "metadata": {"name": "pv-1", "labels": {"a": "b"}, "annotations": {"x": "y"}},
+            "metadata": {"name": "pv-1", "uid": "v1", "resourceVersion": "3",
+                "labels": {"a": "b"}, "annotations": {"x": "y"}},
             "spec": {
                 "capacity": {"storage": "1Gi"},
                 "hostPath": {"path": "/tmp/x"},
@@ -1106,6 +1112,7 @@ mod tests {
             v.spec.as_mut().unwrap().claim_ref = Some(ObjectReference {
                 namespace: Some(ns.into()),
                 name: Some("profile-alice".into()),
+                uid: Some("c1".into()),
                 kind: Some("PersistentVolumeClaim".into()),
                 ..ObjectReference::default()
             });
@@ -1130,6 +1137,9 @@ mod tests {
         assert_eq!(r.name.as_deref(), Some("profile-alice"));
         assert!(r.kind.is_none());
         assert!(v.metadata.labels.is_none() && v.metadata.annotations.is_none());
+        assert_eq!(v.name_any(), full.name_any(), "looked up by name");
+        assert_eq!((v.uid(), v.resource_version()), (None, None));
+        assert!(r.uid.is_none());
         // The zone is kept as found, the affinity that told it is not.
         assert_eq!(v.zone.as_deref(), Some("zone-b"));
         assert!(v.spec.as_ref().unwrap().node_affinity.is_none());
@@ -1150,8 +1160,8 @@ mod tests {
     #[test]
     fn claims_keep_labels_our_annotations_and_the_volume() {
         let mut c: CachedClaim = serde_json::from_value(json!({
-            "metadata": {"name": "profile-alice", "namespace": "ns",
-                "labels": {build::PROFILE_LABEL: "k"},
+            "metadata": {"name": "profile-alice", "namespace": "ns", "uid": "c1",
+                "resourceVersion": "9", "labels": {build::PROFILE_LABEL: "k"},
                 "annotations": {build::RESET_BY_ANNOTATION: "s1",
                     "pv.kubernetes.io/bind-completed": "yes"}},
             "spec": {"volumeName": "pv-1", "accessModes": ["ReadWriteOnce"],
@@ -1176,6 +1186,12 @@ mod tests {
         assert_eq!(
             c.spec.as_ref().unwrap().volume_name.as_deref(),
             Some("pv-1")
+        );
+        assert_eq!(c.name_any(), "profile-alice");
+        assert_eq!(
+            (c.uid(), c.resource_version()),
+            (None, None),
+            "looked up by name only"
         );
     }
 }
