@@ -90,7 +90,8 @@ where
         match ev {
             Event::Init => inner.relist = Some(HashMap::new()),
             Event::Apply(o) | Event::InitApply(o) => {
-                let (oid, e) = self.entry(o);
+                let (oid, mut e) = self.entry(o);
+                inner.intern(&mut e);
                 for k in &e.keys {
                     inner
                         .by_key
@@ -114,7 +115,8 @@ where
         let mut inner = self.write();
         match ev {
             Event::Apply(o) => {
-                let (oid, e) = self.entry(o);
+                let (oid, mut e) = self.entry(o);
+                inner.intern(&mut e);
                 let old = inner.of.insert(oid, e.clone());
                 if let Some(old) = old {
                     inner.unindex(&old, &e.keys);
@@ -182,6 +184,20 @@ where
 }
 
 impl Inner {
+    /// Makes `e` share the strings the index already holds: its keys' (a workspace's key is
+    /// the same for each of its sessions) and its name's (held once per key it is under and
+    /// once in `of`).
+    fn intern(&self, e: &mut Entry) {
+        for k in &mut e.keys {
+            if let Some((canon, names)) = self.by_key.get_key_value(k) {
+                if let Some(n) = names.get(&e.name) {
+                    e.name = n.clone();
+                }
+                *k = canon.clone();
+            }
+        }
+    }
+
     /// Removes `e`'s name from its keys that are not in `keep`.
     fn unindex(&mut self, e: &Entry, keep: &[Id]) {
         for k in e.keys.iter().filter(|k| !keep.contains(k)) {
@@ -325,6 +341,28 @@ mod tests {
             run(&index, &mut writer, Event::Init);
             run(&index, &mut writer, Event::InitDone);
             prop_assert!(index.is_empty());
+        }
+    }
+
+    #[test]
+    fn keys_and_names_are_held_once() {
+        let index = Index::new(keys as Keys<ConfigMap>);
+        let mut writer: Writer<ConfigMap> = Writer::default();
+        for i in 0..3 {
+            run(
+                &index,
+                &mut writer,
+                Event::Apply(cm("a", &format!("s{i}"), "x,y")),
+            );
+        }
+        run(&index, &mut writer, Event::Apply(cm("a", "s0", "x,y")));
+        let inner = index.inner.read().unwrap();
+        for e in inner.of.values() {
+            for k in &e.keys {
+                let (canon, names) = inner.by_key.get_key_value(k).unwrap();
+                assert!(Arc::ptr_eq(k, canon), "the key's string is the index's");
+                assert!(Arc::ptr_eq(&e.name, names.get(&e.name).unwrap()));
+            }
         }
     }
 
