@@ -143,8 +143,13 @@ impl<K: Resource<DynamicType = ()>> Clone for Gate<K> {
 /// The trigger a controller sees for `r`: its name and namespace only (kube's references also
 /// carry the object's resourceVersion and uid, which the scheduler neither hashes nor needs).
 pub fn key<K: Resource<DynamicType = ()>>(r: &ObjectRef<K>) -> ObjectRef<K> {
-    let k = ObjectRef::new(&r.name);
-    match &r.namespace {
+    named(&r.name, r.namespace.as_deref())
+}
+
+/// The trigger for the object `name` in `ns`.
+fn named<K: Resource<DynamicType = ()>>(name: &str, ns: Option<&str>) -> ObjectRef<K> {
+    let k = ObjectRef::new(name);
+    match ns {
         Some(ns) => k.within(ns),
         None => k,
     }
@@ -201,11 +206,7 @@ impl<K: Resource<DynamicType = ()>> Gate<K> {
         match res {
             Ok((r, _)) => self.done(r),
             Err(Error::ObjectNotFound(r) | Error::ReconcilerFailed(_, r)) => {
-                let k = ObjectRef::<K>::new(&r.name);
-                self.done(&match &r.namespace {
-                    Some(ns) => k.within(ns),
-                    None => k,
-                });
+                self.done(&named(&r.name, r.namespace.as_deref()));
             }
             Err(_) => {}
         }
@@ -347,11 +348,10 @@ where
 
 /// The trigger for `o`.
 pub fn of<K: Resource<DynamicType = ()>>(o: &K) -> ObjectRef<K> {
-    let k = ObjectRef::new(o.meta().name.as_deref().unwrap_or_default());
-    match &o.meta().namespace {
-        Some(ns) => k.within(ns),
-        None => k,
-    }
+    named(
+        o.meta().name.as_deref().unwrap_or_default(),
+        o.meta().namespace.as_deref(),
+    )
 }
 
 #[cfg(test)]
