@@ -177,7 +177,7 @@ where
     /// triggers only when a slot frees) would stop the watch, and with it the cache the busy
     /// reconciles read: under a sustained burst, reconciles that cannot see the pods they made
     /// make them again. A task per subscriber drains the broadcast into an unbounded queue, so
-    /// the caches never wait for a controller (the controller's scheduler deduplicates queued
+    /// the caches never wait for a controller (its gate, [`super::gate`], deduplicates queued
     /// triggers per object).
     pub fn subscribe(&self) -> mpsc::UnboundedReceiver<Arc<K>>
     where
