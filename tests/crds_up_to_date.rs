@@ -45,6 +45,32 @@ fn assert_dir_matches(dir: &Path, what: &str, stale: &str) {
     }
 }
 
+/// `kubectl get <kind>` shows whether each object is Ready, for every kind, from its `Ready`
+/// condition.
+#[test]
+fn every_kind_has_a_ready_printer_column() {
+    for c in crd::all() {
+        for v in &c.spec.versions {
+            let columns = v.additional_printer_columns.as_deref().unwrap_or_default();
+            let ready = columns.iter().find(|col| col.name == "Ready");
+            let ready = ready
+                .unwrap_or_else(|| panic!("{} {}: no Ready column", c.spec.names.kind, v.name));
+            assert_eq!(
+                ready.json_path, ".status.conditions[?(@.type==\"Ready\")].status",
+                "{}",
+                c.spec.names.kind
+            );
+            assert_eq!(ready.type_, "string");
+            assert_eq!(
+                columns.last().map(|col| col.name.as_str()),
+                Some("Age"),
+                "{}: Age stays last",
+                c.spec.names.kind
+            );
+        }
+    }
+}
+
 #[test]
 fn crds_dir_is_up_to_date() {
     assert_dir_matches(&root().join("crds"), "crds/", STALE);

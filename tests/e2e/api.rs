@@ -526,6 +526,7 @@ async fn kubectl_explains_fields_and_prints_columns() {
             "WORKSPACE",
             "EXPIRES",
             "NODE",
+            "READY",
             "AGE"
         ],
         "{sessions}"
@@ -538,7 +539,9 @@ async fn kubectl_explains_fields_and_prints_columns() {
     let header: Vec<&str> = users.lines().next().unwrap().split_whitespace().collect();
     assert_eq!(
         header,
-        ["NAME", "USERNAME", "GROUPS", "SESSIONS", "DISABLED", "AGE"],
+        [
+            "NAME", "USERNAME", "GROUPS", "SESSIONS", "DISABLED", "READY", "AGE"
+        ],
         "{users}"
     );
     let alice = users.lines().find(|l| l.starts_with("alice ")).unwrap();

@@ -27,6 +27,12 @@ use serde::{Deserialize, Serialize};
     ),
     printcolumn(name = "Max", type_ = "integer", json_path = ".spec.maxSessions"),
     printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "The Ready condition's status"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"

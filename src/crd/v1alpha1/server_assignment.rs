@@ -19,6 +19,12 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Users", type_ = "string", json_path = ".spec.users"),
     printcolumn(name = "Servers", type_ = "string", json_path = ".spec.servers"),
     printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "The Ready condition's status"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"

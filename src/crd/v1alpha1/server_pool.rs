@@ -35,6 +35,12 @@ use crate::crd::Duration;
     printcolumn(name = "Servers", type_ = "integer", json_path = ".status.servers"),
     printcolumn(name = "Sessions", type_ = "integer", json_path = ".status.sessions"),
     printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "The Ready condition's status"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
