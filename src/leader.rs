@@ -44,6 +44,33 @@ impl Default for LeaseTimings {
     }
 }
 
+impl LeaseTimings {
+    /// The timings, if they are coherent: a leader must give up (`renew_deadline`) before its
+    /// lease can run out for the others (`lease_duration`), and must try to renew
+    /// (`retry_period`) more often than it gives up. Otherwise two replicas could both lead.
+    /// The error names the flags, as the user sets them.
+    pub fn check(self) -> Result<Self, String> {
+        let secs = |d: Duration| d.as_secs_f64();
+        if self.renew_deadline >= self.lease_duration {
+            return Err(format!(
+                "--renew-deadline ({} s) must be shorter than --lease-duration ({} s): a leader \
+                 must stop before another replica may take the lease",
+                secs(self.renew_deadline),
+                secs(self.lease_duration)
+            ));
+        }
+        if self.retry_period.is_zero() || self.retry_period >= self.renew_deadline {
+            return Err(format!(
+                "--retry-period ({} s) must be above zero and shorter than --renew-deadline \
+                 ({} s): a leader must try to renew before it gives up",
+                secs(self.retry_period),
+                secs(self.renew_deadline)
+            ));
+        }
+        Ok(self)
+    }
+}
+
 /// What a candidate saw of the lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Observed {
@@ -297,6 +324,41 @@ async fn try_once(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timings_check_refuses_a_renew_deadline_not_below_the_lease() {
+        let ok = LeaseTimings::default();
+        assert_eq!(ok.check(), Ok(ok));
+        let equal = LeaseTimings {
+            renew_deadline: ok.lease_duration,
+            ..ok
+        };
+        let e = equal.check().unwrap_err();
+        assert!(
+            e.contains("--renew-deadline (15 s)") && e.contains("--lease-duration (15 s)"),
+            "{e}"
+        );
+        let longer = LeaseTimings {
+            renew_deadline: Duration::from_secs(20),
+            ..ok
+        };
+        assert!(longer.check().is_err());
+        let slow_retry = LeaseTimings {
+            retry_period: Duration::from_secs(10),
+            ..ok
+        };
+        assert!(
+            slow_retry
+                .check()
+                .unwrap_err()
+                .contains("--retry-period (10 s)")
+        );
+        let zero_retry = LeaseTimings {
+            retry_period: Duration::ZERO,
+            ..ok
+        };
+        assert!(zero_retry.check().is_err());
+    }
 
     const D: Duration = Duration::from_secs(15);
 

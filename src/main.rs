@@ -43,7 +43,7 @@ mod glibc {
 #[derive(Parser)]
 #[command(
     name = "cubicle",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("CUBICLE_GIT_COMMIT"), ")"),
     about = "Kasm-style workspaces on Kubernetes"
 )]
 struct Cli {
@@ -515,6 +515,15 @@ async fn run(args: RunArgs) -> ExitCode {
     use cubicle::leader::{self, LeaseTimings};
     use cubicle::metrics::Metrics;
 
+    let timings = LeaseTimings {
+        lease_duration: args.lease_duration,
+        renew_deadline: args.renew_deadline,
+        retry_period: args.retry_period,
+    };
+    if let Err(e) = timings.check() {
+        eprintln!("cubicle run: {e}");
+        return ExitCode::from(2);
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     controller::stores::set_memory_release(glibc::release_free_memory);
     let kube_config = match kube::Config::infer().await {
@@ -562,11 +571,6 @@ async fn run(args: RunArgs) -> ExitCode {
         let _ = http_stop.wait_for(|s| *s).await;
     }));
     let election = args.leader_elect.then(|| {
-        let timings = LeaseTimings {
-            lease_duration: args.lease_duration,
-            renew_deadline: args.renew_deadline,
-            retry_period: args.retry_period,
-        };
         leader::spawn(
             client.clone(),
             &args.leader_election_namespace,

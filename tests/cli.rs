@@ -284,6 +284,62 @@ fn a_resync_shorter_than_a_minute_is_refused_before_connecting() {
     );
 }
 
+#[test]
+fn lease_timings_that_would_let_two_leaders_overlap_are_refused_before_connecting() {
+    // No kubeconfig is needed to get this answer: the check comes first.
+    let o = cubicle(
+        &root(),
+        &["run", "--lease-duration", "10s", "--renew-deadline", "10s"],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--renew-deadline (10 s) must be shorter than --lease-duration (10 s)"),
+        "{}",
+        stderr(&o)
+    );
+    let o = cubicle(
+        &root(),
+        &["run", "--renew-deadline", "5s", "--retry-period", "5s"],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--retry-period (5 s)"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn version_names_the_git_commit() {
+    let o = cubicle(&root(), &["--version"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let line = stdout(&o);
+    // `cubicle 0.1.0 (commit abcdef123456)`, or `(commit unknown)` outside a git checkout.
+    let version = env!("CARGO_PKG_VERSION");
+    assert!(
+        line.starts_with(&format!("cubicle {version} (commit ")),
+        "{line}"
+    );
+    let commit = line
+        .trim()
+        .trim_end_matches(')')
+        .rsplit(' ')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(root())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    match head {
+        Some(head) => assert_eq!(commit, head, "--version's commit is HEAD's"),
+        None => assert_eq!(commit, "unknown"),
+    }
+}
+
 struct Expect {
     exit: i32,
     strict_exit: Option<i32>,
