@@ -722,6 +722,29 @@ fn schema_and_guards_reject_bad_values() {
             &["networkPolicy.pausedSessions.namespaces={Bad_Name}"],
             "/networkPolicy/pausedSessions/namespaces",
         ),
+        (
+            &["leaderElection.renewDeadline=15s"],
+            "leaderElection.renewDeadline (15s) must be shorter than leaderElection.leaseDuration (15s)",
+        ),
+        (
+            &[
+                "leaderElection.leaseDuration=1m",
+                "leaderElection.renewDeadline=2m",
+            ],
+            "must be shorter than leaderElection.leaseDuration",
+        ),
+        (
+            &["leaderElection.retryPeriod=10s"],
+            "leaderElection.retryPeriod (10s) must be shorter than leaderElection.renewDeadline (10s)",
+        ),
+        (
+            &["podDisruptionBudget.maxUnavailable=0"],
+            "/podDisruptionBudget/maxUnavailable",
+        ),
+        (
+            &["networkPolicy.operator.enabled=maybe"],
+            "/networkPolicy/operator/enabled",
+        ),
         (&["typo=1"], "typo"),
         (&["rbac.typo=1"], "typo"),
         (
@@ -758,6 +781,54 @@ fn chart_metadata_and_kube_version() {
     assert_eq!(chart["version"].as_str(), Some("0.1.0"));
     assert_eq!(chart["appVersion"].as_str(), Some("0.1.0"));
     assert_eq!(chart["kubeVersion"].as_str(), Some(">=1.29.0-0"));
+    let repo = "https://github.com/cubicle-dev/cubicle";
+    assert_eq!(chart["home"].as_str(), Some(repo));
+    assert_eq!(strings(&chart["sources"]), [repo]);
+    // The icon is inlined (no host needed to show it) and is the icon.svg kept beside it.
+    let icon = chart["icon"].as_str().expect("an icon");
+    let svg = std::fs::read_to_string(root().join(CHART).join("icon.svg")).unwrap();
+    let inlined = icon
+        .strip_prefix("data:image/svg+xml;base64,")
+        .expect("an inline SVG icon");
+    assert_eq!(
+        decode_base64(inlined),
+        svg.trim_end().as_bytes(),
+        "icon.svg and the inlined icon differ"
+    );
+    let notes = &chart["annotations"];
+    assert_eq!(notes["artifacthub.io/license"].as_str(), Some("Apache-2.0"));
+    assert_eq!(notes["artifacthub.io/operator"].as_str(), Some("true"));
+    // The CRDs Artifact Hub lists are exactly the chart's.
+    let listed: Vec<Value> =
+        serde_yaml::from_str(notes["artifacthub.io/crds"].as_str().unwrap()).unwrap();
+    let mut listed: Vec<String> = listed
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_owned())
+        .collect();
+    listed.sort();
+    let mut files: Vec<String> = std::fs::read_dir(root().join(CHART).join("crds"))
+        .unwrap()
+        .map(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .trim_end_matches(".yaml")
+                .to_owned()
+        })
+        .collect();
+    files.sort();
+    assert_eq!(listed, files);
+    // The image Artifact Hub lists is the chart's default.
+    let images: Vec<Value> =
+        serde_yaml::from_str(notes["artifacthub.io/images"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        images[0]["image"].as_str(),
+        container(&objects(DEFAULTS))["image"].as_str()
+    );
+    assert!(
+        root().join(CHART).join("README.md").is_file(),
+        "the chart has a README"
+    );
 
     let base = ["template", RELEASE, CHART, "--namespace", NAMESPACE];
     let old = [&base[..], &["--kube-version", "1.28.0"]].concat();
@@ -856,12 +927,135 @@ fn rbac_covers_exactly_the_chart_crds() {
 
 /// Pause keeps the pod and cuts access: the operator labels the pod, and the chart's
 /// NetworkPolicy denies pods with that label all ingress, in every session namespace it knows.
+/// Standard base64 (RFC 4648, with padding), enough to read the chart's inline icon back.
+fn decode_base64(s: &str) -> Vec<u8> {
+    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = vec![];
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in s.bytes().filter(|&c| c != b'=') {
+        let v = alphabet.iter().position(|&a| a == c).expect("base64") as u32;
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    out
+}
+
+#[test]
+fn several_replicas_get_a_disruption_budget_and_spread() {
+    let single = objects(DEFAULTS);
+    assert!(
+        of_kind(&single, "PodDisruptionBudget").is_empty(),
+        "none with one replica"
+    );
+    assert!(
+        deployment(&single)["spec"]["template"]["spec"]
+            .get("topologySpreadConstraints")
+            .is_none()
+    );
+    for set in [HA, NAMESPACED_HA] {
+        let objs = objects(set);
+        let pdbs = of_kind(&objs, "PodDisruptionBudget");
+        assert_eq!(pdbs.len(), 1, "{set:?}");
+        assert_eq!(namespace(pdbs[0]), Some(NAMESPACE));
+        assert_eq!(pdbs[0]["spec"]["maxUnavailable"].as_u64(), Some(1));
+        let pod = &deployment(&objs)["spec"]["template"];
+        assert_eq!(
+            pdbs[0]["spec"]["selector"]["matchLabels"],
+            deployment(&objs)["spec"]["selector"]["matchLabels"],
+            "{set:?}: the budget selects the operator pods"
+        );
+        let spread = pod["spec"]["topologySpreadConstraints"]
+            .as_sequence()
+            .expect("spread constraints");
+        let keys: Vec<&str> = spread
+            .iter()
+            .map(|c| c["topologyKey"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            keys,
+            ["kubernetes.io/hostname", "topology.kubernetes.io/zone"]
+        );
+        for c in spread {
+            assert_eq!(c["whenUnsatisfiable"].as_str(), Some("ScheduleAnyway"));
+            assert_eq!(
+                c["labelSelector"]["matchLabels"],
+                deployment(&objs)["spec"]["selector"]["matchLabels"]
+            );
+        }
+    }
+    let own = [
+        HA,
+        &[
+            "topologySpreadConstraints[0].maxSkew=2",
+            "topologySpreadConstraints[0].topologyKey=rack",
+            "topologySpreadConstraints[0].whenUnsatisfiable=DoNotSchedule",
+        ],
+    ]
+    .concat();
+    let objs = objects(&own);
+    let spread = &deployment(&objs)["spec"]["template"]["spec"]["topologySpreadConstraints"];
+    assert_eq!(
+        spread[0]["topologyKey"].as_str(),
+        Some("rack"),
+        "the user's own replace the defaults"
+    );
+    assert_eq!(spread.as_sequence().unwrap().len(), 1);
+    let off = [HA, &["podDisruptionBudget.enabled=false"]].concat();
+    assert!(of_kind(&objects(&off), "PodDisruptionBudget").is_empty());
+}
+
+#[test]
+fn the_operator_pod_admits_only_its_http_port() {
+    let policy = |set: &[&str]| -> Option<Value> {
+        of_kind(&objects(set), "NetworkPolicy")
+            .into_iter()
+            .find(|p| name(p) == "cubicle")
+            .cloned()
+    };
+    for set in ALL_SETS {
+        let objs = objects(set);
+        let p = policy(set).unwrap_or_else(|| panic!("{set:?}: no operator NetworkPolicy"));
+        assert_eq!(namespace(&p), Some(NAMESPACE));
+        assert_eq!(
+            p["spec"]["podSelector"]["matchLabels"],
+            deployment(&objs)["spec"]["selector"]["matchLabels"],
+            "{set:?}: selects the operator pods"
+        );
+        assert_eq!(strings(&p["spec"]["policyTypes"]), ["Ingress"]);
+        let rules = p["spec"]["ingress"].as_sequence().unwrap();
+        assert_eq!(rules.len(), 1);
+        let ports = rules[0]["ports"].as_sequence().unwrap();
+        assert_eq!(ports.len(), 1);
+        assert_eq!(
+            ports[0]["port"].as_u64(),
+            Some(8080),
+            "the metrics and probe port only"
+        );
+        assert!(rules[0].get("from").is_none(), "every source by default");
+    }
+    let from = policy(&[
+        "networkPolicy.operator.metricsFrom[0].namespaceSelector.matchLabels.team=monitoring",
+    ])
+    .unwrap();
+    assert_eq!(
+        from["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"]["team"].as_str(),
+        Some("monitoring")
+    );
+    assert!(policy(&["networkPolicy.operator.enabled=false"]).is_none());
+}
+
 #[test]
 fn paused_sessions_lose_all_ingress() {
     let label = cubicle::controller::session::build::ACCESS_LABEL;
     let policies = |set: &[&str]| -> Vec<(String, Value)> {
         of_kind(&objects(set), "NetworkPolicy")
             .into_iter()
+            .filter(|p| name(p).ends_with("-paused-sessions"))
             .map(|p| (namespace(p).unwrap().to_owned(), p["spec"].clone()))
             .collect()
     };

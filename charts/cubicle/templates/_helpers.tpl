@@ -147,3 +147,38 @@ per-namespace Roles, so the two scopes grant exactly the same verbs.
   resources: ["events"]
   verbs: ["create", "patch"]
 {{- end }}
+
+{{/*
+A duration of the values schema's form (500ms, 15s, 2m) in milliseconds.
+*/}}
+{{- define "cubicle.durationMs" -}}
+{{- $d := toString . }}
+{{- if regexMatch "^[0-9]+ms$" $d }}
+{{- trimSuffix "ms" $d | int64 }}
+{{- else if regexMatch "^[0-9]+s$" $d }}
+{{- mul (trimSuffix "s" $d | int64) 1000 }}
+{{- else if regexMatch "^[0-9]+m$" $d }}
+{{- mul (trimSuffix "m" $d | int64) 60000 }}
+{{- else }}
+{{- fail (printf "%q is not a duration such as 500ms, 15s or 2m" $d) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Refuses lease timings with which two leaders could overlap, as `cubicle run` does: the leader
+must give up (renewDeadline) before its Lease runs out for the others (leaseDuration), and retry
+(retryPeriod) more often than it gives up. JSON Schema cannot compare two values, so the check
+is here.
+*/}}
+{{- define "cubicle.checkLeaseTimings" -}}
+{{- $le := .Values.leaderElection }}
+{{- $lease := include "cubicle.durationMs" $le.leaseDuration | int64 }}
+{{- $renew := include "cubicle.durationMs" $le.renewDeadline | int64 }}
+{{- $retry := include "cubicle.durationMs" $le.retryPeriod | int64 }}
+{{- if ge $renew $lease }}
+{{- fail (printf "leaderElection.renewDeadline (%s) must be shorter than leaderElection.leaseDuration (%s): a leader must stop before another replica may take the Lease" $le.renewDeadline $le.leaseDuration) }}
+{{- end }}
+{{- if ge $retry $renew }}
+{{- fail (printf "leaderElection.retryPeriod (%s) must be shorter than leaderElection.renewDeadline (%s): a leader must try to renew before it gives up" $le.retryPeriod $le.renewDeadline) }}
+{{- end }}
+{{- end }}
