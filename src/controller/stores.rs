@@ -35,7 +35,7 @@ use futures::{StreamExt, future};
 use k8s_openapi::api::core::v1::{Node, ObjectReference, PodCondition};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::PartialObjectMeta;
-use kube::runtime::reflector::{self, ReflectHandle, Store, store::Writer};
+use kube::runtime::reflector::{self, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
@@ -53,12 +53,6 @@ pub const MANAGED_BY: &str = "cubicle";
 
 /// kubectl's copy of the last applied object (as big as the object): never read.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
-
-/// Buffer of each shared stream: how many changes a subscriber may lag behind before the watch
-/// waits for it. Each subscriber is drained at once into an unbounded queue by a task of its own
-/// ([`Shared::subscribe`]), so the buffer only spans the moment until that task runs; kube's
-/// broadcast allocates it up front, per kind (at 1,024, about 1 MB for the eleven kinds).
-const BUFFER: usize = 128;
 
 /// Objects per page of an initial list or relist (kube's default is 500). Each page is
 /// deserialized whole, as full objects, before any is trimmed for the cache; the allocator keeps
@@ -129,6 +123,8 @@ where
     /// The store.
     pub reader: Store<K>,
     deletes: Vec<mpsc::UnboundedSender<Arc<K>>>,
+    /// Subscribers to changes ([`Shared::subscribe`]).
+    changes: std::sync::Mutex<Vec<mpsc::UnboundedSender<Arc<K>>>>,
     index: Option<Arc<Index<K>>>,
 }
 
@@ -138,11 +134,12 @@ where
     K::DynamicType: Eq + std::hash::Hash + Clone + Default,
 {
     fn new() -> Self {
-        let (reader, writer) = reflector::store_shared(BUFFER);
+        let (reader, writer) = reflector::store();
         Self {
             writer,
             reader,
             deletes: Vec::new(),
+            changes: std::sync::Mutex::new(Vec::new()),
             index: None,
         }
     }
@@ -170,31 +167,25 @@ where
         rx
     }
 
-    /// A stream of changed objects for one controller's triggers.
+    /// A stream of changed objects for one controller's triggers: every object the watch
+    /// applies (added or modified, and each object of a finished list), as the store holds it.
     ///
-    /// kube's shared stores broadcast to their subscribers through a bounded buffer and wait
-    /// for the slowest one, so a controller whose reconcile slots are all busy (it polls its
-    /// triggers only when a slot frees) would stop the watch, and with it the cache the busy
-    /// reconciles read: under a sustained burst, reconciles that cannot see the pods they made
-    /// make them again. A task per subscriber drains the broadcast into an unbounded queue, so
-    /// the caches never wait for a controller (its gate, [`super::gate`], deduplicates queued
-    /// triggers per object).
-    pub fn subscribe(&self) -> mpsc::UnboundedReceiver<Arc<K>>
-    where
-        K: Send + Sync,
-    {
-        let mut handle: ReflectHandle<K> = self
-            .writer
-            .subscribe()
-            .expect("shared stores hand out subscribers");
+    /// The watch task sends each change into an unbounded queue per subscriber right after the
+    /// store has it ([`fan_out`]), so the caches never wait for a controller (whose reconcile
+    /// slots may all be busy; its gate, [`super::gate`], deduplicates queued triggers per
+    /// object), and no change is ever dropped.
+    ///
+    /// kube's shared-store subscriptions are not used: their handle broadcasts a reference and
+    /// looks the object up in the store when the subscriber polls; an object deleted meanwhile
+    /// (a pod or session being deleted: its last update, then its removal) makes that poll
+    /// return `Pending` without registering a waker, and the subscriber never wakes again. The
+    /// Session controller then lost every later pod event, and statuses came from timers.
+    pub fn subscribe(&self) -> mpsc::UnboundedReceiver<Arc<K>> {
         let (tx, rx) = mpsc::unbounded();
-        tokio::spawn(async move {
-            while let Some(obj) = handle.next().await {
-                if tx.unbounded_send(obj).is_err() {
-                    return; // the controller is gone
-                }
-            }
-        });
+        self.changes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(tx);
         rx
     }
 }
@@ -468,42 +459,70 @@ where
         + Send
         + Sync
         + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone + Default + Send + Sync,
+{
+    let mut log = log_errors::<K>(kind);
+    tokio::spawn(
+        fan_out(watcher(api, cfg).default_backoff().modify(trim), shared)
+            .for_each(move |ev| log(ev)),
+    )
+}
+
+/// Applies a watch's events to a kind's store (and its index), then hands each change to the
+/// kind's change subscribers and each deletion to its delete subscribers, in the order the
+/// watch sent them. A subscriber always sees an object after the store has it.
+fn fan_out<K>(
+    events: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    shared: Shared<K>,
+) -> impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
 {
     let Shared {
         writer,
+        reader,
         deletes,
+        changes,
         index,
-        ..
     } = shared;
-    let mut log = log_errors::<K>(kind);
+    let changes = changes.into_inner().unwrap_or_else(|p| p.into_inner());
     let (before, after) = (index.clone(), index);
-    tokio::spawn(
-        watcher(api, cfg)
-            .default_backoff()
-            .modify(trim)
-            // The index adds ahead of the store and removes behind it: never less than the store.
-            .inspect(move |ev| {
-                if let (Some(i), Ok(ev)) = (&before, ev) {
-                    i.before(ev);
+    let send = move |obj: Arc<K>| {
+        for tx in &changes {
+            let _ = tx.unbounded_send(obj.clone());
+        }
+    };
+    events
+        // The index adds ahead of the store and removes behind it: never less than the store.
+        .inspect(move |ev| {
+            if let (Some(i), Ok(ev)) = (&before, ev) {
+                i.before(ev);
+            }
+        })
+        .reflect(writer)
+        .inspect(move |ev| {
+            if let (Some(i), Ok(ev)) = (&after, ev) {
+                i.after(ev);
+            }
+            match ev {
+                Ok(watcher::Event::Apply(obj)) => {
+                    let r = reflector::ObjectRef::from_obj(obj);
+                    send(reader.get(&r).unwrap_or_else(|| Arc::new(obj.clone())));
                 }
-            })
-            .reflect_shared(writer)
-            .inspect(move |ev| {
-                if let (Some(i), Ok(ev)) = (&after, ev) {
-                    i.after(ev);
+                // A (re)list is complete: every object is a change (as kube's shared stores do).
+                Ok(watcher::Event::InitDone) => {
+                    for obj in reader.state() {
+                        send(obj);
+                    }
                 }
-            })
-            .for_each(move |ev| {
-                if let Ok(watcher::Event::Delete(obj)) = &ev {
+                Ok(watcher::Event::Delete(obj)) => {
                     let obj = Arc::new(obj.clone());
                     for tx in &deletes {
                         let _ = tx.unbounded_send(obj.clone());
                     }
                 }
-                log(ev)
-            }),
-    )
+                _ => {}
+            }
+        })
 }
 
 /// A stream filter that passes an object on only when `f` of it differs from the last value
@@ -868,6 +887,66 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn config_map(name: &str) -> k8s_openapi::api::core::v1::ConfigMap {
+        k8s_openapi::api::core::v1::ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                ..ObjectMeta::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn every_change_reaches_every_subscriber_even_of_an_object_deleted_at_once() {
+        use k8s_openapi::api::core::v1::ConfigMap;
+        let mut shared = Shared::<ConfigMap>::new();
+        let reader = shared.reader.clone();
+        let mut a = shared.subscribe();
+        let mut b = shared.subscribe();
+        let mut deleted = shared.subscribe_deletes();
+        // A pod's last update (being deleted), its removal, then another object's change: the
+        // sequence after which kube's shared-store subscribers never woke again.
+        let mut gone = config_map("gone");
+        gone.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::UNIX_EPOCH),
+        );
+        let events = vec![
+            Ok(watcher::Event::Init),
+            Ok(watcher::Event::InitApply(config_map("listed"))),
+            Ok(watcher::Event::InitDone),
+            Ok(watcher::Event::Apply(gone.clone())),
+            Ok(watcher::Event::Delete(gone)),
+            Ok(watcher::Event::Apply(config_map("next"))),
+        ];
+        let n = fan_out(futures::stream::iter(events), shared).count().await;
+        assert_eq!(n, 6, "every event passes on");
+        for rx in [&mut a, &mut b] {
+            let mut names = Vec::new();
+            while let Ok(o) = rx.try_recv() {
+                names.push(o.metadata.name.clone().unwrap_or_default());
+            }
+            assert_eq!(names, ["listed", "gone", "next"]);
+        }
+        let d = deleted.try_recv().unwrap();
+        assert_eq!(d.metadata.name.as_deref(), Some("gone"));
+        // The store holds what the watch says is there.
+        assert!(
+            reader
+                .get(&reflector::ObjectRef::new("next").within("ns"))
+                .is_some()
+        );
+        assert!(
+            reader
+                .get(&reflector::ObjectRef::new("gone").within("ns"))
+                .is_none()
+        );
+        // What a subscriber receives is the store's own object, not a copy.
+        let listed = reader.get(&reflector::ObjectRef::new("listed").within("ns"));
+        assert!(listed.is_some());
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_sweep_brings_every_object_back_once_per_interval_and_spreads_them() {
