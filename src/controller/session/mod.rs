@@ -286,7 +286,15 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
             r.sessions.reader.clone(),
             concurrency,
             depth,
-            move |s, ctx| reconcile(s, ctx, resync),
+            move |s, ctx| async move {
+                let r = ObjectRef::from_obj(s.as_ref());
+                let res = reconcile(s, ctx.clone(), resync).await;
+                if res.is_ok() {
+                    // Whatever path the reconcile took: a success resets the backoff.
+                    ctx.backoff.succeeded(&r);
+                }
+                res
+            },
             |s, e, ctx: Arc<Context>| ctx.on_error(KIND, &ObjectRef::from_obj(s.as_ref()), e),
             ctx,
         )
@@ -1006,7 +1014,6 @@ async fn reconcile(
     for (t, reason, note, action) in events.into_iter().filter(|_| !repeat) {
         sh.event(t, reason, note, action).await;
     }
-    ctx.backoff.succeeded(&key);
     // A running or paused session with nothing else to do: its deadline goes to the fast path
     // (enforced at the instant without resolving settings again, as long as nothing it was
     // computed from has changed), and the controller's own requeue, a moment later, is only the
@@ -1737,7 +1744,7 @@ impl Expiring {
                 name: name.clone(),
                 source,
             };
-            let wait = ctx.backoff.failed(&key);
+            let wait = ctx.backoff.failed(&ObjectRef::from_obj(session.as_ref()));
             tracing::warn!(session = %key, error = %err, retry_in = ?wait, "expiry action failed");
             tokio::time::sleep(wait).await;
             ctx.expiries.retry(ObjectRef::from_obj(session.as_ref()));
