@@ -677,6 +677,10 @@ pub fn trim_pod(p: &mut CachedPod) {
             cs.into_iter()
                 .filter(|c| c.type_ == "Ready" || c.status == "False")
                 .map(|c| PodCondition {
+                    // When the pod became ready: the session's real start.
+                    last_transition_time: (c.type_ == "Ready")
+                        .then_some(c.last_transition_time)
+                        .flatten(),
                     type_: c.type_,
                     status: c.status,
                     reason: c.reason,

@@ -99,6 +99,16 @@ pub enum Placement {
         /// Required zone.
         zone: Option<String>,
     },
+    /// Pinned to one node (where the user's single-node profile claim is mounted), with the
+    /// pool's node selector if any.
+    OnNode {
+        /// The node.
+        node: String,
+        /// The pool's node selector (empty without an autoscaled pool).
+        node_selector: BTreeMap<String, String>,
+        /// Required zone.
+        zone: Option<String>,
+    },
 }
 
 /// How the profile is mounted.
@@ -790,6 +800,19 @@ pub fn pod(i: &PodInputs<'_>) -> Pod {
             node_selector: sel,
             zone,
         } => {
+            node_selector.extend(sel.clone());
+            zone.clone()
+        }
+        Placement::OnNode {
+            node,
+            node_selector: sel,
+            zone,
+        } => {
+            required.push(NodeSelectorRequirement {
+                key: HOSTNAME_LABEL.into(),
+                operator: "In".into(),
+                values: Some(vec![node.clone()]),
+            });
             node_selector.extend(sel.clone());
             zone.clone()
         }

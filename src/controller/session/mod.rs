@@ -31,7 +31,7 @@ use tracing::{debug, info, warn};
 use self::build::{
     ACCESS_LABEL, ARCHIVED_LABEL, Placement, PodInputs, ProfileMount, SERVER_LABEL, ZONE_LABEL,
 };
-use self::plan::{AdmissionInputs, PoolKind, Refusal, ServerCandidate, reasons};
+use self::plan::{AdmissionInputs, Cond, PoolKind, Refusal, ServerCandidate, reasons};
 use super::cached::{CachedClaim, CachedPod, CachedVolume};
 use super::gate::Inputs;
 use super::status::directory;
@@ -75,9 +75,9 @@ fn report_after(problem: &str) -> Duration {
 /// already reported with the same reason keeps its message, so a scheduler retrying with new
 /// node counts does not rewrite the status each time.
 fn pending_report(problem: Option<&str>, age_secs: f64, old: &[Condition]) -> Option<String> {
-    let reported = old
-        .iter()
-        .find(|c| c.type_ == "Ready" && c.status == "False" && c.reason == "PodPending");
+    let reported = old.iter().find(|c| {
+        c.type_ == Cond::Ready.as_str() && c.status == "False" && c.reason == "PodPending"
+    });
     match problem {
         Some(p) if age_secs >= report_after(p).as_secs_f64() => {
             let reason = |m: &str| m.split(':').next().unwrap_or_default().to_string();
@@ -186,16 +186,6 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
     let servers = all_pending(stores.clone());
     let pools = all_pending(stores.clone());
     let assignments = all_pending(stores.clone());
-    let siblings = {
-        let stores = stores.clone();
-        move |s: Arc<Session>| {
-            session_refs(s.namespace(), |ns| {
-                let mut v = stores.sessions_of_user(ns, &s.spec.user);
-                v.retain(|o| o.metadata.name != s.metadata.name && waiting_for_room(o));
-                v
-            })
-        }
-    };
     let claims = {
         let stores = stores.clone();
         move |c: Arc<CachedClaim>| {
@@ -203,20 +193,8 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
             session_refs(c.namespace(), |ns| stores.sessions_of_user_label(ns, &user))
         }
     };
-    // Deletions are not broadcast to shared subscribers: a deleted session may free a slot for
-    // its user's waiting sessions, and a deleted pod (eviction) must be re-created.
-    let freed = {
-        let stores = stores.clone();
-        r.sessions
-            .subscribe_deletes()
-            .flat_map(move |s: Arc<Session>| {
-                futures::stream::iter(session_refs(s.namespace(), |ns| {
-                    let mut v = stores.sessions_of_user(ns, &s.spec.user);
-                    v.retain(|o| waiting_for_room(o));
-                    v
-                }))
-            })
-    };
+    // Deletions are not broadcast to change subscribers: a deleted pod (eviction) must be
+    // re-created. (A deleted session frees a slot, but refusals are final: nothing waits.)
     let lost_pods = r.pods.subscribe_deletes().filter_map(|p: Arc<CachedPod>| {
         let owner = p
             .owner_references()
@@ -276,9 +254,7 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
                 })),
             move |a| assignments(a.namespace()),
         )
-        .map(r.sessions.subscribe(), siblings)
         .map(r.claims.subscribe(), claims)
-        .refs(freed)
         .refs(lost_pods)
         .refs(ctx.expiries.retries())
         .refs(sweep(r.sessions.reader.clone(), resync))
@@ -362,19 +338,17 @@ fn session_refs(
     }
 }
 
-/// Refused (or stopped and refused a resume): waiting for a slot a sibling may free.
-fn waiting_for_room(s: &Session) -> bool {
-    let phase = s.status.as_ref().and_then(|st| st.phase);
-    phase == Some(SessionPhase::Refused)
-        || (phase == Some(SessionPhase::Stopped)
-            && s.spec.state.unwrap_or(DesiredState::Running) == DesiredState::Running)
-}
-
-/// Running or paused with a ready pod, or stopped: nothing for another object to unblock.
+/// Running or paused with a ready pod, stopped, or refused (final): nothing for another
+/// object to unblock.
 fn is_steady(s: &Session) -> bool {
     matches!(
         s.status.as_ref().and_then(|st| st.phase),
-        Some(SessionPhase::Running | SessionPhase::Paused | SessionPhase::Stopped)
+        Some(
+            SessionPhase::Running
+                | SessionPhase::Paused
+                | SessionPhase::Stopped
+                | SessionPhase::Refused
+        )
     )
 }
 
@@ -435,7 +409,7 @@ pub fn volume_zone(pv: &CachedVolume) -> Option<String> {
 }
 
 fn condition(
-    type_: &str,
+    type_: Cond,
     ok: bool,
     reason: &str,
     message: &str,
@@ -444,6 +418,7 @@ fn condition(
     now: &Time,
 ) -> Condition {
     let status = if ok { "True" } else { "False" };
+    let type_ = type_.as_str();
     let last = old
         .iter()
         .find(|c| c.type_ == type_ && c.status == status)
@@ -660,7 +635,7 @@ async fn reconcile(
         let started = old.started_at.as_ref().map(|t| t.0).or_else(|| {
             pod.as_ref()
                 .filter(|p| plan::observe(Some(p), false).ready)
-                .map(|_| now_ts)
+                .map(|p| plan::started_at(p, now_ts))
         });
         // The start counts as activity: no keepalive yet, or one older than the start (written
         // before the session existed, or by a client clock running behind), means the start.
@@ -758,7 +733,7 @@ async fn reconcile(
     // A refusal: a False condition of `type_` with the reason, and a Warning event the first
     // time this reason appears (events on transitions only).
     let refuse =
-        |type_: &str,
+        |type_: Cond,
          r: &Refusal,
          action: &'static str,
          conditions: &mut Vec<Condition>,
@@ -799,6 +774,15 @@ async fn reconcile(
                 status.phase = Some(SessionPhase::Stopped);
                 status.node = None;
                 status.pod = None;
+                conditions.push(condition(
+                    Cond::Ready,
+                    false,
+                    reasons::STOPPED,
+                    "the session is stopped: its pod is removed, its volumes kept",
+                    generation,
+                    &old.conditions,
+                    &sh.now,
+                ));
             }
         }
         DesiredState::Running | DesiredState::Paused => {
@@ -845,7 +829,7 @@ async fn reconcile(
                     status.profile = record.profile;
                 }
                 if obs.ready && status.started_at.is_none() {
-                    status.started_at = Some(MicroTime(now_ts));
+                    status.started_at = Some(MicroTime(plan::started_at(p, now_ts)));
                 }
                 if obs.phase == SessionPhase::Pending {
                     let age = p
@@ -854,7 +838,9 @@ async fn reconcile(
                         .unwrap_or_default();
                     let report = pending_report(obs.problem.as_deref(), age, &old.conditions);
                     let reported_before = old.conditions.iter().any(|c| {
-                        c.type_ == "Ready" && c.status == "False" && c.reason == "PodPending"
+                        c.type_ == Cond::Ready.as_str()
+                            && c.status == "False"
+                            && c.reason == "PodPending"
                     });
                     if report.is_none() && !reported_before && state_refusal.is_none() {
                         // Not worth a status write: the pod is on its way (the floor writes
@@ -871,7 +857,7 @@ async fn reconcile(
                         return Ok(Action::requeue(wait));
                     }
                     conditions.push(condition(
-                        "Ready",
+                        Cond::Ready,
                         false,
                         "PodPending",
                         // A problem reported before and now gone: say the pod is on its way.
@@ -883,7 +869,7 @@ async fn reconcile(
                 }
                 if obs.phase == SessionPhase::Failed {
                     conditions.push(condition(
-                        "Ready",
+                        Cond::Ready,
                         false,
                         "PodFailed",
                         obs.message.as_deref().unwrap_or("the session pod failed"),
@@ -893,15 +879,28 @@ async fn reconcile(
                     ));
                 }
                 if obs.ready {
-                    conditions.push(condition(
-                        "Ready",
-                        true,
-                        if paused { "Paused" } else { "Running" },
-                        "",
-                        generation,
-                        &old.conditions,
-                        &sh.now,
-                    ));
+                    // A paused session's pod runs, but nobody can use it: not Ready.
+                    conditions.push(if paused {
+                        condition(
+                            Cond::Ready,
+                            false,
+                            reasons::PAUSED,
+                            "the session is paused: access is cut, its pod and resources kept",
+                            generation,
+                            &old.conditions,
+                            &sh.now,
+                        )
+                    } else {
+                        condition(
+                            Cond::Ready,
+                            true,
+                            reasons::RUNNING,
+                            "",
+                            generation,
+                            &old.conditions,
+                            &sh.now,
+                        )
+                    });
                     // No Event for a routine start: the phase, the Ready condition's transition
                     // time and startedAt record it, and an Event would be one more API write per
                     // launch than the floor. Events are kept for what needs a reader's attention
@@ -909,7 +908,7 @@ async fn reconcile(
                     // pause and resume).
                 }
                 conditions.push(condition(
-                    "Admitted",
+                    Cond::Admitted,
                     true,
                     reasons::ADMITTED,
                     "",
@@ -918,6 +917,12 @@ async fn reconcile(
                     &sh.now,
                 ));
             } else {
+                // A refusal is final: a refused session never starts later on its own (the
+                // person launches again), and a refused resume waits for the next change of
+                // the session's spec.
+                if plan::refusal_is_final(&old, generation) {
+                    return Ok(requeue_within(requeue, resync));
+                }
                 // Launch (or resume after a stop, or re-create a pod lost to eviction) — unless
                 // this replica just created the pod and the cache has not shown it yet.
                 if ctx.launches.in_flight(&key) {
@@ -952,15 +957,25 @@ async fn reconcile(
                     }
                     Launched::Failed(r) => {
                         status.phase = Some(SessionPhase::Failed);
-                        refuse("Ready", &r, "Launch", &mut conditions, &mut events);
+                        refuse(Cond::Ready, &r, "Launch", &mut conditions, &mut events);
                     }
                     Launched::Refused(r) => {
                         if old.phase == Some(SessionPhase::Stopped) {
                             // A stopped session that cannot resume stays stopped and says why.
-                            refuse("Resumed", &r, "Resume", &mut conditions, &mut events);
+                            refuse(Cond::Resumed, &r, "Resume", &mut conditions, &mut events);
                         } else {
                             status.phase = Some(SessionPhase::Refused);
-                            refuse("Admitted", &r, "Launch", &mut conditions, &mut events);
+                            refuse(Cond::Admitted, &r, "Launch", &mut conditions, &mut events);
+                            // Nor ready: the same reason, without a second event.
+                            conditions.push(condition(
+                                Cond::Ready,
+                                false,
+                                r.reason,
+                                &r.message,
+                                generation,
+                                &old.conditions,
+                                &sh.now,
+                            ));
                         }
                     }
                 }
@@ -969,7 +984,7 @@ async fn reconcile(
     }
     if let Some(r) = &state_refusal {
         refuse(
-            "StateChange",
+            Cond::StateChange,
             r,
             "ChangeState",
             &mut conditions,
@@ -980,9 +995,9 @@ async fn reconcile(
         // Keep conditions this pass did not compute only if they still apply.
         for c in &old.conditions {
             let recomputed = conditions.iter().any(|n| n.type_ == c.type_);
-            let stale = (c.type_ == "StateChange" && state_refusal.is_none())
-                || (c.type_ == "Resumed" && effective != DesiredState::Stopped)
-                || (c.type_ == "Admitted"
+            let stale = (c.type_ == Cond::StateChange.as_str() && state_refusal.is_none())
+                || (c.type_ == Cond::Resumed.as_str() && effective != DesiredState::Stopped)
+                || (c.type_ == Cond::Admitted.as_str()
                     && status.phase != Some(SessionPhase::Refused)
                     && c.status == "False");
             if !recomputed && !stale {
@@ -1001,7 +1016,10 @@ async fn reconcile(
     if changed && !repeat {
         version = sh.patch_status(&status).await?.resource_version();
         written.record(session.as_ref(), &status);
-        let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
+        let ready = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == Cond::Ready.as_str());
         info!(
             session = %key,
             phase = ?status.phase,
@@ -1383,10 +1401,19 @@ async fn launch(
             },
         },
     };
-    let placement = match plan::place(
+    // A claim template's claim that one node (or one pod) mounts at a time: where another
+    // session of the user has it.
+    let holder = match (&mount, profile_cfg.and_then(|c| c.claim_template.as_ref())) {
+        (Some(ProfileMount::Claim { claim, .. }), Some(t)) => {
+            claim_holder(stores, session, claim, claim_reach(&t.access_modes))
+        }
+        _ => None,
+    };
+    let placement = match plan::place_with_claim(
         &pool_kind,
         session.spec.zone.as_deref(),
         profile_zone.as_deref(),
+        holder.as_ref(),
     ) {
         Ok(p) => p,
         Err(r) => return Ok(Launched::Refused(r)),
@@ -1499,6 +1526,56 @@ async fn launch(
     ctx.launches.remember(key, server);
     let _ = dir;
     Ok(Launched::Created)
+}
+
+/// How many mounts a claim with `modes` allows at a time.
+fn claim_reach(modes: &[crate::crd::v1alpha1::AccessMode]) -> plan::ClaimReach {
+    use crate::crd::v1alpha1::AccessMode;
+    if modes.is_empty() {
+        plan::ClaimReach::OneNode // ReadWriteOnce, the default
+    } else if modes
+        .iter()
+        .any(|m| matches!(m, AccessMode::ReadWriteMany | AccessMode::ReadOnlyMany))
+    {
+        plan::ClaimReach::ManyNodes
+    } else if modes.contains(&AccessMode::ReadWriteOnce) {
+        plan::ClaimReach::OneNode
+    } else {
+        plan::ClaimReach::OnePod
+    }
+}
+
+/// Another live session of `me`'s user whose pod mounts `claim` (from the pods' launch records
+/// in the cache, or this replica's launches not yet in it), with the node it runs on.
+fn claim_holder(
+    stores: &Stores,
+    me: &Session,
+    claim: &str,
+    reach: plan::ClaimReach,
+) -> Option<plan::ClaimHolder> {
+    let ns = me.namespace().unwrap_or_default();
+    stores
+        .sessions_of_user(&ns, &me.spec.user)
+        .iter()
+        .filter(|o| o.metadata.name != me.metadata.name)
+        .filter_map(|o| {
+            let pod = stores
+                .pods
+                .get(&ObjectRef::new(&build::pod_name(o)).within(&ns))?;
+            if pod.metadata.deletion_timestamp.is_some() {
+                return None; // on its way out: the claim is being released
+            }
+            let record = build::parse_launch_record(pod.launch_annotation());
+            let mounted = record.profile.and_then(|p| p.claim);
+            (mounted.as_deref() == Some(claim)).then(|| plan::ClaimHolder {
+                claim: claim.to_string(),
+                session: o.name_any(),
+                node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+                reach,
+            })
+        })
+        // A placed holder decides; of several, the one already on a node.
+        .max_by_key(|h| h.node.is_some())
 }
 
 struct ClaimPlan {
