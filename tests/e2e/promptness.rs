@@ -184,3 +184,91 @@ async fn a_five_second_keepalive_ends_the_session_five_seconds_after_its_pod_ran
     );
     op.stop().await;
 }
+
+#[tokio::test]
+async fn usage_shows_the_current_window_with_running_sessions_before_any_ends() {
+    use cubicle::crd::v1alpha1::{Group, User};
+    install_crds().await;
+    let ns = TestNs::new("usageview").await;
+    let docs = [
+        json!({"apiVersion": "cubicle.dev/v1alpha1", "kind": "Group", "metadata": {"name": "pu"},
+               "spec": {"priority": 10, "settings": {"keepaliveExpiration": "1h", "maxKasmsPerUser": 10,
+                        "usageLimit": {"type": "perUser", "interval": "daily", "hours": 1}}}}),
+        json!({"apiVersion": "cubicle.dev/v1alpha1", "kind": "Group", "metadata": {"name": "pg"},
+               "spec": {"priority": 10, "settings": {"keepaliveExpiration": "1h", "maxKasmsPerUser": 10,
+                        "usageLimit": {"type": "perGroup", "interval": "daily", "hours": 2}}}}),
+        json!({"apiVersion": "cubicle.dev/v1alpha1", "kind": "User", "metadata": {"name": "u"},
+               "spec": {"realm": "ldap", "groups": ["pu"]}}),
+        json!({"apiVersion": "cubicle.dev/v1alpha1", "kind": "User", "metadata": {"name": "v"},
+               "spec": {"realm": "ldap", "groups": ["pg"]}}),
+        json!({"apiVersion": "cubicle.dev/v1alpha1", "kind": "Workspace", "metadata": {"name": "w"},
+               "spec": {"image": "example.invalid/desktop:1", "groups": ["pu", "pg"]}}),
+    ];
+    for d in docs {
+        let kind = d["kind"].as_str().unwrap().to_string();
+        let ar = kube::core::ApiResource::from_gvk_with_plural(
+            &kube::core::GroupVersionKind::gvk("cubicle.dev", "v1alpha1", &kind),
+            &format!("{}s", kind.to_lowercase()),
+        );
+        let api: kube::Api<kube::api::DynamicObject> =
+            kube::Api::namespaced_with(ns.client.clone(), &ns.name, &ar);
+        let obj: kube::api::DynamicObject = serde_json::from_value(d).unwrap();
+        api.create(&PostParams::default(), &obj).await.unwrap();
+    }
+    let op = Operator::start(&ns.name).await;
+    let api = ns.api::<Session>();
+    let mk = |name: &str, user: &str| -> Session {
+        serde_json::from_value(json!({
+            "apiVersion": "cubicle.dev/v1alpha1", "kind": "Session",
+            "metadata": {"name": name}, "spec": {"user": user, "workspace": "w"}
+        }))
+        .unwrap()
+    };
+    let today = jiff::Timestamp::now()
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .start_of_day()
+        .unwrap()
+        .timestamp();
+    // perUser: the User's entry appears when the first session starts (none has ended).
+    api.create(&PostParams::default(), &mk("u1", "u"))
+        .await
+        .unwrap();
+    watch_start(&ns, "u1").await;
+    let users = ns.api::<User>();
+    let entry = wait_for("u's usage entry", LONG, || async {
+        let u = users.get("u").await.ok()?;
+        u.status?.usage.into_iter().next()
+    })
+    .await;
+    assert_eq!(
+        entry.window_start.as_ref().map(|t| t.0),
+        Some(today),
+        "the current window"
+    );
+    assert_eq!(entry.limit_seconds, 3600);
+    // A second session started 3 s later: the entry counts the first one's running time.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    api.create(&PostParams::default(), &mk("u2", "u"))
+        .await
+        .unwrap();
+    watch_start(&ns, "u2").await;
+    wait_for("u's usage with u1's running time", LONG, || async {
+        let u = users.get("u").await.ok()?;
+        let e = u.status?.usage.into_iter().next()?;
+        (e.used_seconds >= 3).then_some(())
+    })
+    .await;
+    // perGroup: the Group's entry, the same way.
+    api.create(&PostParams::default(), &mk("v1", "v"))
+        .await
+        .unwrap();
+    watch_start(&ns, "v1").await;
+    let e = wait_for("pg's usage entry", LONG, || async {
+        let g = ns.api::<Group>().get("pg").await.ok()?;
+        g.status?.usage.into_iter().next()
+    })
+    .await;
+    assert_eq!(e.window_start.as_ref().map(|t| t.0), Some(today));
+    assert_eq!(e.limit_seconds, 7200);
+    op.stop().await;
+}

@@ -1032,6 +1032,24 @@ async fn reconcile(
     for (t, reason, note, action) in events.into_iter().filter(|_| !repeat) {
         sh.event(t, reason, note, action).await;
     }
+    // The usage view (User or Group status.usage) shows the current window with the running
+    // sessions: refreshed when this session starts and when a new window has begun.
+    if let (Some(b), Some(u), Some(l)) = (
+        &budget,
+        &user,
+        settings.and_then(|s| s.usage_limit.as_ref()),
+    ) {
+        let started = (changed && !repeat && old.started_at.is_none())
+            .then(|| status.started_at.as_ref())
+            .flatten()
+            .map(|t| crate::expiry::Open {
+                uid: session.uid().unwrap_or_default(),
+                start: expiry::ceil_ms(t.0),
+            });
+        if started.is_some() || b.stale_window {
+            expiry::refresh_view(&ctx, &ns, u, l, b, started, now_ts).await?;
+        }
+    }
     // A running or paused session with nothing else to do: its deadline goes to the fast path
     // (enforced at the instant without resolving settings again, as long as nothing it was
     // computed from has changed), and the controller's own requeue, a moment later, is only the
