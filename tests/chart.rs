@@ -858,7 +858,7 @@ fn rbac_covers_exactly_the_chart_crds() {
 /// NetworkPolicy denies pods with that label all ingress, in every session namespace it knows.
 #[test]
 fn paused_sessions_lose_all_ingress() {
-    let label = cubicle::controller::session::build::ACCESS_LABEL;
+    let label = cubicle::controller::contract::ACCESS_LABEL;
     let policies = |set: &[&str]| -> Vec<(String, Value)> {
         of_kind(&objects(set), "NetworkPolicy")
             .into_iter()

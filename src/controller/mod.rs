@@ -6,6 +6,7 @@
 
 pub mod assignment;
 pub mod cached;
+pub mod contract;
 pub mod error;
 pub mod events;
 pub mod gate;

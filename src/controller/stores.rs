@@ -42,14 +42,11 @@ use serde::de::DeserializeOwned;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
+// Re-exported for the bench (src/bench), which selects the operator's children by them.
 use super::cached::{CachedClaim, CachedPod, CachedVolume, CachedVolumeSpec, ClaimMarks};
+pub use super::contract::{MANAGED_BY, MANAGED_BY_LABEL};
 use super::index::{Index, Keys};
 use crate::crd::v1alpha1::{Group, Server, ServerAssignment, ServerPool, Session, User, Workspace};
-
-/// Label on every object the operator creates.
-pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
-/// Its value.
-pub const MANAGED_BY: &str = "cubicle";
 
 /// kubectl's copy of the last applied object (as big as the object): never read.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
@@ -651,7 +648,7 @@ fn child_meta(m: ObjectMeta, annotations: Option<BTreeMap<String, String>>) -> O
 /// states only); this keeps of those the conditions that tell readiness or why not and the
 /// containers that wait.
 pub fn trim_pod(p: &mut CachedPod) {
-    use super::session::build::{ACCESS_LABEL, LAUNCH_ANNOTATION, SERVER_LABEL};
+    use super::contract::{ACCESS_LABEL, LAUNCH_ANNOTATION, SERVER_LABEL};
     let mut m = std::mem::take(&mut p.metadata);
     p.launch = m
         .annotations
@@ -733,7 +730,7 @@ pub fn bound_in(scope: &Scope, v: &CachedVolume) -> bool {
 /// labels and the rest of the metadata (its uid and resourceVersion too: a volume is looked up
 /// by name) and of the claim reference (the claim's namespace and name).
 pub fn trim_volume(v: &mut CachedVolume) {
-    v.zone = super::session::volume_zone(v);
+    v.zone = super::cached::volume_zone(v);
     let m = std::mem::take(&mut v.metadata);
     v.metadata = ObjectMeta {
         name: m.name,
@@ -784,7 +781,7 @@ fn user_key(label: &str) -> String {
 /// A Session is found by its user, its server and its workspace.
 pub fn session_keys(s: &Session) -> Vec<String> {
     let mut keys = vec![
-        user_key(&super::session::build::label_value(&s.spec.user)),
+        user_key(&super::contract::label_value(&s.spec.user)),
         format!("w/{}", s.spec.workspace),
     ];
     if let Some(server) = s.status.as_ref().and_then(|st| st.server.as_deref()) {
@@ -817,7 +814,7 @@ pub fn user_keys(u: &User) -> Vec<String> {
 impl Stores {
     /// The sessions of `user` in `ns`, by name.
     pub fn sessions_of_user(&self, ns: &str, user: &str) -> Vec<Arc<Session>> {
-        let key = user_key(&super::session::build::label_value(user));
+        let key = user_key(&super::contract::label_value(user));
         let mut v = self.session_index.find(&self.sessions, ns, &key);
         v.retain(|s| s.spec.user == user);
         v
@@ -1002,7 +999,9 @@ mod tests {
         let waited = tokio::time::timeout(Duration::from_secs(10 * 3600), none.next()).await;
         assert!(waited.is_err(), "a zero interval yielded {waited:?}");
     }
-    use crate::controller::session::{build, plan, volume_zone};
+    use crate::controller::cached::volume_zone;
+    use crate::controller::contract;
+    use crate::controller::session::{build, plan};
     use crate::crd::v1alpha1::SessionPhase;
     use kube::ResourceExt;
     use serde_json::json;
@@ -1044,8 +1043,8 @@ mod tests {
                 "labels": {"cubicle.dev/server": "ws-1", "cubicle.dev/access": "paused",
                     "app.kubernetes.io/managed-by": "cubicle", "cubicle.dev/user": "u"},
                 "annotations": {
-                    build::LAUNCH_ANNOTATION: "{\"server\":\"ws-1\"}",
-                    build::SETTINGS_ANNOTATION: "{\"big\": true}",
+                    contract::LAUNCH_ANNOTATION: "{\"server\":\"ws-1\"}",
+                    contract::SETTINGS_ANNOTATION: "{\"big\": true}",
                     "kubectl.kubernetes.io/last-applied-configuration": "{}"
                 },
                 "ownerReferences": [{"apiVersion": "cubicle.dev/v1alpha1", "kind": "Session",
@@ -1147,7 +1146,7 @@ mod tests {
             );
             assert_eq!(
                 p.labels().keys().collect::<Vec<_>>(),
-                [build::ACCESS_LABEL, build::SERVER_LABEL],
+                [contract::ACCESS_LABEL, contract::SERVER_LABEL],
                 "only the labels read"
             );
             assert_eq!(p.owner_references()[0].uid, "s1");
@@ -1186,7 +1185,7 @@ mod tests {
                 "hostPath": {"path": "/tmp/x"},
                 "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
                     {"key": "kubernetes.io/hostname", "operator": "In", "values": ["n1"]},
-                    {"key": build::ZONE_LABEL, "operator": "In", "values": ["zone-b"]}
+                    {"key": contract::ZONE_LABEL, "operator": "In", "values": ["zone-b"]}
                 ]}]}}
             }
         }))
@@ -1229,7 +1228,8 @@ mod tests {
         // The zone label alone (no affinity) survives too.
         let mut labelled = volume(Some("ns"));
         labelled.spec.as_mut().unwrap().node_affinity = None;
-        labelled.metadata.labels = Some([(build::ZONE_LABEL.to_string(), "zone-c".into())].into());
+        labelled.metadata.labels =
+            Some([(contract::ZONE_LABEL.to_string(), "zone-c".into())].into());
         trim_volume(&mut labelled);
         assert_eq!(volume_zone(&labelled), Some("zone-c".into()));
         assert!(labelled.metadata.labels.is_none());
@@ -1244,8 +1244,8 @@ mod tests {
     fn claims_keep_labels_our_annotations_and_the_volume() {
         let mut c: CachedClaim = serde_json::from_value(json!({
             "metadata": {"name": "profile-alice", "namespace": "ns", "uid": "c1",
-                "resourceVersion": "9", "labels": {build::PROFILE_LABEL: "k"},
-                "annotations": {build::RESET_BY_ANNOTATION: "s1",
+                "resourceVersion": "9", "labels": {contract::PROFILE_LABEL: "k"},
+                "annotations": {contract::RESET_BY_ANNOTATION: "s1",
                     "pv.kubernetes.io/bind-completed": "yes"}},
             "spec": {"volumeName": "pv-1", "accessModes": ["ReadWriteOnce"],
                 "resources": {"requests": {"storage": "1Gi"}}},

@@ -14,6 +14,7 @@
 //!   `cubicle.dev/usage-accounting` finalizer: before it disappears, its running time is closed
 //!   into the ledger (idempotently, by uid), and only then is the finalizer removed.
 
+use crate::controller::contract::{USAGE_FINALIZER, USAGE_MANAGER};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -36,12 +37,6 @@ use crate::crd::v1alpha1::{
 };
 use crate::expiry::{self, Ledger, Open, Window};
 use crate::resolve::settings::ResolvedUsageLimit;
-
-/// The finalizer that guarantees a usage-limited session is accounted before it disappears.
-pub const USAGE_FINALIZER: &str = "cubicle.dev/usage-accounting";
-/// Field manager of the usage ledger (distinct from the status controllers' manager, so that
-/// server-side apply never lets one remove the other's fields).
-pub const USAGE_MANAGER: &str = "cubicle-usage";
 
 /// The keepalive the client reported: the annotation's time, clamped later by the caller.
 pub fn reported_keepalive(s: &Session) -> Option<Timestamp> {

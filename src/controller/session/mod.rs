@@ -28,11 +28,13 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
-use self::build::{
-    ACCESS_LABEL, ARCHIVED_LABEL, Placement, PodInputs, ProfileMount, SERVER_LABEL, ZONE_LABEL,
-};
+use self::build::{Placement, PodInputs, ProfileMount};
 use self::plan::{AdmissionInputs, Cond, PoolKind, Refusal, ServerCandidate, reasons};
-use super::cached::{CachedClaim, CachedPod, CachedVolume};
+use super::cached::{CachedClaim, CachedPod, volume_zone};
+use super::contract::{
+    self, ACCESS_LABEL, ACCESS_PAUSED, ARCHIVED_LABEL, FIELD_MANAGER, SERVER_LABEL, SET_BY_EXPIRY,
+    STATE_SET_BY_ANNOTATION, ZONE_LABEL,
+};
 use super::gate::Inputs;
 use super::status::directory;
 use super::stores::{Reflectors, Stores, digest, in_namespace, sweep, when_changed};
@@ -44,11 +46,6 @@ use crate::crd::v1alpha1::{
 };
 use crate::resolve::{self, Directory};
 
-/// Field manager of the Session controller's writes.
-pub const FIELD_MANAGER: &str = "cubicle";
-/// Annotation the expiry sets with `spec.state` when it stops or pauses a session, so the
-/// permission check (allowKasmStop/allowKasmPause) applies to users, not to the expiry.
-pub const STATE_SET_BY_ANNOTATION: &str = "cubicle.dev/state-set-by";
 const KIND: &str = "Session";
 /// How long a pending pod may be held up by a problem (unschedulable, image pull error...)
 /// before the status says so.
@@ -383,31 +380,6 @@ fn zones_with_nodes(stores: &Stores, selector: &BTreeMap<String, String>) -> Vec
     zones
 }
 
-/// The zone a bound claim's volume is pinned to (node affinity or the zone label).
-pub fn volume_zone(pv: &CachedVolume) -> Option<String> {
-    if pv.zone.is_some() {
-        return pv.zone.clone(); // as trimmed for the cache
-    }
-    let from_affinity = pv
-        .spec
-        .as_ref()
-        .and_then(|s| s.node_affinity.as_ref())
-        .and_then(|a| a.required.as_ref())
-        .and_then(|r| {
-            let zones: HashSet<&String> = r
-                .node_selector_terms
-                .iter()
-                .flat_map(|t| t.match_expressions.iter().flatten())
-                .filter(|e| e.key == ZONE_LABEL && e.operator == "In")
-                .flat_map(|e| e.values.iter().flatten())
-                .collect();
-            (zones.len() == 1)
-                .then(|| zones.into_iter().next().cloned())
-                .flatten()
-        });
-    from_affinity.or_else(|| pv.labels().get(ZONE_LABEL).cloned())
-}
-
 fn condition(
     type_: Cond,
     ok: bool,
@@ -513,7 +485,7 @@ async fn reconcile(
         if session
             .finalizers()
             .iter()
-            .any(|f| f == expiry::USAGE_FINALIZER)
+            .any(|f| f == contract::USAGE_FINALIZER)
         {
             // Account the session's running time before it disappears, then let it go.
             let user = ctx
@@ -546,7 +518,7 @@ async fn reconcile(
     // The pod, if it is this session's (a pod of an older session of the same name waits for GC).
     let pod = stores
         .pods
-        .get(&ObjectRef::new(&build::pod_name(&session)).within(&ns));
+        .get(&ObjectRef::new(&contract::pod_name(&session)).within(&ns));
     let uid = session.uid().unwrap_or_default();
     let pod = match pod {
         Some(p) if p.owner_references().iter().any(|o| o.uid == uid) => Some(p),
@@ -577,7 +549,7 @@ async fn reconcile(
     let by_expiry = session
         .annotations()
         .get(STATE_SET_BY_ANNOTATION)
-        .is_some_and(|v| v == "expiry");
+        .is_some_and(|v| v == SET_BY_EXPIRY);
     let state_refusal = plan::check_state_change(desired, allow_stop, allow_pause, by_expiry).err();
     // A refused state change leaves the session as it was.
     let effective = if state_refusal.is_some() {
@@ -789,11 +761,14 @@ async fn reconcile(
             let paused = effective == DesiredState::Paused;
             if let Some(p) = &pod {
                 // Pause keeps the pod and cuts access (label); resume restores it.
-                let is_paused = p.labels().get(ACCESS_LABEL).is_some_and(|v| v == "paused");
+                let is_paused = p
+                    .labels()
+                    .get(ACCESS_LABEL)
+                    .is_some_and(|v| v == ACCESS_PAUSED);
                 if is_paused != paused {
                     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
                     let value = if paused {
-                        json!("paused")
+                        json!(ACCESS_PAUSED)
                     } else {
                         serde_json::Value::Null
                     };
@@ -1536,7 +1511,7 @@ async fn launch(
             return Err(Error::Child {
                 verb: "create",
                 kind: "Pod",
-                name: build::pod_name(session),
+                name: contract::pod_name(session),
                 source,
             });
         }
@@ -1579,7 +1554,7 @@ fn claim_holder(
         .filter_map(|o| {
             let pod = stores
                 .pods
-                .get(&ObjectRef::new(&build::pod_name(o)).within(&ns))?;
+                .get(&ObjectRef::new(&contract::pod_name(o)).within(&ns))?;
             if pod.metadata.deletion_timestamp.is_some() {
                 return None; // on its way out: the claim is being released
             }
@@ -1654,7 +1629,7 @@ fn count_active_before(
             let phase = o.status.as_ref().and_then(|s| s.phase);
             let has_pod = stores
                 .pods
-                .get(&ObjectRef::new(&build::pod_name(o)).within(&ns))
+                .get(&ObjectRef::new(&contract::pod_name(o)).within(&ns))
                 .is_some()
                 || launched.contains_key(&session_key(&ns, &o.name_any()));
             let earlier = (o.creation_timestamp().map(|t| t.0), o.name_any()) < my_key;
@@ -1677,7 +1652,7 @@ fn server_load(
     launched: &HashMap<String, Option<String>>,
     me: &str,
 ) -> u32 {
-    let label = build::label_value(server);
+    let label = contract::label_value(server);
     let mut keys: HashSet<String> = in_namespace(&stores.pods, ns)
         .iter()
         .filter(|p| {
@@ -1801,7 +1776,7 @@ impl Expiring {
                     "Paused"
                 };
                 let patch = json!({
-                    "metadata": {"annotations": {STATE_SET_BY_ANNOTATION: "expiry"}},
+                    "metadata": {"annotations": {STATE_SET_BY_ANNOTATION: SET_BY_EXPIRY}},
                     "spec": {"state": state},
                 });
                 api.patch(&name, &PatchParams::default(), &Patch::Merge(patch))
