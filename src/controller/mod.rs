@@ -5,19 +5,16 @@
 //! holds the leader lease (when leader election is on). A replica that loses the lease exits.
 
 pub mod assignment;
-pub mod cached;
 pub mod contract;
 pub mod error;
-pub mod events;
-pub mod gate;
 pub mod group;
-pub mod index;
 pub mod pool;
+pub mod runtime;
 pub mod server;
 pub mod session;
 pub mod status;
-pub mod stores;
 pub mod user;
+pub use runtime::{cached, events, gate, index, stores};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

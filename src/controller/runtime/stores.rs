@@ -44,8 +44,8 @@ use tracing::warn;
 
 // Re-exported for the bench (src/bench), which selects the operator's children by them.
 use super::cached::{CachedClaim, CachedPod, CachedVolume, CachedVolumeSpec, ClaimMarks};
-pub use super::contract::{MANAGED_BY, MANAGED_BY_LABEL};
 use super::index::{Index, Keys};
+pub use crate::controller::contract::{MANAGED_BY, MANAGED_BY_LABEL};
 use crate::crd::v1alpha1::{Group, Server, ServerAssignment, ServerPool, Session, User, Workspace};
 
 /// kubectl's copy of the last applied object (as big as the object): never read.
@@ -648,7 +648,7 @@ fn child_meta(m: ObjectMeta, annotations: Option<BTreeMap<String, String>>) -> O
 /// states only); this keeps of those the conditions that tell readiness or why not and the
 /// containers that wait.
 pub fn trim_pod(p: &mut CachedPod) {
-    use super::contract::{ACCESS_LABEL, LAUNCH_ANNOTATION, SERVER_LABEL};
+    use crate::controller::contract::{ACCESS_LABEL, LAUNCH_ANNOTATION, SERVER_LABEL};
     let mut m = std::mem::take(&mut p.metadata);
     p.launch = m
         .annotations
@@ -765,7 +765,7 @@ pub fn trim_node(n: &mut PartialObjectMeta<Node>) {
 /// about 540 bytes and two strings per User).
 pub fn trim_user(u: &mut User) {
     trim_meta(&mut u.metadata);
-    let digest = super::user::status_digest(u.status.as_ref());
+    let digest = crate::controller::user::status_digest(u.status.as_ref());
     if let Some(s) = u.status.as_mut() {
         s.cached = crate::crd::v1alpha1::CacheNote(Some(digest));
         s.effective_settings = Vec::new();
@@ -781,7 +781,7 @@ fn user_key(label: &str) -> String {
 /// A Session is found by its user, its server and its workspace.
 pub fn session_keys(s: &Session) -> Vec<String> {
     let mut keys = vec![
-        user_key(&super::contract::label_value(&s.spec.user)),
+        user_key(&crate::controller::contract::label_value(&s.spec.user)),
         format!("w/{}", s.spec.workspace),
     ];
     if let Some(server) = s.status.as_ref().and_then(|st| st.server.as_deref()) {
@@ -804,8 +804,8 @@ const REPORTED_DUPLICATE: &str = "dup";
 
 /// A User is found by its username, and among those reported as duplicates.
 pub fn user_keys(u: &User) -> Vec<String> {
-    let mut keys = vec![format!("n/{}", super::user::uname(u))];
-    if super::user::reported_duplicate(u) {
+    let mut keys = vec![format!("n/{}", crate::controller::user::uname(u))];
+    if crate::controller::user::reported_duplicate(u) {
         keys.push(REPORTED_DUPLICATE.to_string());
     }
     keys
@@ -814,7 +814,7 @@ pub fn user_keys(u: &User) -> Vec<String> {
 impl Stores {
     /// The sessions of `user` in `ns`, by name.
     pub fn sessions_of_user(&self, ns: &str, user: &str) -> Vec<Arc<Session>> {
-        let key = user_key(&super::contract::label_value(user));
+        let key = user_key(&crate::controller::contract::label_value(user));
         let mut v = self.session_index.find(&self.sessions, ns, &key);
         v.retain(|s| s.spec.user == user);
         v

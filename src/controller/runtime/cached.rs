@@ -70,7 +70,7 @@ same_resource_as!(CachedPod, k8s_openapi::api::core::v1::Pod);
 impl CachedPod {
     /// The launch record annotation's value: as trimmed for the cache, or on the pod as sent.
     pub fn launch_annotation(&self) -> Option<&str> {
-        use super::contract::LAUNCH_ANNOTATION;
+        use crate::controller::contract::LAUNCH_ANNOTATION;
         self.launch.as_deref().or_else(|| {
             self.metadata
                 .annotations
@@ -167,7 +167,9 @@ pub struct ClaimMarks {
 impl ClaimMarks {
     /// Read from a claim's maps.
     pub fn of(meta: &ObjectMeta) -> Self {
-        use super::contract::{ARCHIVED_LABEL, PROFILE_LABEL, RESET_BY_ANNOTATION, USER_LABEL};
+        use crate::controller::contract::{
+            ARCHIVED_LABEL, PROFILE_LABEL, RESET_BY_ANNOTATION, USER_LABEL,
+        };
         let label = |k: &str| meta.labels.as_ref().and_then(|l| l.get(k));
         Self {
             user: label(USER_LABEL).cloned(),
@@ -270,7 +272,7 @@ mod tests {
 
 /// The zone a bound claim's volume is pinned to (node affinity or the zone label).
 pub fn volume_zone(pv: &CachedVolume) -> Option<String> {
-    use super::contract::ZONE_LABEL;
+    use crate::controller::contract::ZONE_LABEL;
     use kube::ResourceExt;
     use std::collections::HashSet;
     if pv.zone.is_some() {
