@@ -10,6 +10,7 @@
 //! slot. With leader election, only one replica ever launches.
 
 pub mod build;
+pub mod decide;
 pub mod expiry;
 pub mod plan;
 
@@ -29,6 +30,7 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use self::build::{Placement, PodInputs, ProfileMount};
+use self::decide::condition;
 use self::plan::{AdmissionInputs, Cond, PoolKind, Refusal, ServerCandidate, reasons};
 use super::cached::{CachedClaim, CachedPod, volume_zone};
 use super::contract::{
@@ -40,9 +42,8 @@ use super::status::directory;
 use super::stores::{Reflectors, Stores, digest, in_namespace, sweep, when_changed};
 use super::{CONTROLLER_NAME, Context, Error};
 use crate::crd::v1alpha1::{
-    DesiredState, Keepalive, KeepaliveExpirationAction, KeepaliveSource, ProfileMode,
-    ProfileOutcome, ProfileStatus, Server, ServerAssignment, ServerPool, Session, SessionPhase,
-    SessionStatus, User, Workspace,
+    DesiredState, KeepaliveExpirationAction, ProfileMode, ProfileOutcome, ProfileStatus, Server,
+    ServerAssignment, ServerPool, Session, SessionPhase, SessionStatus, User, Workspace,
 };
 use crate::resolve::{self, Directory};
 
@@ -380,32 +381,6 @@ fn zones_with_nodes(stores: &Stores, selector: &BTreeMap<String, String>) -> Vec
     zones
 }
 
-fn condition(
-    type_: Cond,
-    ok: bool,
-    reason: &str,
-    message: &str,
-    generation: Option<i64>,
-    old: &[Condition],
-    now: &Time,
-) -> Condition {
-    let status = if ok { "True" } else { "False" };
-    let type_ = type_.as_str();
-    let last = old
-        .iter()
-        .find(|c| c.type_ == type_ && c.status == status)
-        .map(|c| c.last_transition_time.clone())
-        .unwrap_or_else(|| now.clone());
-    Condition {
-        type_: type_.into(),
-        status: status.into(),
-        reason: reason.into(),
-        message: message.into(),
-        observed_generation: generation,
-        last_transition_time: last,
-    }
-}
-
 /// Status equality that ignores condition transition times (they are carried over anyway).
 fn same_status(a: &SessionStatus, b: &SessionStatus) -> bool {
     let strip = |s: &SessionStatus| {
@@ -482,26 +457,7 @@ async fn reconcile(
     let key = session_key(&ns, &name);
     if session.metadata.deletion_timestamp.is_some() {
         ctx.launches.forget(&key);
-        if session
-            .finalizers()
-            .iter()
-            .any(|f| f == contract::USAGE_FINALIZER)
-        {
-            // Account the session's running time before it disappears, then let it go.
-            let user = ctx
-                .stores
-                .users
-                .get(&ObjectRef::new(&session.spec.user).within(&ns));
-            let limit = user.as_ref().and_then(|u| {
-                resolve::resolve_user(&directory(&ctx.stores, &ns), u)
-                    .settings
-                    .usage_limit
-            });
-            let now = jiff::Timestamp::now();
-            expiry::close_session(&ctx, &ns, &session, user.as_deref(), limit.as_ref(), now)
-                .await?;
-            expiry::remove_finalizer(&ctx, &ns, &session).await?;
-        }
+        finalize(&ctx, &ns, &session).await?;
         return Ok(Action::await_change());
     }
     let sh = Shell {
@@ -550,17 +506,8 @@ async fn reconcile(
         .annotations()
         .get(STATE_SET_BY_ANNOTATION)
         .is_some_and(|v| v == SET_BY_EXPIRY);
-    let state_refusal = plan::check_state_change(desired, allow_stop, allow_pause, by_expiry).err();
-    // A refused state change leaves the session as it was.
-    let effective = if state_refusal.is_some() {
-        match old.phase {
-            Some(SessionPhase::Stopped) => DesiredState::Stopped,
-            Some(SessionPhase::Paused) => DesiredState::Paused,
-            _ => DesiredState::Running,
-        }
-    } else {
-        desired
-    };
+    let (effective, state_refusal) =
+        decide::state(desired, allow_stop, allow_pause, by_expiry, old.phase);
 
     let mut status = old.clone();
     status.observed_generation = generation;
@@ -586,118 +533,48 @@ async fn reconcile(
     if let Some(st) = settings
         && expiry::armed(old.phase, pod.is_some())
     {
-        let persisted = old.last_keepalive.as_ref().map(|k| k.time.0);
-        let reported = expiry::reported_keepalive(&session);
-        let mut next = crate::expiry::next_keepalive(persisted, reported, now_ts);
-        let mut source = if next.is_some() && next != persisted {
-            KeepaliveSource::Annotation
-        } else {
-            old.last_keepalive
-                .as_ref()
-                .map(|k| k.source)
-                .unwrap_or(KeepaliveSource::Start)
-        };
-        if resuming && state_refusal.is_none() {
-            // Resuming is activity: the keepalive clock restarts now.
-            next = Some(now_ts);
-            source = KeepaliveSource::Start;
-        }
-        // Started: persisted, or now if this pass sees the pod ready for the first time (the
-        // same instant the status write below records).
-        let started = old.started_at.as_ref().map(|t| t.0).or_else(|| {
-            pod.as_ref()
-                .filter(|p| plan::observe(Some(p), false).ready)
-                .map(|p| plan::started_at(p, now_ts))
-        });
-        // The start counts as activity: no keepalive yet, or one older than the start (written
-        // before the session existed, or by a client clock running behind), means the start.
-        let created = session.creation_timestamp().map(|t| t.0).unwrap_or(now_ts);
-        if let Some(start) = started.or(next.map(|_| created))
-            && next.is_none_or(|k| k < start)
-        {
-            next = Some(start);
-            source = KeepaliveSource::Start;
-        }
-        let stopped = old.phase == Some(SessionPhase::Stopped) && !resuming;
-        let policy = crate::expiry::Policy {
-            // A stopped session has no client: only the hard limits apply to it.
-            keepalive_expiration: if stopped {
-                Duration::MAX
-            } else {
-                st.keepalive_expiration
-            },
-            session_time_limit: st.session_time_limit,
-            action: st.keepalive_expiration_action,
-        };
-        // This session consumes the budget from its start (even before the cache shows it).
         let uid = session.uid().unwrap_or_default();
-        let usage_deadline = match (&budget, started) {
-            (Some(b), Some(start)) => {
-                let mut b = b.clone();
-                if !b.open.iter().any(|o| o.uid == uid) {
-                    b.open.push(crate::expiry::Open {
-                        uid: uid.clone(),
-                        start: expiry::ceil_ms(start),
-                    });
+        let decision = decide::expiry(&decide::ExpiryInputs {
+            old: &old,
+            settings: st,
+            reported_keepalive: expiry::reported_keepalive(&session),
+            created: session.creation_timestamp().map(|t| t.0).unwrap_or(now_ts),
+            pod: pod.as_deref(),
+            uid: &uid,
+            budget: budget.as_ref(),
+            effective,
+            resuming: resuming && state_refusal.is_none(),
+            now: now_ts,
+        });
+        match decision {
+            decide::ExpiryDecision::Due(d) => {
+                // Decided here; the API calls run in a task of their own, so a reconcile slot
+                // is never held for a round trip.
+                return Ok(
+                    match Expiring::decide(&ctx, &session, &ns, &name, &d, now_ts) {
+                        Some(e) => {
+                            tokio::spawn(e.carry_out());
+                            Action::await_change()
+                        }
+                        // This replica is already carrying it out; look again once it is done.
+                        None => Action::requeue(Duration::from_secs(1)),
+                    },
+                );
+            }
+            decide::ExpiryDecision::Waiting(e) => {
+                if e.last_keepalive.is_some() {
+                    status.last_keepalive = e.last_keepalive;
                 }
-                b.exhausted_at(now_ts)
-            }
-            _ => None,
-        };
-        let times = crate::expiry::SessionTimes {
-            created,
-            started,
-            last_keepalive: next.or(started),
-        };
-        let d = crate::expiry::deadline(&times, &policy, usage_deadline);
-        // Stop and pause are done once requested (the pod follows spec.state).
-        let noop = match d.action {
-            KeepaliveExpirationAction::Delete => false,
-            KeepaliveExpirationAction::Stop => stopped || effective == DesiredState::Stopped,
-            KeepaliveExpirationAction::Pause => {
-                stopped || matches!(effective, DesiredState::Paused | DesiredState::Stopped)
-            }
-        };
-        if crate::expiry::is_due(&d, now_ts) && !noop && !resuming {
-            // Decided here; the API calls run in a task of their own, so a reconcile slot is never
-            // held for a round trip.
-            return Ok(
-                match Expiring::decide(&ctx, &session, &ns, &name, &d, now_ts) {
-                    Some(e) => {
-                        tokio::spawn(e.carry_out());
-                        Action::await_change()
-                    }
-                    // This replica is already carrying it out; look again once it is done.
-                    None => Action::requeue(Duration::from_secs(1)),
-                },
-            );
-        }
-        if let Some(k) = next {
-            status.last_keepalive = Some(Keepalive {
-                time: MicroTime(k),
-                source,
-            });
-        }
-        if d.at < jiff::Timestamp::MAX {
-            status.expires_at = Some(MicroTime(d.at));
-            status.expiry_rule = Some(d.rule);
-            status.expiry_action = Some(d.action);
-            if !noop {
-                requeue = requeue.min(expiry::until(d.at, now_ts));
-                // A usage deadline moves with other sessions: only the controller computes it.
-                if budget.is_none() {
-                    armable = Some(d);
+                status.expires_at = e.deadline.as_ref().map(|d| MicroTime(d.at));
+                status.expiry_rule = e.deadline.as_ref().map(|d| d.rule);
+                status.expiry_action = e.deadline.as_ref().map(|d| d.action);
+                if e.usage_remaining_seconds.is_some() {
+                    status.usage_remaining_seconds = e.usage_remaining_seconds;
                 }
-            }
-        } else {
-            status.expires_at = None;
-            status.expiry_rule = None;
-            status.expiry_action = None;
-        }
-        if let Some(b) = &budget {
-            status.usage_remaining_seconds = Some(b.remaining_ms(now_ts) / 1000);
-            if let Some(end) = b.window.end {
-                requeue = requeue.min(expiry::until(end, now_ts));
+                if let Some(r) = e.requeue {
+                    requeue = requeue.min(r);
+                }
+                armable = e.armable;
             }
         }
     }
@@ -760,137 +637,40 @@ async fn reconcile(
         DesiredState::Running | DesiredState::Paused => {
             let paused = effective == DesiredState::Paused;
             if let Some(p) = &pod {
-                // Pause keeps the pod and cuts access (label); resume restores it.
-                let is_paused = p
-                    .labels()
-                    .get(ACCESS_LABEL)
-                    .is_some_and(|v| v == ACCESS_PAUSED);
-                if is_paused != paused {
-                    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-                    let value = if paused {
-                        json!(ACCESS_PAUSED)
+                // Pause keeps the pod and cuts access (label); resume restores it; a hand
+                // edit of the label is undone.
+                let transition = old.phase
+                    != Some(if paused {
+                        SessionPhase::Paused
                     } else {
-                        serde_json::Value::Null
-                    };
-                    api.patch(
-                        &p.name_any(),
-                        &PatchParams::default(),
-                        &Patch::Merge(json!({"metadata": {"labels": {ACCESS_LABEL: value}}})),
-                    )
-                    .await
-                    .map_err(|source| Error::Child {
-                        verb: "patch",
-                        kind: "Pod",
-                        name: p.name_any(),
-                        source,
-                    })?;
-                    let (reason, note) = if paused {
-                        (
-                            "Paused",
-                            "session paused: access cut, pod and resources kept",
-                        )
-                    } else {
-                        ("Resumed", "session resumed from pause")
-                    };
-                    events.push((EventType::Normal, reason, note.into(), "Pause"));
+                        SessionPhase::Running
+                    });
+                events.extend(ensure_access(&ctx, &ns, p, paused, transition).await?);
+                let told = decide::pod_status(
+                    p,
+                    paused,
+                    &old,
+                    generation,
+                    state_refusal.is_some(),
+                    &sh.now,
+                );
+                if let Some(wait) = told.quiet_for {
+                    // Not worth a status write yet: the pod is on its way.
+                    for (t, reason, note, action) in events {
+                        sh.event(t, reason, note, action).await;
+                    }
+                    return Ok(Action::requeue(wait.min(requeue)));
                 }
-                let obs = plan::observe(Some(p), paused);
-                status.phase = Some(obs.phase);
-                status.node = obs.node.clone();
+                status.phase = Some(told.phase);
+                status.node = told.node;
                 status.pod = Some(p.name_any());
+                status.started_at = told.started_at;
                 let record = build::parse_launch_record(p.launch_annotation());
                 status.server = record.server.or(status.server.clone());
                 if record.profile.is_some() {
                     status.profile = record.profile;
                 }
-                if obs.ready && status.started_at.is_none() {
-                    status.started_at = Some(MicroTime(plan::started_at(p, now_ts)));
-                }
-                if obs.phase == SessionPhase::Pending {
-                    let age = p
-                        .creation_timestamp()
-                        .map(|t| sh.now.0.duration_since(t.0).as_secs_f64())
-                        .unwrap_or_default();
-                    let report = pending_report(obs.problem.as_deref(), age, &old.conditions);
-                    let reported_before = old.conditions.iter().any(|c| {
-                        c.type_ == Cond::Ready.as_str()
-                            && c.status == "False"
-                            && c.reason == "PodPending"
-                    });
-                    if report.is_none() && !reported_before && state_refusal.is_none() {
-                        // Not worth a status write: the pod is on its way (the floor writes
-                        // nothing while a pod starts either). Look again when the pod changes,
-                        // and when a slow start becomes worth reporting.
-                        for (t, reason, note, action) in events {
-                            sh.event(t, reason, note, action).await;
-                        }
-                        let left = match obs.problem.as_deref() {
-                            Some(p) => report_after(p).as_secs_f64() - age,
-                            None => SLOW_START_REPORT_AFTER.as_secs_f64() - age,
-                        };
-                        let wait = Duration::from_secs_f64(left.max(0.1)).min(requeue);
-                        return Ok(Action::requeue(wait));
-                    }
-                    conditions.push(condition(
-                        Cond::Ready,
-                        false,
-                        "PodPending",
-                        // A problem reported before and now gone: say the pod is on its way.
-                        &report.unwrap_or_else(|| "waiting for the session pod to start".into()),
-                        generation,
-                        &old.conditions,
-                        &sh.now,
-                    ));
-                }
-                if obs.phase == SessionPhase::Failed {
-                    conditions.push(condition(
-                        Cond::Ready,
-                        false,
-                        "PodFailed",
-                        obs.message.as_deref().unwrap_or("the session pod failed"),
-                        generation,
-                        &old.conditions,
-                        &sh.now,
-                    ));
-                }
-                if obs.ready {
-                    // A paused session's pod runs, but nobody can use it: not Ready.
-                    conditions.push(if paused {
-                        condition(
-                            Cond::Ready,
-                            false,
-                            reasons::PAUSED,
-                            "the session is paused: access is cut, its pod and resources kept",
-                            generation,
-                            &old.conditions,
-                            &sh.now,
-                        )
-                    } else {
-                        condition(
-                            Cond::Ready,
-                            true,
-                            reasons::RUNNING,
-                            "",
-                            generation,
-                            &old.conditions,
-                            &sh.now,
-                        )
-                    });
-                    // No Event for a routine start: the phase, the Ready condition's transition
-                    // time and startedAt record it, and an Event would be one more API write per
-                    // launch than the floor. Events are kept for what needs a reader's attention
-                    // or what the operator did on its own (refusals, failures, expiry, stop,
-                    // pause and resume).
-                }
-                conditions.push(condition(
-                    Cond::Admitted,
-                    true,
-                    reasons::ADMITTED,
-                    "",
-                    generation,
-                    &old.conditions,
-                    &sh.now,
-                ));
+                conditions.extend(told.conditions);
             } else {
                 // A refusal is final: a refused session never starts later on its own (the
                 // person launches again), and a refused resume waits for the next change of
@@ -968,18 +748,13 @@ async fn reconcile(
     }
     if !conditions.is_empty() || status.phase != old.phase {
         // Keep conditions this pass did not compute only if they still apply.
-        for c in &old.conditions {
-            let recomputed = conditions.iter().any(|n| n.type_ == c.type_);
-            let stale = (c.type_ == Cond::StateChange.as_str() && state_refusal.is_none())
-                || (c.type_ == Cond::Resumed.as_str() && effective != DesiredState::Stopped)
-                || (c.type_ == Cond::Admitted.as_str()
-                    && status.phase != Some(SessionPhase::Refused)
-                    && c.status == "False");
-            if !recomputed && !stale {
-                conditions.push(c.clone());
-            }
-        }
-        status.conditions = conditions;
+        status.conditions = decide::merge_conditions(
+            &old.conditions,
+            conditions,
+            state_refusal.is_some(),
+            effective,
+            status.phase,
+        );
     }
     let mut version = session.resource_version();
     let written = &ctx.launches.statuses;
@@ -1047,6 +822,84 @@ async fn reconcile(
         requeue = horizon(resync).min(expiry::until(d.at, now_ts) + FAST_PATH_GRACE);
     }
     Ok(requeue_within(requeue, resync))
+}
+
+/// A session being deleted: with the usage finalizer, its running time is accounted before it
+/// disappears, then it is let go.
+async fn finalize(ctx: &Context, ns: &str, session: &Session) -> Result<(), Error> {
+    if !session
+        .finalizers()
+        .iter()
+        .any(|f| f == contract::USAGE_FINALIZER)
+    {
+        return Ok(());
+    }
+    let user = ctx
+        .stores
+        .users
+        .get(&ObjectRef::new(&session.spec.user).within(ns));
+    let limit = user.as_ref().and_then(|u| {
+        resolve::resolve_user(&directory(&ctx.stores, ns), u)
+            .settings
+            .usage_limit
+    });
+    let now = jiff::Timestamp::now();
+    expiry::close_session(ctx, ns, session, user.as_deref(), limit.as_ref(), now).await?;
+    expiry::remove_finalizer(ctx, ns, session).await
+}
+
+/// Executor rule for the pod's access label (the only field of a running pod the operator
+/// changes): labels and annotations are metadata the API server lets a controller change on a
+/// live pod, so they are patched in place (a JSON merge patch of the one key), never by
+/// replacing the pod; anything of the pod's spec (image, resources, volumes, placement) cannot
+/// change on a running pod and is only ever set when the pod is created (a launch or a resume).
+/// Brings the label to its desired value whatever moved it (pause and resume, or a hand edit);
+/// returns the Event of a pause or resume it carried out.
+async fn ensure_access(
+    ctx: &Context,
+    ns: &str,
+    p: &CachedPod,
+    paused: bool,
+    transition: bool,
+) -> Result<Option<(EventType, &'static str, String, &'static str)>, Error> {
+    let is_paused = p
+        .labels()
+        .get(ACCESS_LABEL)
+        .is_some_and(|v| v == ACCESS_PAUSED);
+    if is_paused == paused {
+        return Ok(None);
+    }
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let value = if paused {
+        json!(ACCESS_PAUSED)
+    } else {
+        serde_json::Value::Null
+    };
+    api.patch(
+        &p.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {ACCESS_LABEL: value}}})),
+    )
+    .await
+    .map_err(|source| Error::Child {
+        verb: "patch",
+        kind: "Pod",
+        name: p.name_any(),
+        source,
+    })?;
+    if !transition {
+        warn!(pod = %p.name_any(), paused, "access label restored on a session pod edited by hand");
+        return Ok(None);
+    }
+    let (reason, note) = if paused {
+        (
+            "Paused",
+            "session paused: access cut, pod and resources kept",
+        )
+    } else {
+        ("Resumed", "session resumed from pause")
+    };
+    Ok(Some((EventType::Normal, reason, note.into(), "Pause")))
 }
 
 /// How far ahead a reconcile looks for its next requeue: the resync, or with none (zero) no
