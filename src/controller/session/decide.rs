@@ -16,12 +16,13 @@ use std::time::Duration;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
 
+use super::build::{self, ProfileMount};
 use super::expiry::{Budget, ceil_ms, until};
 use super::plan::{self, Cond, reasons};
 use crate::controller::cached::CachedPod;
 use crate::crd::v1alpha1::{
-    DesiredState, Keepalive, KeepaliveExpirationAction, KeepaliveSource, SessionPhase,
-    SessionStatus,
+    DesiredState, Keepalive, KeepaliveExpirationAction, KeepaliveSource, PersistentProfile,
+    ProfileMode, ProfileOutcome, ProfileStatus, SessionPhase, SessionStatus,
 };
 use crate::expiry::{Deadline, Open, Policy, SessionTimes};
 use crate::resolve::EffectiveSettings;
@@ -46,6 +47,166 @@ pub fn state(
             },
             Some(r),
         ),
+    }
+}
+
+/// What the profile decision looks at (the workspace's profile, when the mode is not Disabled).
+pub struct ProfileInputs<'a> {
+    /// The workspace's persistent profile (None: Disabled, or none configured).
+    pub cfg: Option<&'a PersistentProfile>,
+    /// The mode that applies.
+    pub mode: ProfileMode,
+    /// The user's username and id (for the templates).
+    pub username: &'a str,
+    /// The user's id.
+    pub user_id: &'a str,
+    /// This session's uid.
+    pub uid: &'a str,
+    /// The profile status this session already has (a Reset is done once).
+    pub old: Option<&'a ProfileStatus>,
+    /// Of a claim template: the active claim of the user's profile (name, and the uid of the
+    /// session whose Reset created it), as cached.
+    pub active: Option<(&'a str, Option<&'a str>)>,
+    /// Of a claim template: the name a new claim would take (the base name, or a suffixed one
+    /// when the base is taken).
+    pub next_name: &'a str,
+    /// Now, in unix seconds (archive names).
+    pub now_second: i64,
+}
+
+/// A profile claim to create (first launch, or a Reset), and the claim it archives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimPlan {
+    /// The claim to create.
+    pub name: String,
+    /// The template-derived base name (the profile's key).
+    pub base: String,
+    /// The claim archived (labelled, never deleted), if any.
+    pub archive: Option<String>,
+    /// The uid of the session whose Reset creates it.
+    pub reset_by: Option<String>,
+}
+
+/// What the profile decision says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProfilePlan {
+    /// `status.profile`.
+    pub status: ProfileStatus,
+    /// A claim to create (and one to archive).
+    pub claim: Option<ClaimPlan>,
+    /// How the pod mounts the profile.
+    pub mount: Option<ProfileMount>,
+    /// The claim whose bound volume's zone the session must run in, if any.
+    pub zone_of: Option<String>,
+}
+
+/// The base name of a claim template's claims for a user.
+pub fn claim_base(template_name: &str, username: &str, user_id: &str) -> String {
+    build::dns_name(&build::render_template(template_name, username, user_id))
+}
+
+/// The profile of a launch: which claim (or shared directory) it mounts, what it creates or
+/// archives, and what its status says. A Reset is done once per session: a session that already
+/// reset (its status, or the active claim's reset-by mark) mounts what it created.
+pub fn profile(i: &ProfileInputs) -> ProfilePlan {
+    let disabled = ProfilePlan {
+        status: ProfileStatus {
+            outcome: Some(ProfileOutcome::Disabled),
+            ..Default::default()
+        },
+        claim: None,
+        mount: None,
+        zone_of: None,
+    };
+    let Some(cfg) = i.cfg.filter(|_| i.mode != ProfileMode::Disabled) else {
+        return disabled;
+    };
+    let already_reset = i.old.and_then(|p| p.outcome).is_some_and(|o| {
+        matches!(
+            o,
+            ProfileOutcome::ResetArchived | ProfileOutcome::ResetFresh
+        )
+    });
+    let reset = i.mode == ProfileMode::Reset && !already_reset;
+    if let Some(t) = &cfg.claim_template {
+        let base = claim_base(&t.name, i.username, i.user_id);
+        let done_by_me = i.active.is_some_and(|(_, by)| by == Some(i.uid));
+        let (claim_name, plan, zone_of) = match (i.active, reset && !done_by_me) {
+            (Some((name, _)), false) => (name.to_string(), None, Some(name.to_string())),
+            (old, true) => (
+                i.next_name.to_string(),
+                Some(ClaimPlan {
+                    name: i.next_name.to_string(),
+                    base: base.clone(),
+                    archive: old.map(|(n, _)| n.to_string()),
+                    reset_by: Some(i.uid.to_string()),
+                }),
+                None,
+            ),
+            (None, false) => (
+                base.clone(),
+                Some(ClaimPlan {
+                    name: base.clone(),
+                    base: base.clone(),
+                    archive: None,
+                    reset_by: None,
+                }),
+                None,
+            ),
+        };
+        let archived_before = done_by_me && i.old.and_then(|p| p.archived_as.as_ref()).is_some();
+        let outcome = if reset || done_by_me {
+            if plan.as_ref().is_some_and(|p| p.archive.is_some()) || archived_before {
+                ProfileOutcome::ResetArchived
+            } else {
+                ProfileOutcome::ResetFresh
+            }
+        } else {
+            ProfileOutcome::Mounted
+        };
+        return ProfilePlan {
+            status: ProfileStatus {
+                claim: Some(claim_name.clone()),
+                outcome: Some(outcome),
+                archived_as: plan.as_ref().and_then(|p| p.archive.clone()),
+                ..Default::default()
+            },
+            claim: plan,
+            mount: Some(ProfileMount::Claim {
+                claim: claim_name,
+                mount_path: cfg.mount_path.clone(),
+            }),
+            zone_of,
+        };
+    }
+    let Some(sv) = &cfg.shared_volume else {
+        return disabled;
+    };
+    let sub_path = build::render_template(&sv.sub_path, i.username, i.user_id);
+    let archive_to = reset.then(|| format!("{sub_path}.archived-{}", i.now_second));
+    ProfilePlan {
+        status: ProfileStatus {
+            claim: Some(sv.claim_name.clone()),
+            sub_path: Some(sub_path.clone()),
+            outcome: Some(if reset {
+                ProfileOutcome::ResetArchived
+            } else {
+                ProfileOutcome::Mounted
+            }),
+            archived_as: archive_to.clone(),
+            message: reset.then(|| {
+                "the old profile directory is renamed (never deleted) by the profile-reset init container"
+                    .to_string()
+            }),
+        },
+        claim: None,
+        mount: Some(ProfileMount::SubPath {
+            claim: sv.claim_name.clone(),
+            sub_path,
+            mount_path: cfg.mount_path.clone(),
+            archive_to,
+        }),
+        zone_of: Some(sv.claim_name.clone()),
     }
 }
 
@@ -905,5 +1066,146 @@ mod tests {
         // The expiry needs no permission.
         assert_eq!(state(Stopped, false, false, true, running), (Stopped, None));
         assert_eq!(state(Paused, false, false, true, running), (Paused, None));
+    }
+
+    // Decision table, profile rows.
+
+    fn profile_cfg(shared: bool) -> PersistentProfile {
+        serde_json::from_value(if shared {
+            serde_json::json!({"mountPath": "/home/kasm-user",
+                "sharedVolume": {"claimName": "homes", "subPath": "users/{username}"}})
+        } else {
+            serde_json::json!({"mountPath": "/home/kasm-user",
+                "claimTemplate": {"name": "profile-{username}", "size": "1Gi"}})
+        })
+        .unwrap()
+    }
+
+    fn plan_of(
+        cfg: &PersistentProfile,
+        mode: ProfileMode,
+        old: Option<&ProfileStatus>,
+        active: Option<(&str, Option<&str>)>,
+    ) -> ProfilePlan {
+        profile(&ProfileInputs {
+            cfg: Some(cfg),
+            mode,
+            username: "bob",
+            user_id: "u-1",
+            uid: "me",
+            old,
+            active,
+            next_name: "profile-bob-r1767261600",
+            now_second: 1_767_261_600,
+        })
+    }
+
+    #[test]
+    fn row_profile_disabled_mounts_nothing() {
+        let p = plan_of(
+            &profile_cfg(false),
+            ProfileMode::Disabled,
+            None,
+            Some(("profile-bob", None)),
+        );
+        assert_eq!(p.status.outcome, Some(ProfileOutcome::Disabled));
+        assert!(p.claim.is_none() && p.mount.is_none() && p.zone_of.is_none());
+    }
+
+    #[test]
+    fn row_profile_enabled_creates_the_claim_once_then_mounts_it_in_its_zone() {
+        let cfg = profile_cfg(false);
+        let first = plan_of(&cfg, ProfileMode::Enabled, None, None);
+        assert_eq!(
+            first.claim.as_ref().map(|c| c.name.as_str()),
+            Some("profile-bob")
+        );
+        assert_eq!(first.status.outcome, Some(ProfileOutcome::Mounted));
+        assert!(first.zone_of.is_none(), "a new claim is not bound yet");
+        let later = plan_of(
+            &cfg,
+            ProfileMode::Enabled,
+            None,
+            Some(("profile-bob", None)),
+        );
+        assert!(later.claim.is_none(), "nothing to create");
+        assert_eq!(
+            later.zone_of.as_deref(),
+            Some("profile-bob"),
+            "pinned to its volume's zone"
+        );
+        assert_eq!(
+            later.mount,
+            Some(ProfileMount::Claim {
+                claim: "profile-bob".into(),
+                mount_path: "/home/kasm-user".into()
+            })
+        );
+    }
+
+    #[test]
+    fn row_profile_reset_archives_the_old_claim_and_creates_a_fresh_one_once() {
+        let cfg = profile_cfg(false);
+        let p = plan_of(&cfg, ProfileMode::Reset, None, Some(("profile-bob", None)));
+        let c = p.claim.clone().unwrap();
+        assert_eq!(
+            (c.name.as_str(), c.archive.as_deref(), c.reset_by.as_deref()),
+            ("profile-bob-r1767261600", Some("profile-bob"), Some("me"))
+        );
+        assert_eq!(p.status.outcome, Some(ProfileOutcome::ResetArchived));
+        assert_eq!(
+            p.status.archived_as.as_deref(),
+            Some("profile-bob"),
+            "archived, never deleted"
+        );
+        // No claim yet: a fresh one, nothing archived.
+        let p = plan_of(&cfg, ProfileMode::Reset, None, None);
+        assert_eq!(p.status.outcome, Some(ProfileOutcome::ResetFresh));
+        assert_eq!(p.claim.unwrap().archive, None);
+        // The reset done (the active claim is the one this session created): mounted again, not
+        // reset twice (a resume, or a pod re-created after an eviction).
+        let done = ProfileStatus {
+            outcome: Some(ProfileOutcome::ResetArchived),
+            archived_as: Some("profile-bob".into()),
+            ..Default::default()
+        };
+        let p = plan_of(
+            &cfg,
+            ProfileMode::Reset,
+            Some(&done),
+            Some(("profile-bob-r1767261600", Some("me"))),
+        );
+        assert!(p.claim.is_none());
+        assert_eq!(p.status.claim.as_deref(), Some("profile-bob-r1767261600"));
+        // Its status lost meanwhile (a crash before the write): the claim's mark still tells.
+        let p = plan_of(
+            &cfg,
+            ProfileMode::Reset,
+            None,
+            Some(("profile-bob-r1767261600", Some("me"))),
+        );
+        assert!(p.claim.is_none(), "never reset twice");
+    }
+
+    #[test]
+    fn row_profile_shared_volume_mounts_a_sub_path_and_reset_renames_it() {
+        let cfg = profile_cfg(true);
+        let p = plan_of(&cfg, ProfileMode::Enabled, None, None);
+        assert_eq!(p.status.sub_path.as_deref(), Some("users/bob"));
+        assert_eq!(p.zone_of.as_deref(), Some("homes"));
+        assert!(p.claim.is_none(), "the shared claim is the administrator's");
+        let p = plan_of(&cfg, ProfileMode::Reset, None, None);
+        assert_eq!(p.status.outcome, Some(ProfileOutcome::ResetArchived));
+        assert_eq!(
+            p.status.archived_as.as_deref(),
+            Some("users/bob.archived-1767261600")
+        );
+        assert!(matches!(
+            p.mount,
+            Some(ProfileMount::SubPath {
+                archive_to: Some(_),
+                ..
+            })
+        ));
     }
 }

@@ -42,10 +42,10 @@ use super::status::directory;
 use super::stores::{Reflectors, Stores, digest, in_namespace, sweep, when_changed};
 use super::{CONTROLLER_NAME, Context, Error};
 use crate::crd::v1alpha1::{
-    DesiredState, KeepaliveExpirationAction, ProfileMode, ProfileOutcome, ProfileStatus, Server,
-    ServerAssignment, ServerPool, Session, SessionPhase, SessionStatus, User, Workspace,
+    DesiredState, KeepaliveExpirationAction, ProfileMode, Server, ServerAssignment, ServerPool,
+    Session, SessionPhase, SessionStatus, User, Workspace,
 };
-use crate::resolve::{self, Directory};
+use crate::resolve;
 
 const KIND: &str = "Session";
 /// How long a pending pod may be held up by a problem (unschedulable, image pull error...)
@@ -686,7 +686,6 @@ async fn reconcile(
                 let launch = launch(
                     &sh,
                     budget.as_ref(),
-                    &dir,
                     user.as_deref(),
                     workspace.as_deref(),
                     resolved.as_ref(),
@@ -1021,7 +1020,6 @@ enum Launched {
 async fn launch(
     sh: &Shell<'_>,
     budget: Option<&expiry::Budget>,
-    dir: &Directory,
     user: Option<&User>,
     workspace: Option<&Workspace>,
     resolved: Option<&resolve::Resolved>,
@@ -1106,147 +1104,39 @@ async fn launch(
         .persistent_profile
         .as_ref()
         .filter(|_| mode != ProfileMode::Disabled);
-    let mut profile_status = ProfileStatus {
-        outcome: Some(ProfileOutcome::Disabled),
-        ..Default::default()
-    };
-    let mut profile_zone = None;
-    let mut claim_plan: Option<ClaimPlan> = None;
-    let mut mount: Option<ProfileMount> = None;
-    let already_reset = session
-        .status
+    let uid = session.uid().unwrap_or_default();
+    let base = profile_cfg
+        .and_then(|c| c.claim_template.as_ref())
+        .map(|t| decide::claim_base(&t.name, &username, &user_id));
+    let active = base.as_ref().and_then(|b| active_claim(stores, ns, b));
+    let marks = active.as_ref().map(|c| c.marks().into_owned());
+    let active_name = active.as_ref().map(|c| c.name_any());
+    let next_name = base
         .as_ref()
-        .and_then(|s| s.profile.as_ref())
-        .and_then(|p| p.outcome)
-        .is_some_and(|o| {
-            matches!(
-                o,
-                ProfileOutcome::ResetArchived | ProfileOutcome::ResetFresh
-            )
-        });
-    let reset = mode == ProfileMode::Reset && !already_reset;
-    if let Some(cfg) = profile_cfg {
-        if let Some(t) = &cfg.claim_template {
-            let base = build::dns_name(&build::render_template(&t.name, &username, &user_id));
-            let active = active_claim(stores, ns, &base);
-            let uid = session.uid().unwrap_or_default();
-            let done_by_me = active
-                .as_ref()
-                .is_some_and(|c| c.marks().reset_by.as_ref() == Some(&uid));
-            let (claim_name, plan) = match (&active, reset && !done_by_me) {
-                (Some(c), false) => {
-                    profile_zone = bound_zone(stores, c);
-                    (c.name_any(), None)
-                }
-                (old, true) => {
-                    let name = next_claim_name(stores, ns, &base, sh.now.0.as_second());
-                    (
-                        name.clone(),
-                        Some(ClaimPlan {
-                            name,
-                            base: base.clone(),
-                            archive: old.as_ref().map(|c| c.name_any()),
-                            reset_by: Some(uid.clone()),
-                        }),
-                    )
-                }
-                (None, false) => (
-                    base.clone(),
-                    Some(ClaimPlan {
-                        name: base.clone(),
-                        base: base.clone(),
-                        archive: None,
-                        reset_by: None,
-                    }),
-                ),
-            };
-            profile_status = ProfileStatus {
-                claim: Some(claim_name.clone()),
-                outcome: Some(if reset || done_by_me {
-                    if plan.as_ref().is_some_and(|p| p.archive.is_some())
-                        || (done_by_me
-                            && session
-                                .status
-                                .as_ref()
-                                .and_then(|s| s.profile.as_ref())
-                                .and_then(|p| p.archived_as.clone())
-                                .is_some())
-                    {
-                        ProfileOutcome::ResetArchived
-                    } else {
-                        ProfileOutcome::ResetFresh
-                    }
-                } else {
-                    ProfileOutcome::Mounted
-                }),
-                archived_as: plan.as_ref().and_then(|p| p.archive.clone()),
-                ..Default::default()
-            };
-            claim_plan = plan;
-            mount = Some(ProfileMount::Claim {
-                claim: claim_name,
-                mount_path: cfg.mount_path.clone(),
-            });
-        } else if let Some(sv) = &cfg.shared_volume {
-            let sub_path = build::render_template(&sv.sub_path, &username, &user_id);
-            let archive_to = reset.then(|| format!("{sub_path}.archived-{}", sh.now.0.as_second()));
-            profile_status = ProfileStatus {
-                claim: Some(sv.claim_name.clone()),
-                sub_path: Some(sub_path.clone()),
-                outcome: Some(if reset { ProfileOutcome::ResetArchived } else { ProfileOutcome::Mounted }),
-                archived_as: archive_to.clone(),
-                message: reset.then(|| "the old profile directory is renamed (never deleted) by the profile-reset init container".to_string()),
-            };
-            if let Some(c) = stores
-                .claims
-                .get(&ObjectRef::new(&sv.claim_name).within(ns))
-            {
-                profile_zone = bound_zone(stores, &c);
-            }
-            mount = Some(ProfileMount::SubPath {
-                claim: sv.claim_name.clone(),
-                sub_path,
-                mount_path: cfg.mount_path.clone(),
-                archive_to,
-            });
-        }
-    }
+        .map(|b| next_claim_name(stores, ns, b, sh.now.0.as_second()))
+        .unwrap_or_default();
+    let profile = decide::profile(&decide::ProfileInputs {
+        cfg: profile_cfg,
+        mode,
+        username: &username,
+        user_id: &user_id,
+        uid: &uid,
+        old: session.status.as_ref().and_then(|s| s.profile.as_ref()),
+        active: active_name
+            .as_deref()
+            .map(|n| (n, marks.as_ref().and_then(|m| m.reset_by.as_deref()))),
+        next_name: &next_name,
+        now_second: sh.now.0.as_second(),
+    });
+    let profile_zone = profile
+        .zone_of
+        .as_ref()
+        .and_then(|c| stores.claims.get(&ObjectRef::new(c).within(ns)))
+        .and_then(|c| bound_zone(stores, &c));
+    let (profile_status, claim_plan, mount) = (profile.status, profile.claim, profile.mount);
 
     // Placement.
-    let pool_kind = match &access.pool {
-        None => PoolKind::None {
-            zones: zones_with_nodes(stores, &BTreeMap::new()),
-        },
-        Some(p) => match &p.spec.autoscale {
-            Some(a) => PoolKind::Autoscale {
-                pool: p.name_any(),
-                node_selector: a.node_selector.clone(),
-                zones: zones_with_nodes(stores, &a.node_selector),
-            },
-            None => PoolKind::Servers {
-                pool: p.name_any(),
-                candidates: access
-                    .servers
-                    .iter()
-                    .map(|c| {
-                        let s = &c.server;
-                        let name = s.name_any();
-                        ServerCandidate {
-                            load: server_load(stores, ns, &name, &launched, &key),
-                            zone: s
-                                .spec
-                                .zone
-                                .clone()
-                                .or_else(|| node_zone(stores, &s.spec.node_name)),
-                            node: s.spec.node_name.clone(),
-                            capacity: s.spec.max_sessions,
-                            name,
-                        }
-                    })
-                    .collect(),
-            },
-        },
-    };
+    let pool_kind = pool_kind(stores, ns, access, &launched, &key);
     // A claim template's claim that one node (or one pod) mounts at a time: where another
     // session of the user has it.
     let holder = match (&mount, profile_cfg.and_then(|c| c.claim_template.as_ref())) {
@@ -1273,20 +1163,7 @@ async fn launch(
     if let Some(cp) = &claim_plan
         && let Some(t) = profile_cfg.and_then(|c| c.claim_template.as_ref())
     {
-        let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
-        if let Some(old) = &cp.archive {
-            let patch =
-                json!({"metadata": {"labels": {ARCHIVED_LABEL: sh.now.0.as_second().to_string()}}});
-            api.patch(old, &PatchParams::default(), &Patch::Merge(patch))
-                .await
-                .map_err(|source| Error::Child {
-                    verb: "patch",
-                    kind: "PersistentVolumeClaim",
-                    name: old.clone(),
-                    source,
-                })?;
-        }
-        let pvc = build::profile_claim(
+        let claim = build::profile_claim(
             &cp.name,
             &cp.base,
             t,
@@ -1295,18 +1172,7 @@ async fn launch(
             ns,
             cp.reset_by.as_deref(),
         );
-        match api.create(&PostParams::default(), &pvc).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 409 => {}
-            Err(source) => {
-                return Err(Error::Child {
-                    verb: "create",
-                    kind: "PersistentVolumeClaim",
-                    name: cp.name.clone(),
-                    source,
-                });
-            }
-        }
+        ensure_claim(ctx, ns, cp.archive.as_deref(), &claim, sh.now.0.as_second()).await?;
     }
     let record = build::LaunchRecord {
         server: server.clone(),
@@ -1348,30 +1214,113 @@ async fn launch(
         // Usage-limited: the session must be accounted before it can disappear.
         expiry::add_finalizer(ctx, ns, session).await?;
     }
-    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    match api.create(&PostParams::default(), &pod).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 409 => {}
-        // The API server will never accept this pod (invalid, or refused by admission such as
-        // Pod Security): the session fails with the server's reason instead of retrying forever.
-        Err(kube::Error::Api(s)) if matches!(s.code, 400 | 403 | 422) => {
-            return Ok(Launched::Failed(Refusal::new(
-                reasons::POD_REJECTED,
-                format!("the API server rejected the session pod: {}", s.message),
-            )));
-        }
-        Err(source) => {
-            return Err(Error::Child {
-                verb: "create",
-                kind: "Pod",
-                name: contract::pod_name(session),
-                source,
-            });
-        }
+    if let Some(rejected) = create_pod(ctx, ns, &pod).await? {
+        return Ok(Launched::Failed(rejected));
     }
     ctx.launches.remember(key, server);
-    let _ = dir;
     Ok(Launched::Created)
+}
+
+/// Executor for the profile claim: archives `archive` (a label, never a deletion) and creates
+/// `claim` if absent. Created once, not applied each pass: a claim's spec is immutable once
+/// bound, and its labels are only read by this operator.
+async fn ensure_claim(
+    ctx: &Context,
+    ns: &str,
+    archive: Option<&str>,
+    claim: &PersistentVolumeClaim,
+    now_second: i64,
+) -> Result<(), Error> {
+    let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
+    if let Some(old) = archive {
+        let patch = json!({"metadata": {"labels": {ARCHIVED_LABEL: now_second.to_string()}}});
+        api.patch(old, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+            .map_err(|source| Error::Child {
+                verb: "patch",
+                kind: "PersistentVolumeClaim",
+                name: old.to_string(),
+                source,
+            })?;
+    }
+    match api.create(&PostParams::default(), claim).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(source) => Err(Error::Child {
+            verb: "create",
+            kind: "PersistentVolumeClaim",
+            name: claim.name_any(),
+            source,
+        }),
+    }
+}
+
+/// Executor for the session pod: created if absent (a pod's spec cannot change once it runs,
+/// so it is never applied over; see [`ensure_access`] for what is patched in place). The API
+/// server's refusal of the pod itself (invalid, or refused by admission such as Pod Security)
+/// is returned as the reason the session fails, instead of retrying forever.
+async fn create_pod(ctx: &Context, ns: &str, pod: &Pod) -> Result<Option<Refusal>, Error> {
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    match api.create(&PostParams::default(), pod).await {
+        Ok(_) => Ok(None),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(None),
+        Err(kube::Error::Api(s)) if matches!(s.code, 400 | 403 | 422) => Ok(Some(Refusal::new(
+            reasons::POD_REJECTED,
+            format!("the API server rejected the session pod: {}", s.message),
+        ))),
+        Err(source) => Err(Error::Child {
+            verb: "create",
+            kind: "Pod",
+            name: pod.name_any(),
+            source,
+        }),
+    }
+}
+
+/// How the workspace places sessions, as the caches show it: the scheduler (the zones that have
+/// nodes), an autoscaled pool, or a pool of servers with their load (this replica's launches
+/// not yet in the pod cache included, `me` excluded).
+fn pool_kind(
+    stores: &Stores,
+    ns: &str,
+    access: &resolve::Access,
+    launched: &HashMap<String, Option<String>>,
+    key: &str,
+) -> PoolKind {
+    match &access.pool {
+        None => PoolKind::None {
+            zones: zones_with_nodes(stores, &BTreeMap::new()),
+        },
+        Some(p) => match &p.spec.autoscale {
+            Some(a) => PoolKind::Autoscale {
+                pool: p.name_any(),
+                node_selector: a.node_selector.clone(),
+                zones: zones_with_nodes(stores, &a.node_selector),
+            },
+            None => PoolKind::Servers {
+                pool: p.name_any(),
+                candidates: access
+                    .servers
+                    .iter()
+                    .map(|c| {
+                        let s = &c.server;
+                        let name = s.name_any();
+                        ServerCandidate {
+                            load: server_load(stores, ns, &name, launched, key),
+                            zone: s
+                                .spec
+                                .zone
+                                .clone()
+                                .or_else(|| node_zone(stores, &s.spec.node_name)),
+                            node: s.spec.node_name.clone(),
+                            capacity: s.spec.max_sessions,
+                            name,
+                        }
+                    })
+                    .collect(),
+            },
+        },
+    }
 }
 
 /// How many mounts a claim with `modes` allows at a time.
@@ -1422,13 +1371,6 @@ fn claim_holder(
         })
         // A placed holder decides; of several, the one already on a node.
         .max_by_key(|h| h.node.is_some())
-}
-
-struct ClaimPlan {
-    name: String,
-    base: String,
-    archive: Option<String>,
-    reset_by: Option<String>,
 }
 
 fn active_claim(stores: &Stores, ns: &str, base: &str) -> Option<Arc<CachedClaim>> {
