@@ -442,6 +442,302 @@ impl Shell<'_> {
     }
 }
 
+/// An Event to publish: type, reason, note, action.
+type Ev = (EventType, &'static str, String, &'static str);
+
+/// What a reconcile reads of the caches for one session (the dereference step).
+struct Read {
+    /// The pod, if it is this session's.
+    pod: Option<Arc<CachedPod>>,
+    user: Option<Arc<User>>,
+    workspace: Option<Arc<Workspace>>,
+    resolved: Option<resolve::Resolved>,
+    access: Option<resolve::Access>,
+}
+
+impl Read {
+    /// Reads `session`'s pod, user, workspace and what they resolve to; None while a pod of an
+    /// older session of the same name still waits for the garbage collector.
+    fn of(stores: &Stores, ns: &str, session: &Session) -> Option<Self> {
+        let pod = stores
+            .pods
+            .get(&ObjectRef::new(&contract::pod_name(session)).within(ns));
+        let uid = session.uid().unwrap_or_default();
+        let pod = match pod {
+            Some(p) if p.owner_references().iter().any(|o| o.uid == uid) => Some(p),
+            Some(_) => return None,
+            None => None,
+        };
+        let user = stores
+            .users
+            .get(&ObjectRef::new(&session.spec.user).within(ns));
+        let workspace = stores
+            .workspaces
+            .get(&ObjectRef::new(&session.spec.workspace).within(ns));
+        let dir = directory(stores, ns);
+        let resolved = user.as_ref().map(|u| resolve::resolve_user(&dir, u));
+        let access = match (&user, &resolved, &workspace) {
+            (Some(u), Some(r), Some(w)) => Some(resolve::access(&dir, u, r, w)),
+            _ => None,
+        };
+        Some(Self {
+            pod,
+            user,
+            workspace,
+            resolved,
+            access,
+        })
+    }
+
+    fn settings(&self) -> Option<&resolve::EffectiveSettings> {
+        self.resolved.as_ref().map(|r| &r.settings)
+    }
+}
+
+/// One reconcile pass: the status as read, the status and conditions it decides, the Events of
+/// the transitions, and its timers.
+struct Pass<'a> {
+    sh: Shell<'a>,
+    old: SessionStatus,
+    status: SessionStatus,
+    generation: Option<i64>,
+    conditions: Vec<Condition>,
+    events: Vec<Ev>,
+    requeue: Duration,
+    /// The deadline this pass leaves armed, if the fast path may enforce it.
+    armable: Option<crate::expiry::Deadline>,
+}
+
+impl Pass<'_> {
+    fn condition(&mut self, type_: Cond, ok: bool, reason: &str, message: &str) {
+        let c = condition(
+            type_,
+            ok,
+            reason,
+            message,
+            self.generation,
+            &self.old.conditions,
+            &self.sh.now,
+        );
+        self.conditions.push(c);
+    }
+
+    /// A refusal: a False condition of `type_` with the reason, and a Warning Event the first
+    /// time this reason appears (Events on transitions only).
+    fn refuse(&mut self, type_: Cond, r: &Refusal, action: &'static str) {
+        self.condition(type_, false, r.reason, &r.message);
+        if self.old.conditions.iter().all(|c| c.reason != r.reason) {
+            self.events
+                .push((EventType::Warning, r.reason, r.message.clone(), action));
+        }
+    }
+
+    async fn publish_events(&mut self) {
+        for (t, reason, note, action) in std::mem::take(&mut self.events) {
+            self.sh.event(t, reason, note, action).await;
+        }
+    }
+
+    /// Applies the expiry's decision to the status; Some(action) when the deadline is due and
+    /// the reconcile ends here.
+    fn expiry(
+        &mut self,
+        ctx: &Arc<Context>,
+        session: &Arc<Session>,
+        read: &Read,
+        effective: DesiredState,
+        resuming: bool,
+        budget: Option<&expiry::Budget>,
+    ) -> Option<Action> {
+        let now = self.sh.now.0;
+        let st = read.settings()?;
+        if !expiry::armed(self.old.phase, read.pod.is_some()) {
+            return None;
+        }
+        let uid = session.uid().unwrap_or_default();
+        let decision = decide::expiry(&decide::ExpiryInputs {
+            old: &self.old,
+            settings: st,
+            reported_keepalive: expiry::reported_keepalive(session.as_ref()),
+            created: session.creation_timestamp().map(|t| t.0).unwrap_or(now),
+            pod: read.pod.as_deref(),
+            uid: &uid,
+            budget,
+            effective,
+            resuming,
+            now,
+        });
+        match decision {
+            decide::ExpiryDecision::Due(d) => {
+                // Decided here; the API calls run in a task of their own, so a reconcile slot
+                // is never held for a round trip.
+                Some(
+                    match Expiring::decide(ctx, session, &self.sh.ns, &self.sh.name, &d, now) {
+                        Some(e) => {
+                            tokio::spawn(e.carry_out());
+                            Action::await_change()
+                        }
+                        // This replica is already carrying it out; look again once it is done.
+                        None => Action::requeue(Duration::from_secs(1)),
+                    },
+                )
+            }
+            decide::ExpiryDecision::Waiting(e) => {
+                let status = &mut self.status;
+                if e.last_keepalive.is_some() {
+                    status.last_keepalive = e.last_keepalive;
+                }
+                status.expires_at = e.deadline.as_ref().map(|d| MicroTime(d.at));
+                status.expiry_rule = e.deadline.as_ref().map(|d| d.rule);
+                status.expiry_action = e.deadline.as_ref().map(|d| d.action);
+                if e.usage_remaining_seconds.is_some() {
+                    status.usage_remaining_seconds = e.usage_remaining_seconds;
+                }
+                if let Some(r) = e.requeue {
+                    self.requeue = self.requeue.min(r);
+                }
+                self.armable = e.armable;
+                None
+            }
+        }
+    }
+
+    /// Stop: the pod removed (volumes kept), the session Stopped once it was admitted.
+    async fn stop(
+        &mut self,
+        ctx: &Context,
+        pod: Option<&CachedPod>,
+        admitted_before: bool,
+    ) -> Result<(), Error> {
+        if let Some(p) = pod {
+            delete_pod(ctx, &self.sh.ns, p).await?;
+            self.events.push((
+                EventType::Normal,
+                "Stopped",
+                "session stopped: pod removed, volumes kept".into(),
+                "Stop",
+            ));
+        }
+        ctx.launches
+            .forget(&session_key(&self.sh.ns, &self.sh.name));
+        if admitted_before || self.old.phase == Some(SessionPhase::Stopped) {
+            self.status.phase = Some(SessionPhase::Stopped);
+            self.status.node = None;
+            self.status.pod = None;
+            self.condition(
+                Cond::Ready,
+                false,
+                reasons::STOPPED,
+                "the session is stopped: its pod is removed, its volumes kept",
+            );
+        }
+        Ok(())
+    }
+
+    /// Running or paused with a pod: its access label brought to the desired value, and the
+    /// status the pod tells. Some(action) when a starting pod is not worth a write yet.
+    async fn follow_pod(
+        &mut self,
+        ctx: &Context,
+        p: &CachedPod,
+        paused: bool,
+        state_refused: bool,
+    ) -> Result<Option<Action>, Error> {
+        // Pause keeps the pod and cuts access (label); resume restores it; a hand edit of the
+        // label is undone.
+        let target = if paused {
+            SessionPhase::Paused
+        } else {
+            SessionPhase::Running
+        };
+        let transition = self.old.phase != Some(target);
+        let ev = ensure_access(ctx, &self.sh.ns, p, paused, transition).await?;
+        self.events.extend(ev);
+        let told = decide::pod_status(
+            p,
+            paused,
+            &self.old,
+            self.generation,
+            state_refused,
+            &self.sh.now,
+        );
+        if let Some(wait) = told.quiet_for {
+            // Not worth a status write yet: the pod is on its way.
+            self.publish_events().await;
+            return Ok(Some(Action::requeue(wait.min(self.requeue))));
+        }
+        let status = &mut self.status;
+        status.phase = Some(told.phase);
+        status.node = told.node;
+        status.pod = Some(p.name_any());
+        status.started_at = told.started_at;
+        let record = build::parse_launch_record(p.launch_annotation());
+        status.server = record.server.or(status.server.clone());
+        if record.profile.is_some() {
+            status.profile = record.profile;
+        }
+        self.conditions.extend(told.conditions);
+        Ok(None)
+    }
+
+    /// What a launch that did not create a pod means for the status.
+    fn launch_failed(&mut self, outcome: Launched) {
+        match outcome {
+            Launched::Created => {}
+            Launched::Failed(r) => {
+                self.status.phase = Some(SessionPhase::Failed);
+                self.refuse(Cond::Ready, &r, "Launch");
+            }
+            Launched::Refused(r) if self.old.phase == Some(SessionPhase::Stopped) => {
+                // A stopped session that cannot resume stays stopped and says why.
+                self.refuse(Cond::Resumed, &r, "Resume");
+            }
+            Launched::Refused(r) => {
+                self.status.phase = Some(SessionPhase::Refused);
+                self.refuse(Cond::Admitted, &r, "Launch");
+                // Nor ready: the same reason, without a second event.
+                self.condition(Cond::Ready, false, r.reason, &r.message);
+            }
+        }
+    }
+
+    /// Writes the status if it changed (and was not already written for this version of the
+    /// session), then the Events of the transition. Returns whether it wrote, and the session's
+    /// resourceVersion after this pass.
+    async fn write_status(&mut self, ctx: &Context) -> Result<(bool, Option<String>), Error> {
+        let session = self.sh.session;
+        let mut version = session.resource_version();
+        let written = &ctx.launches.statuses;
+        written.seen(session);
+        // The status (and the Events of its transition) already went out for this version of
+        // the session: the cache has not caught up with that write yet.
+        let changed = !same_status(&self.status, &self.old);
+        let repeat = changed && written.already(session, &self.status);
+        if changed && !repeat {
+            version = self.sh.patch_status(&self.status).await?.resource_version();
+            written.record(session, &self.status);
+            let ready = self
+                .status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == Cond::Ready.as_str());
+            info!(
+                session = %session_key(&self.sh.ns, &self.sh.name),
+                phase = ?self.status.phase,
+                ready = ready.map(|c| c.status.as_str()),
+                reason = ready.map(|c| c.reason.as_str()),
+                detail = ready.map(|c| c.message.as_str()),
+                "session status updated"
+            );
+        }
+        if repeat {
+            self.events.clear();
+        }
+        self.publish_events().await;
+        Ok((changed && !repeat, version))
+    }
+}
+
 async fn reconcile(
     session: Arc<Session>,
     ctx: Arc<Context>,
@@ -460,336 +756,141 @@ async fn reconcile(
         finalize(&ctx, &ns, &session).await?;
         return Ok(Action::await_change());
     }
-    let sh = Shell {
-        ctx: &ctx,
-        session: &session,
-        ns: ns.clone(),
-        name: name.clone(),
-        now: Time(jiff::Timestamp::now()),
-    };
-    let old = session.status.clone().unwrap_or_default();
     let stores = &ctx.stores;
-    let generation = session.metadata.generation;
-
-    // The pod, if it is this session's (a pod of an older session of the same name waits for GC).
-    let pod = stores
-        .pods
-        .get(&ObjectRef::new(&contract::pod_name(&session)).within(&ns));
-    let uid = session.uid().unwrap_or_default();
-    let pod = match pod {
-        Some(p) if p.owner_references().iter().any(|o| o.uid == uid) => Some(p),
-        Some(_) => return Ok(Action::requeue(Duration::from_secs(2))),
-        None => None,
+    // Dereference: a pod of an older session of the same name waits for GC.
+    let Some(read) = Read::of(stores, &ns, &session) else {
+        return Ok(Action::requeue(Duration::from_secs(2)));
     };
-    if pod.is_some() {
+    if read.pod.is_some() {
         ctx.launches.forget(&key);
     }
-
-    let user = stores
-        .users
-        .get(&ObjectRef::new(&session.spec.user).within(&ns));
-    let workspace = stores
-        .workspaces
-        .get(&ObjectRef::new(&session.spec.workspace).within(&ns));
-    let dir = directory(stores, &ns);
-    let resolved = user.as_ref().map(|u| resolve::resolve_user(&dir, u));
-    let access = match (&user, &resolved, &workspace) {
-        (Some(u), Some(r), Some(w)) => Some(resolve::access(&dir, u, r, w)),
-        _ => None,
-    };
-    let settings = resolved.as_ref().map(|r| &r.settings);
-    let allow_stop = settings.is_some_and(|s| s.allow_kasm_stop);
-    let allow_pause = settings.is_some_and(|s| s.allow_kasm_pause);
-
+    let old = session.status.clone().unwrap_or_default();
+    let settings = read.settings();
     let desired = session.spec.state.unwrap_or(DesiredState::Running);
     let by_expiry = session
         .annotations()
         .get(STATE_SET_BY_ANNOTATION)
         .is_some_and(|v| v == SET_BY_EXPIRY);
-    let (effective, state_refusal) =
-        decide::state(desired, allow_stop, allow_pause, by_expiry, old.phase);
-
-    let mut status = old.clone();
-    status.observed_generation = generation;
-    let mut conditions: Vec<Condition> = Vec::new();
-    let mut requeue = horizon(resync);
-    let now_ts = sh.now.0;
-    // The deadline this pass leaves armed, if the fast path may enforce it (see below).
-    let mut armable: Option<crate::expiry::Deadline> = None;
+    let (effective, state_refusal) = decide::state(
+        desired,
+        settings.is_some_and(|s| s.allow_kasm_stop),
+        settings.is_some_and(|s| s.allow_kasm_pause),
+        by_expiry,
+        old.phase,
+    );
+    let mut pass = Pass {
+        sh: Shell {
+            ctx: &ctx,
+            session: &session,
+            ns: ns.clone(),
+            name: name.clone(),
+            now: Time(jiff::Timestamp::now()),
+        },
+        status: SessionStatus {
+            observed_generation: session.metadata.generation,
+            ..old.clone()
+        },
+        old,
+        generation: session.metadata.generation,
+        conditions: Vec::new(),
+        events: Vec::new(),
+        requeue: horizon(resync),
+        armable: None,
+    };
+    let now_ts = pass.sh.now.0;
     ctx.expiries.disarm(&key);
-
     // Usage budget (when a usage limit applies to the user).
-    let budget = match (&user, settings.and_then(|s| s.usage_limit.as_ref())) {
+    let limit = settings.and_then(|s| s.usage_limit.as_ref());
+    let budget = match (&read.user, limit) {
         (Some(u), Some(l)) => Some(expiry::budget(stores, &ns, u, l, now_ts)),
         _ => None,
     };
-
     // Keepalive and deadline, for admitted sessions.
     let resuming = effective == DesiredState::Running
         && matches!(
-            old.phase,
+            pass.old.phase,
             Some(SessionPhase::Stopped | SessionPhase::Paused)
         );
-    if let Some(st) = settings
-        && expiry::armed(old.phase, pod.is_some())
-    {
-        let uid = session.uid().unwrap_or_default();
-        let decision = decide::expiry(&decide::ExpiryInputs {
-            old: &old,
-            settings: st,
-            reported_keepalive: expiry::reported_keepalive(&session),
-            created: session.creation_timestamp().map(|t| t.0).unwrap_or(now_ts),
-            pod: pod.as_deref(),
-            uid: &uid,
-            budget: budget.as_ref(),
-            effective,
-            resuming: resuming && state_refusal.is_none(),
-            now: now_ts,
-        });
-        match decision {
-            decide::ExpiryDecision::Due(d) => {
-                // Decided here; the API calls run in a task of their own, so a reconcile slot
-                // is never held for a round trip.
-                return Ok(
-                    match Expiring::decide(&ctx, &session, &ns, &name, &d, now_ts) {
-                        Some(e) => {
-                            tokio::spawn(e.carry_out());
-                            Action::await_change()
-                        }
-                        // This replica is already carrying it out; look again once it is done.
-                        None => Action::requeue(Duration::from_secs(1)),
-                    },
-                );
-            }
-            decide::ExpiryDecision::Waiting(e) => {
-                if e.last_keepalive.is_some() {
-                    status.last_keepalive = e.last_keepalive;
-                }
-                status.expires_at = e.deadline.as_ref().map(|d| MicroTime(d.at));
-                status.expiry_rule = e.deadline.as_ref().map(|d| d.rule);
-                status.expiry_action = e.deadline.as_ref().map(|d| d.action);
-                if e.usage_remaining_seconds.is_some() {
-                    status.usage_remaining_seconds = e.usage_remaining_seconds;
-                }
-                if let Some(r) = e.requeue {
-                    requeue = requeue.min(r);
-                }
-                armable = e.armable;
-            }
-        }
+    if let Some(action) = pass.expiry(&ctx, &session, &read, effective, resuming, budget.as_ref()) {
+        return Ok(action);
     }
-    let mut events: Vec<(EventType, &'static str, String, &'static str)> = Vec::new();
-    // A refusal: a False condition of `type_` with the reason, and a Warning event the first
-    // time this reason appears (events on transitions only).
-    let refuse =
-        |type_: Cond,
-         r: &Refusal,
-         action: &'static str,
-         conditions: &mut Vec<Condition>,
-         events: &mut Vec<(EventType, &'static str, String, &'static str)>| {
-            conditions.push(condition(
-                type_,
-                false,
-                r.reason,
-                &r.message,
-                generation,
-                &old.conditions,
-                &sh.now,
-            ));
-            if old.conditions.iter().all(|c| c.reason != r.reason) {
-                events.push((EventType::Warning, r.reason, r.message.clone(), action));
-            }
-        };
-
-    let admitted_before = pod.is_some()
+    let admitted_before = read.pod.is_some()
         || matches!(
-            old.phase,
+            pass.old.phase,
             Some(SessionPhase::Running | SessionPhase::Paused | SessionPhase::Stopped)
         );
-
-    match effective {
-        DesiredState::Stopped => {
-            if let Some(p) = &pod {
-                delete_pod(&ctx, &ns, p).await?;
-                events.push((
-                    EventType::Normal,
-                    "Stopped",
-                    "session stopped: pod removed, volumes kept".into(),
-                    "Stop",
-                ));
-            }
-            ctx.launches.forget(&key);
-            if admitted_before || old.phase == Some(SessionPhase::Stopped) {
-                status.phase = Some(SessionPhase::Stopped);
-                status.node = None;
-                status.pod = None;
-                conditions.push(condition(
-                    Cond::Ready,
-                    false,
-                    reasons::STOPPED,
-                    "the session is stopped: its pod is removed, its volumes kept",
-                    generation,
-                    &old.conditions,
-                    &sh.now,
-                ));
+    let paused = effective == DesiredState::Paused;
+    match (effective, read.pod.as_deref()) {
+        (DesiredState::Stopped, pod) => pass.stop(&ctx, pod, admitted_before).await?,
+        (_, Some(p)) => {
+            if let Some(action) = pass
+                .follow_pod(&ctx, p, paused, state_refusal.is_some())
+                .await?
+            {
+                return Ok(action);
             }
         }
-        DesiredState::Running | DesiredState::Paused => {
-            let paused = effective == DesiredState::Paused;
-            if let Some(p) = &pod {
-                // Pause keeps the pod and cuts access (label); resume restores it; a hand
-                // edit of the label is undone.
-                let transition = old.phase
-                    != Some(if paused {
-                        SessionPhase::Paused
-                    } else {
-                        SessionPhase::Running
-                    });
-                events.extend(ensure_access(&ctx, &ns, p, paused, transition).await?);
-                let told = decide::pod_status(
-                    p,
-                    paused,
-                    &old,
-                    generation,
-                    state_refusal.is_some(),
-                    &sh.now,
-                );
-                if let Some(wait) = told.quiet_for {
-                    // Not worth a status write yet: the pod is on its way.
-                    for (t, reason, note, action) in events {
-                        sh.event(t, reason, note, action).await;
-                    }
-                    return Ok(Action::requeue(wait.min(requeue)));
+        // A refusal is final: a refused session never starts later on its own (the person
+        // launches again), and a refused resume waits for the next change of the spec.
+        (_, None) if plan::refusal_is_final(&pass.old, pass.generation) => {
+            return Ok(requeue_within(pass.requeue, resync));
+        }
+        // Launch (or resume after a stop, or re-create a pod lost to eviction) — unless this
+        // replica just created the pod and the cache has not shown it yet.
+        (_, None) if ctx.launches.in_flight(&key) => {
+            return Ok(Action::requeue(PENDING_REPORT_AFTER.min(pass.requeue)));
+        }
+        (_, None) => {
+            let outcome = launch(
+                &pass.sh,
+                budget.as_ref(),
+                read.user.as_deref(),
+                read.workspace.as_deref(),
+                read.resolved.as_ref(),
+                read.access.as_ref(),
+                admitted_before,
+                paused,
+            )
+            .await?;
+            if let Launched::Created = outcome {
+                // The status is written when the pod's own event says it runs (what the launch
+                // decided travels on the pod: LAUNCH_ANNOTATION); the requeue is only a safety
+                // net should the pod never show up. A resume records its keepalive at once, so
+                // the old one cannot expire it.
+                if resuming && pass.status.last_keepalive != pass.old.last_keepalive {
+                    let s = SessionStatus {
+                        last_keepalive: pass.status.last_keepalive.clone(),
+                        expires_at: pass.status.expires_at.clone(),
+                        expiry_rule: pass.status.expiry_rule,
+                        expiry_action: pass.status.expiry_action,
+                        ..pass.old.clone()
+                    };
+                    pass.sh.patch_status(&s).await?;
                 }
-                status.phase = Some(told.phase);
-                status.node = told.node;
-                status.pod = Some(p.name_any());
-                status.started_at = told.started_at;
-                let record = build::parse_launch_record(p.launch_annotation());
-                status.server = record.server.or(status.server.clone());
-                if record.profile.is_some() {
-                    status.profile = record.profile;
-                }
-                conditions.extend(told.conditions);
-            } else {
-                // A refusal is final: a refused session never starts later on its own (the
-                // person launches again), and a refused resume waits for the next change of
-                // the session's spec.
-                if plan::refusal_is_final(&old, generation) {
-                    return Ok(requeue_within(requeue, resync));
-                }
-                // Launch (or resume after a stop, or re-create a pod lost to eviction) — unless
-                // this replica just created the pod and the cache has not shown it yet.
-                if ctx.launches.in_flight(&key) {
-                    return Ok(Action::requeue(PENDING_REPORT_AFTER.min(requeue)));
-                }
-                let launch = launch(
-                    &sh,
-                    budget.as_ref(),
-                    user.as_deref(),
-                    workspace.as_deref(),
-                    resolved.as_ref(),
-                    access.as_ref(),
-                    admitted_before,
-                    paused,
-                )
-                .await?;
-                match launch {
-                    Launched::Created => {
-                        // Status is written once the pod runs (or after PENDING_REPORT_AFTER):
-                        // what the launch decided travels on the pod (LAUNCH_ANNOTATION). A
-                        // resume records its keepalive at once, so the old one cannot expire it.
-                        if resuming && status.last_keepalive != old.last_keepalive {
-                            let mut s = old.clone();
-                            s.last_keepalive = status.last_keepalive.clone();
-                            s.expires_at = status.expires_at.clone();
-                            s.expiry_rule = status.expiry_rule;
-                            s.expiry_action = status.expiry_action;
-                            sh.patch_status(&s).await?;
-                        }
-                        return Ok(Action::requeue(PENDING_REPORT_AFTER.min(requeue)));
-                    }
-                    Launched::Failed(r) => {
-                        status.phase = Some(SessionPhase::Failed);
-                        refuse(Cond::Ready, &r, "Launch", &mut conditions, &mut events);
-                    }
-                    Launched::Refused(r) => {
-                        if old.phase == Some(SessionPhase::Stopped) {
-                            // A stopped session that cannot resume stays stopped and says why.
-                            refuse(Cond::Resumed, &r, "Resume", &mut conditions, &mut events);
-                        } else {
-                            status.phase = Some(SessionPhase::Refused);
-                            refuse(Cond::Admitted, &r, "Launch", &mut conditions, &mut events);
-                            // Nor ready: the same reason, without a second event.
-                            conditions.push(condition(
-                                Cond::Ready,
-                                false,
-                                r.reason,
-                                &r.message,
-                                generation,
-                                &old.conditions,
-                                &sh.now,
-                            ));
-                        }
-                    }
-                }
+                return Ok(Action::requeue(PENDING_REPORT_AFTER.min(pass.requeue)));
             }
+            pass.launch_failed(outcome);
         }
     }
     if let Some(r) = &state_refusal {
-        refuse(
-            Cond::StateChange,
-            r,
-            "ChangeState",
-            &mut conditions,
-            &mut events,
-        );
+        pass.refuse(Cond::StateChange, r, "ChangeState");
     }
-    if !conditions.is_empty() || status.phase != old.phase {
+    if !pass.conditions.is_empty() || pass.status.phase != pass.old.phase {
         // Keep conditions this pass did not compute only if they still apply.
-        status.conditions = decide::merge_conditions(
-            &old.conditions,
-            conditions,
+        pass.status.conditions = decide::merge_conditions(
+            &pass.old.conditions,
+            std::mem::take(&mut pass.conditions),
             state_refusal.is_some(),
             effective,
-            status.phase,
+            pass.status.phase,
         );
     }
-    let mut version = session.resource_version();
-    let written = &ctx.launches.statuses;
-    written.seen(session.as_ref());
-    // The status (and the Events of its transition) already went out for this version of the
-    // session: the cache has not caught up with that write yet.
-    let changed = !same_status(&status, &old);
-    let repeat = changed && written.already(session.as_ref(), &status);
-    if changed && !repeat {
-        version = sh.patch_status(&status).await?.resource_version();
-        written.record(session.as_ref(), &status);
-        let ready = status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == Cond::Ready.as_str());
-        info!(
-            session = %key,
-            phase = ?status.phase,
-            ready = ready.map(|c| c.status.as_str()),
-            reason = ready.map(|c| c.reason.as_str()),
-            detail = ready.map(|c| c.message.as_str()),
-            "session status updated"
-        );
-    }
-    for (t, reason, note, action) in events.into_iter().filter(|_| !repeat) {
-        sh.event(t, reason, note, action).await;
-    }
+    let (wrote, version) = pass.write_status(&ctx).await?;
     // The usage view (User or Group status.usage) shows the current window with the running
     // sessions: refreshed when this session starts and when a new window has begun.
-    if let (Some(b), Some(u), Some(l)) = (
-        &budget,
-        &user,
-        settings.and_then(|s| s.usage_limit.as_ref()),
-    ) {
-        let started = (changed && !repeat && old.started_at.is_none())
-            .then(|| status.started_at.as_ref())
+    if let (Some(b), Some(u), Some(l)) = (&budget, &read.user, limit) {
+        let started = (wrote && pass.old.started_at.is_none())
+            .then_some(pass.status.started_at.as_ref())
             .flatten()
             .map(|t| crate::expiry::Open {
                 uid: session.uid().unwrap_or_default(),
@@ -803,8 +904,9 @@ async fn reconcile(
     // (enforced at the instant without resolving settings again, as long as nothing it was
     // computed from has changed), and the controller's own requeue, a moment later, is only the
     // safety net.
+    let mut requeue = pass.requeue;
     if let (Some(d), Some(version), Some(SessionPhase::Running | SessionPhase::Paused)) =
-        (armable, version, status.phase)
+        (pass.armable, version, pass.status.phase)
     {
         ctx.expiries.arm(
             &key,
@@ -814,7 +916,7 @@ async fn reconcile(
                 action: d.action,
                 uid: session.uid().unwrap_or_default(),
                 session_version: version,
-                user_generation: user.as_ref().and_then(|u| u.metadata.generation),
+                user_generation: read.user.as_ref().and_then(|u| u.metadata.generation),
                 groups: expiry::groups_digest(stores, &ns),
             },
         );
