@@ -1051,7 +1051,7 @@ fn the_operator_pod_admits_only_its_http_port() {
 
 #[test]
 fn paused_sessions_lose_all_ingress() {
-    let label = cubicle::controller::session::build::ACCESS_LABEL;
+    let label = cubicle::controller::contract::ACCESS_LABEL;
     let policies = |set: &[&str]| -> Vec<(String, Value)> {
         of_kind(&objects(set), "NetworkPolicy")
             .into_iter()

@@ -5,18 +5,16 @@
 //! holds the leader lease (when leader election is on). A replica that loses the lease exits.
 
 pub mod assignment;
-pub mod cached;
+pub mod contract;
 pub mod error;
-pub mod events;
-pub mod gate;
 pub mod group;
-pub mod index;
 pub mod pool;
+pub mod runtime;
 pub mod server;
 pub mod session;
 pub mod status;
-pub mod stores;
 pub mod user;
+pub use runtime::{cached, events, gate, index, stores};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -102,24 +100,59 @@ pub fn queue_gauge(ctx: &Context, kind: &'static str) -> prometheus_client::metr
 }
 
 /// Per-object retry counters for capped exponential backoff (kube has none built in).
+///
+/// Keyed by object reference (kind, namespace, name): the error policy records a failure and the
+/// reconcile's success clears it under the same key, so a success resets the backoff and the map
+/// holds only the objects failing now.
 #[derive(Default)]
 pub struct Backoff {
-    failures: Mutex<HashMap<String, u32>>,
+    failures: Mutex<HashMap<BackoffKey, u32>>,
+}
+
+/// The key of an object's backoff: what identifies it, never its resourceVersion or uid.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct BackoffKey {
+    kind: String,
+    namespace: Option<String>,
+    name: String,
+}
+
+impl BackoffKey {
+    fn of<K: kube::Resource>(r: &ObjectRef<K>) -> Self {
+        Self {
+            kind: K::kind(&r.dyntype).into_owned(),
+            namespace: r.namespace.clone(),
+            name: r.name.clone(),
+        }
+    }
 }
 
 impl Backoff {
-    /// Records a failure of `key` and returns how long to wait: 1 s, 2 s, 4 s ... capped at 5 min.
-    pub fn failed(&self, key: &str) -> Duration {
+    /// Records a failure of `r` and returns how long to wait: 1 s, 2 s, 4 s ... capped at 5 min.
+    pub fn failed<K: kube::Resource>(&self, r: &ObjectRef<K>) -> Duration {
         let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let n = f.entry(key.to_string()).or_default();
+        let n = f.entry(BackoffKey::of(r)).or_default();
         *n = n.saturating_add(1);
         Duration::from_secs(1u64 << (*n - 1).min(8)).min(Duration::from_secs(300))
     }
 
-    /// Forgets `key`'s failures after a success.
-    pub fn succeeded(&self, key: &str) {
+    /// Forgets `r`'s failures after a success.
+    pub fn succeeded<K: kube::Resource>(&self, r: &ObjectRef<K>) {
         let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        f.remove(key);
+        f.remove(&BackoffKey::of(r));
+    }
+
+    /// How many objects are backing off.
+    pub fn len(&self) -> usize {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    /// Whether no object is backing off.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -186,7 +219,7 @@ impl Context {
         self.metrics.error(kind, err.category());
         warn!(kind, object = %obj, error = %error::chain(err), category = err.category(), "reconcile failed");
         if err.is_transient() {
-            Action::requeue(self.backoff.failed(&obj.to_string()))
+            Action::requeue(self.backoff.failed(obj))
         } else {
             Action::await_change()
         }
@@ -318,4 +351,41 @@ pub async fn run(
         t.abort();
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::v1alpha1::Session;
+
+    #[test]
+    fn a_success_resets_the_backoff_under_the_key_the_failure_used() {
+        let b = Backoff::default();
+        let r = ObjectRef::<Session>::new("s").within("ns");
+        let s = Duration::from_secs;
+        assert_eq!(b.failed(&r), s(1));
+        assert_eq!(b.failed(&r), s(2));
+        assert_eq!(b.failed(&r), s(4));
+        // The reconcile's reference carries the object's resourceVersion and uid; the error
+        // policy's may not: the same object all the same.
+        let mut seen = r.clone();
+        seen.extra.resource_version = Some("42".into());
+        seen.extra.uid = Some("u".into());
+        b.succeeded(&seen);
+        assert!(b.is_empty(), "the map holds only objects failing now");
+        assert_eq!(b.failed(&r), s(1), "backoff starts over after a success");
+        // Another kind or namespace of the same name is another object.
+        let other = ObjectRef::<crate::crd::v1alpha1::User>::new("s").within("ns");
+        assert_eq!(b.failed(&other), s(1));
+        assert_eq!(
+            b.failed(&ObjectRef::<Session>::new("s").within("ns2")),
+            s(1)
+        );
+        assert_eq!(b.len(), 3);
+        // Capped at five minutes.
+        for _ in 0..20 {
+            b.failed(&r);
+        }
+        assert_eq!(b.failed(&r), s(256).min(s(300)));
+    }
 }

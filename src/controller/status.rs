@@ -99,8 +99,7 @@ pub async fn reconcile<K: StatusView>(
         apply::<K>(&ctx.client, &ns, &name, K::MANAGER, &desired).await?;
         written.record(obj.as_ref(), &desired);
     }
-    ctx.backoff
-        .succeeded(&ObjectRef::from_obj(obj.as_ref()).to_string());
+    ctx.backoff.succeeded(&ObjectRef::from_obj(obj.as_ref()));
     // The resync comes from the controller's sweep ([`Triggers::run`]), not a requeue per object.
     Ok(Action::await_change())
 }

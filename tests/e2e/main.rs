@@ -12,6 +12,7 @@ mod ha;
 mod helm;
 mod operator;
 mod process;
+mod promptness;
 mod sessions;
 mod status;
 mod support;

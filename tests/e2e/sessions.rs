@@ -205,6 +205,12 @@ async fn refused_with(ns: &TestNs, name: &str, reason: &str) {
         c.message
     );
     assert!(!c.message.is_empty());
+    // The conditions tell the truth: a refused session is not ready, for the same reason.
+    let ready = condition(&s, "Ready").expect("Ready condition");
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", reason)
+    );
     // A Warning event with the same reason, on the session.
     let events: Api<Event> = ns.api();
     wait_for(&format!("a {reason} event for {name}"), LONG, || async {
@@ -305,12 +311,45 @@ async fn each_launch_check_refuses_with_a_reason_and_an_event() {
     wait_phase(&ns, "bob-1", SessionPhase::Running).await;
     wait_phase(&ns, "bob-2", SessionPhase::Running).await;
     refused_with(&ns, "bob-3", "MaxSessionsReached").await;
-    // Ending one session frees the slot: the refused request launches (it is re-evaluated).
+    // A refusal is final: ending one session frees the slot, but the refused request never
+    // starts on its own; the person launches again.
     ns.api::<Session>()
         .delete("bob-1", &DeleteParams::default())
         .await
         .unwrap();
-    wait_phase(&ns, "bob-3", SessionPhase::Running).await;
+    create(&ns, &session("bob-4", "bob", "desktop", json!({}))).await;
+    wait_phase(&ns, "bob-4", SessionPhase::Running).await;
+    // Nor when the cause of a refusal goes away: the pool's assignment switched off.
+    ns.api::<ServerPool>()
+        .patch(
+            "dedicated",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"assignmentEnabled": false}})),
+        )
+        .await
+        .unwrap();
+    create(
+        &ns,
+        &session("bob-dedicated-2", "bob", "dedicated", json!({})),
+    )
+    .await;
+    // bob-4 and bob-2 hold both slots: this one is refused for that, not for the assignment.
+    refused_with(&ns, "bob-dedicated-2", "MaxSessionsReached").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for (name, reason) in [
+        ("bob-3", "MaxSessionsReached"),
+        ("bob-dedicated", "NoAssignedServer"),
+    ] {
+        let s = ns.api::<Session>().get(name).await.unwrap();
+        assert_eq!(
+            s.status.as_ref().and_then(|s| s.phase),
+            Some(SessionPhase::Refused),
+            "{name} stays refused"
+        );
+        let c = condition(&s, "Admitted").unwrap();
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", reason));
+        assert!(ns.api::<Pod>().get_opt(name).await.unwrap().is_none());
+    }
     op.stop().await;
 }
 
@@ -581,7 +620,13 @@ async fn stop_resume_and_pause_follow_the_group_permissions() {
     );
 
     set_state("l1", "Stopped").await;
-    wait_phase(&ns, "l1", SessionPhase::Stopped).await;
+    let stopped = wait_phase(&ns, "l1", SessionPhase::Stopped).await;
+    let ready = condition(&stopped, "Ready").unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "Stopped"),
+        "a stopped session is not ready"
+    );
     wait_for("pod removed on stop", LONG, || async {
         matches!(pods.get_opt("l1").await, Ok(None)).then_some(())
     })
@@ -600,7 +645,12 @@ async fn stop_resume_and_pause_follow_the_group_permissions() {
     );
 
     set_state("l1", "Running").await;
-    wait_phase(&ns, "l1", SessionPhase::Running).await;
+    let resumed = wait_phase(&ns, "l1", SessionPhase::Running).await;
+    let ready = condition(&resumed, "Ready").unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("True", "Running")
+    );
     let second_uid = pods.get("l1").await.unwrap().uid();
     assert_ne!(first_uid, second_uid, "resume recreates the pod");
 
@@ -609,7 +659,13 @@ async fn stop_resume_and_pause_follow_the_group_permissions() {
     wait_phase(&ns, "l2", SessionPhase::Running).await;
     let uid = pods.get("l2").await.unwrap().uid();
     set_state("l2", "Paused").await;
-    wait_phase(&ns, "l2", SessionPhase::Paused).await;
+    let s = wait_phase(&ns, "l2", SessionPhase::Paused).await;
+    let ready = condition(&s, "Ready").unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "Paused"),
+        "a paused session cannot be used"
+    );
     let paused = pods.get("l2").await.unwrap();
     assert_eq!(paused.uid(), uid, "pause keeps the pod");
     assert_eq!(
@@ -618,6 +674,24 @@ async fn stop_resume_and_pause_follow_the_group_permissions() {
             .get("cubicle.dev/access")
             .map(String::as_str),
         Some("paused")
+    );
+    // Drift: the access label removed by hand comes back (the pod's own event reconciles).
+    pods.patch(
+        "l2",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"cubicle.dev/access": null}}})),
+    )
+    .await
+    .unwrap();
+    wait_for("the paused pod's access label restored", LONG, || async {
+        let p = pods.get("l2").await.ok()?;
+        (p.labels().get("cubicle.dev/access").map(String::as_str) == Some("paused")).then_some(())
+    })
+    .await;
+    assert_eq!(
+        pods.get("l2").await.unwrap().uid(),
+        uid,
+        "repaired in place"
     );
     set_state("l2", "Running").await;
     wait_phase(&ns, "l2", SessionPhase::Running).await;
@@ -792,5 +866,72 @@ spec:
         "{}",
         c.message
     );
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn a_single_node_profile_claim_keeps_a_users_sessions_on_its_node_or_says_why_not() {
+    let (ns, op) = setup("rwo").await;
+    apply_yaml(
+        &ns,
+        r#"
+apiVersion: cubicle.dev/v1alpha1
+kind: ServerPool
+metadata: {name: pp}
+spec: {}
+---
+apiVersion: cubicle.dev/v1alpha1
+kind: Server
+metadata: {name: pa}
+spec: {pool: pp, nodeName: fake-node-0, maxSessions: 1}
+---
+apiVersion: cubicle.dev/v1alpha1
+kind: Server
+metadata: {name: pb}
+spec: {pool: pp, nodeName: fake-node-1}
+---
+apiVersion: cubicle.dev/v1alpha1
+kind: Workspace
+metadata: {name: pooled}
+spec:
+  image: example.invalid/desktop:1
+  groups: [everyone]
+  serverPool: pp
+  persistentProfile:
+    mountPath: /home/kasm-user
+    claimTemplate: {name: "pp-{username}", size: 1Gi}
+"#,
+    )
+    .await;
+    create(&ns, &session("p1", "bob", "pooled", json!({}))).await;
+    wait_phase(&ns, "p1", SessionPhase::Running).await;
+    assert_eq!(
+        pod_node(&ns, "p1").await,
+        "fake-node-0",
+        "pa: least loaded, first by name"
+    );
+    // The claim (ReadWriteOnce) is mounted on fake-node-0, whose only server is full: the
+    // second session is refused, and the reason says so (pb, on another node, has room).
+    create(&ns, &session("p2", "bob", "pooled", json!({}))).await;
+    refused_with(&ns, "p2", "ProfileClaimInUse").await;
+    let s = ns.api::<Session>().get("p2").await.unwrap();
+    let msg = &condition(&s, "Admitted").unwrap().message;
+    assert!(
+        msg.contains("pp-bob") && msg.contains("p1") && msg.contains("fake-node-0"),
+        "{msg}"
+    );
+    // Without a profile the same user may use the other node.
+    create(
+        &ns,
+        &session(
+            "p3",
+            "bob",
+            "pooled",
+            json!({"persistentProfile": "Disabled"}),
+        ),
+    )
+    .await;
+    wait_phase(&ns, "p3", SessionPhase::Running).await;
+    assert_eq!(pod_node(&ns, "p3").await, "fake-node-1");
     op.stop().await;
 }

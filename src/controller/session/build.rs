@@ -16,37 +16,18 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::{Resource, ResourceExt};
 
-use crate::controller::stores::{MANAGED_BY, MANAGED_BY_LABEL};
+// `pod_name` stays reachable here for the bench (src/bench), which names pods through it.
+pub use crate::controller::contract::pod_name;
+use crate::controller::contract::{
+    ACCESS_LABEL, ACCESS_PAUSED, FILE_ANNOTATION_PREFIX, HOSTNAME_LABEL, LAUNCH_ANNOTATION,
+    MANAGED_BY, MANAGED_BY_LABEL, PROFILE_LABEL, RESET_BY_ANNOTATION, SERVER_LABEL, SESSION_LABEL,
+    SETTINGS_ANNOTATION, USER_LABEL, WORKSPACE_LABEL, ZONE_LABEL, label_value, stable_hash,
+};
 use crate::crd::v1alpha1::{ProfileClaimTemplate, Session, Workspace};
 use crate::crd::{FileMapping, RunConfig, VolumeMapping};
 
-/// Label: the Session a pod belongs to.
-pub const SESSION_LABEL: &str = "cubicle.dev/session";
-/// Label: the User (object name) of a pod or profile claim.
-pub const USER_LABEL: &str = "cubicle.dev/user";
-/// Label: the Workspace of a pod or profile claim.
-pub const WORKSPACE_LABEL: &str = "cubicle.dev/workspace";
-/// Label: the Server a pod was placed on.
-pub const SERVER_LABEL: &str = "cubicle.dev/server";
-/// Label: marks a profile claim and carries a hash of its template-derived base name.
-pub const PROFILE_LABEL: &str = "cubicle.dev/profile";
-/// Label: set on an archived (reset) profile claim, value = archive time (unix seconds).
-pub const ARCHIVED_LABEL: &str = "cubicle.dev/archived";
-/// Label on a paused session's pod: `paused` (the shipped NetworkPolicy denies it ingress).
-pub const ACCESS_LABEL: &str = "cubicle.dev/access";
-/// Annotation on a profile claim: the uid of the session whose Reset created it.
-pub const RESET_BY_ANNOTATION: &str = "cubicle.dev/reset-by-session";
-/// Annotation on a session pod holding the effective settings JSON (mounted as a file).
-pub const SETTINGS_ANNOTATION: &str = "cubicle.dev/settings";
-/// Annotation on a session pod recording what its launch decided (server, profile outcome), so
-/// the status can be written once, when the pod runs, and still tell it after a restart.
-pub const LAUNCH_ANNOTATION: &str = "cubicle.dev/launch";
 /// Where the effective settings file is mounted in the session container.
 pub const SETTINGS_DIR: &str = "/etc/cubicle";
-/// The zone label.
-pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
-/// The hostname label (used to pin a pod to a Server's node).
-pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
 /// The user id Kasm images run as.
 pub const SESSION_UID: i64 = 1000;
 
@@ -95,6 +76,16 @@ pub enum Placement {
     /// An autoscaled pool: its node selector, optionally within one zone.
     Autoscale {
         /// The pool's node selector.
+        node_selector: BTreeMap<String, String>,
+        /// Required zone.
+        zone: Option<String>,
+    },
+    /// Pinned to one node (where the user's single-node profile claim is mounted), with the
+    /// pool's node selector if any.
+    OnNode {
+        /// The node.
+        node: String,
+        /// The pool's node selector (empty without an autoscaled pool).
         node_selector: BTreeMap<String, String>,
         /// Required zone.
         zone: Option<String>,
@@ -160,9 +151,6 @@ pub struct PodInputs<'a> {
 }
 
 /// The pod's name: the session's name (one pod per session at a time).
-pub fn pod_name(session: &Session) -> String {
-    session.name_any()
-}
 
 fn owner_ref(session: &Session) -> OwnerReference {
     session
@@ -181,42 +169,6 @@ fn base_labels(user: &str, workspace: &str) -> BTreeMap<String, String> {
         (USER_LABEL.to_string(), label_value(user)),
         (WORKSPACE_LABEL.to_string(), label_value(workspace)),
     ])
-}
-
-/// A valid label value for an arbitrary string (≤ 63 chars, alphanumeric ends); long or odd
-/// values are shortened with a stable hash suffix.
-pub fn label_value(s: &str) -> String {
-    let clean: String = s
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    let clean = clean
-        .trim_matches(|c: char| !c.is_ascii_alphanumeric())
-        .to_string();
-    if clean.len() <= 63 && clean == s {
-        return clean;
-    }
-    let h = format!("{:08x}", stable_hash(s) as u32);
-    let keep: String = clean.chars().take(54).collect();
-    let keep = keep.trim_matches(|c: char| !c.is_ascii_alphanumeric());
-    if keep.is_empty() {
-        h
-    } else {
-        format!("{keep}-{h}")
-    }
-}
-
-/// FNV-1a 64: stable across processes and versions (std's hasher is randomly seeded).
-pub fn stable_hash(s: &str) -> u64 {
-    s.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
-    })
 }
 
 /// Replaces `{username}` and `{user_id}` in a template.
@@ -392,7 +344,7 @@ pub fn pod(i: &PodInputs<'_>) -> Pod {
         labels.insert(SERVER_LABEL.into(), label_value(server));
     }
     if i.paused {
-        labels.insert(ACCESS_LABEL.into(), "paused".into());
+        labels.insert(ACCESS_LABEL.into(), ACCESS_PAUSED.into());
     }
     let mut annotations = BTreeMap::from([
         (SETTINGS_ANNOTATION.to_string(), i.settings_json.to_string()),
@@ -514,7 +466,7 @@ pub fn pod(i: &PodInputs<'_>) -> Pod {
         let item = format!("f{n}");
         let mode = Some(file_mode(fm));
         if let Some(text) = &fm.content.inline {
-            let key = format!("cubicle.dev/file-{n}");
+            let key = format!("{FILE_ANNOTATION_PREFIX}{n}");
             annotations.insert(key.clone(), text.clone());
             sources.push(VolumeProjection {
                 downward_api: Some(k8s_openapi::api::core::v1::DownwardAPIProjection {
@@ -790,6 +742,19 @@ pub fn pod(i: &PodInputs<'_>) -> Pod {
             node_selector: sel,
             zone,
         } => {
+            node_selector.extend(sel.clone());
+            zone.clone()
+        }
+        Placement::OnNode {
+            node,
+            node_selector: sel,
+            zone,
+        } => {
+            required.push(NodeSelectorRequirement {
+                key: HOSTNAME_LABEL.into(),
+                operator: "In".into(),
+                values: Some(vec![node.clone()]),
+            });
             node_selector.extend(sel.clone());
             zone.clone()
         }

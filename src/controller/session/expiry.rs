@@ -14,6 +14,7 @@
 //!   `cubicle.dev/usage-accounting` finalizer: before it disappears, its running time is closed
 //!   into the ledger (idempotently, by uid), and only then is the finalizer removed.
 
+use crate::controller::contract::{USAGE_FINALIZER, USAGE_MANAGER};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -36,12 +37,6 @@ use crate::crd::v1alpha1::{
 };
 use crate::expiry::{self, Ledger, Open, Window};
 use crate::resolve::settings::ResolvedUsageLimit;
-
-/// The finalizer that guarantees a usage-limited session is accounted before it disappears.
-pub const USAGE_FINALIZER: &str = "cubicle.dev/usage-accounting";
-/// Field manager of the usage ledger (distinct from the status controllers' manager, so that
-/// server-side apply never lets one remove the other's fields).
-pub const USAGE_MANAGER: &str = "cubicle-usage";
 
 /// The keepalive the client reported: the annotation's time, clamped later by the caller.
 pub fn reported_keepalive(s: &Session) -> Option<Timestamp> {
@@ -69,6 +64,8 @@ pub struct Budget {
     pub open: Vec<Open>,
     /// The limit in ms.
     pub limit_ms: u64,
+    /// The persisted entry is of an earlier window (or absent): its view is to move to this one.
+    pub stale_window: bool,
 }
 
 impl Budget {
@@ -178,9 +175,9 @@ pub fn budget(
             .and_then(|g| g.status.as_ref().map(|s| s.usage.clone()))
             .unwrap_or_default(),
     };
-    let persisted = find_entry(&entries, &limit.group, scope)
-        .map(entry_ledger)
-        .unwrap_or_default();
+    let entry = find_entry(&entries, &limit.group, scope);
+    let stale_window = entry.is_none_or(|e| e.window_start.as_ref().map(|t| t.0) != window.start);
+    let persisted = entry.map(entry_ledger).unwrap_or_default();
     let ledger = expiry::roll(&persisted, &window);
     let user_name = user.name_any();
     let open = budget_users(stores, ns, limit, &user_name)
@@ -203,6 +200,7 @@ pub fn budget(
         ledger,
         open,
         limit_ms: expiry::limit_ms(limit.limit.hours),
+        stale_window,
     }
 }
 
@@ -271,6 +269,20 @@ async fn write_ledger(
     ledger: &Ledger,
     now: Timestamp,
 ) -> Result<(), Error> {
+    let entry = ledger_entry(limit, b, ledger, now);
+    apply_entry(ctx, ns, user, limit, b.scope, entry, false)
+        .await
+        .map(|_| ())
+}
+
+/// The ledger entry of budget `b` with `ledger` as its durable part, its view as at `now`: the
+/// window, and the time used in it by the ended sessions and the running ones so far.
+fn ledger_entry(
+    limit: &ResolvedUsageLimit,
+    b: &Budget,
+    ledger: &Ledger,
+    now: Timestamp,
+) -> UsageEntry {
     let open: Vec<Open> = b
         .open
         .iter()
@@ -278,7 +290,7 @@ async fn write_ledger(
         .cloned()
         .collect();
     let used = expiry::used_ms(ledger, &b.window, &open, now);
-    let entry = UsageEntry {
+    UsageEntry {
         scope: b.scope,
         group: Some(limit.group.clone()),
         interval: b.interval,
@@ -289,50 +301,127 @@ async fn write_ledger(
         timezone: Some(b.timezone.clone()),
         closed_ms: Some(ledger.closed_ms),
         closed_sessions: ledger.closed_sessions.clone(),
-    };
+    }
+}
+
+/// Refreshes the view of `b`'s ledger entry when it is out of date: its window is not the
+/// current one (a new window has started: the entry moves to it), or the time used differs by
+/// a second or more (a session of the budget has just started). `started` is the session seen
+/// starting by this reconcile (the cache does not show its start yet).
+///
+/// The durable part is written back unchanged (rolled into the current window), guarded by the
+/// cached object's resourceVersion: were the cache behind a ledger write (a session just
+/// closed), the API server refuses and nothing is lost; the next change refreshes the view.
+pub async fn refresh_view(
+    ctx: &Context,
+    ns: &str,
+    user: &User,
+    limit: &ResolvedUsageLimit,
+    b: &Budget,
+    started: Option<Open>,
+    now: Timestamp,
+) -> Result<bool, Error> {
+    let mut b = b.clone();
+    if let Some(o) = started
+        && !b.open.iter().any(|x| x.uid == o.uid)
+    {
+        b.open.push(o);
+    }
+    let entry = ledger_entry(limit, &b, &b.ledger, now);
+    let persisted = match b.scope {
+        UsageLimitType::PerUser => user.status.as_ref().map(|s| s.usage.clone()),
+        UsageLimitType::PerGroup => ctx
+            .stores
+            .groups
+            .get(&ObjectRef::new(&limit.group).within(ns))
+            .and_then(|g| g.status.as_ref().map(|s| s.usage.clone())),
+    }
+    .unwrap_or_default();
+    if !view_outdated(find_entry(&persisted, &limit.group, b.scope), &entry) {
+        return Ok(false);
+    }
+    apply_entry(ctx, ns, user, limit, b.scope, entry, true).await
+}
+
+/// Whether a persisted entry's view differs from a fresh one: another window, or another
+/// figure by a second or more.
+fn view_outdated(persisted: Option<&UsageEntry>, fresh: &UsageEntry) -> bool {
+    match persisted {
+        None => true,
+        Some(p) => {
+            p.window_start != fresh.window_start
+                || p.window_end != fresh.window_end
+                || p.limit_seconds != fresh.limit_seconds
+                || p.used_seconds.abs_diff(fresh.used_seconds) >= 1
+        }
+    }
+}
+
+/// Applies `entry` as the budget's entry in the User's (perUser) or the Group's (perGroup)
+/// `status.usage`, the other entries as cached. With `guarded`, the write carries the cached
+/// resourceVersion, and a conflict (the cache is behind) is no error: Ok(false).
+async fn apply_entry(
+    ctx: &Context,
+    ns: &str,
+    user: &User,
+    limit: &ResolvedUsageLimit,
+    scope: UsageLimitType,
+    entry: UsageEntry,
+    guarded: bool,
+) -> Result<bool, Error> {
     let pp = PatchParams::apply(USAGE_MANAGER).force();
-    match b.scope {
-        UsageLimitType::PerUser => {
-            let mut entries: Vec<UsageEntry> = user
-                .status
+    let (kind, name, entries, version) = match scope {
+        UsageLimitType::PerUser => (
+            "User",
+            user.name_any(),
+            user.status
                 .as_ref()
                 .map(|s| s.usage.clone())
-                .unwrap_or_default();
-            entries.retain(|e| !(e.group.as_deref() == Some(&limit.group) && e.scope == b.scope));
-            entries.push(entry);
-            let api: Api<User> = Api::namespaced(ctx.client.clone(), ns);
-            let body = json!({"apiVersion": "cubicle.dev/v1alpha1", "kind": "User", "status": {"usage": entries}});
-            api.patch_status(&user.name_any(), &pp, &Patch::Apply(body))
-                .await
-                .map_err(|source| Error::Status {
-                    kind: "User",
-                    name: user.name_any(),
-                    source,
-                })?;
-        }
+                .unwrap_or_default(),
+            user.resource_version(),
+        ),
         UsageLimitType::PerGroup => {
             let group = ctx
                 .stores
                 .groups
                 .get(&ObjectRef::new(&limit.group).within(ns));
-            let mut entries: Vec<UsageEntry> = group
-                .as_ref()
-                .and_then(|g| g.status.as_ref().map(|s| s.usage.clone()))
-                .unwrap_or_default();
-            entries.retain(|e| !(e.group.as_deref() == Some(&limit.group) && e.scope == b.scope));
-            entries.push(entry);
-            let api: Api<Group> = Api::namespaced(ctx.client.clone(), ns);
-            let body = json!({"apiVersion": "cubicle.dev/v1alpha1", "kind": "Group", "status": {"usage": entries}});
-            api.patch_status(&limit.group, &pp, &Patch::Apply(body))
-                .await
-                .map_err(|source| Error::Status {
-                    kind: "Group",
-                    name: limit.group.clone(),
-                    source,
-                })?;
+            (
+                "Group",
+                limit.group.clone(),
+                group
+                    .as_ref()
+                    .and_then(|g| g.status.as_ref().map(|s| s.usage.clone()))
+                    .unwrap_or_default(),
+                group.and_then(|g| g.resource_version()),
+            )
+        }
+    };
+    let mut entries = entries;
+    entries.retain(|e| !(e.group.as_deref() == Some(&limit.group) && e.scope == scope));
+    entries.push(entry);
+    let mut body =
+        json!({"apiVersion": "cubicle.dev/v1alpha1", "kind": kind, "status": {"usage": entries}});
+    if guarded {
+        match version {
+            Some(v) => body["metadata"] = json!({"resourceVersion": v}),
+            None => return Ok(false),
         }
     }
-    Ok(())
+    let result = match scope {
+        UsageLimitType::PerUser => Api::<User>::namespaced(ctx.client.clone(), ns)
+            .patch_status(&name, &pp, &Patch::Apply(body))
+            .await
+            .map(|_| ()),
+        UsageLimitType::PerGroup => Api::<Group>::namespaced(ctx.client.clone(), ns)
+            .patch_status(&name, &pp, &Patch::Apply(body))
+            .await
+            .map(|_| ()),
+    };
+    match result {
+        Ok(()) => Ok(true),
+        Err(kube::Error::Api(s)) if guarded && s.code == 409 => Ok(false),
+        Err(source) => Err(Error::Status { kind, name, source }),
+    }
 }
 
 /// Adds the usage finalizer (JSON patch guarded by the resourceVersion).
@@ -694,6 +783,64 @@ pub fn budget_peers(stores: &Stores, ns: &str, s: &Session) -> Vec<Arc<Session>>
 mod tests {
     use super::*;
     use futures::StreamExt;
+
+    #[test]
+    fn the_usage_view_counts_running_sessions_and_moves_to_the_new_window() {
+        use crate::crd::v1alpha1::{UsageLimit, UsageLimitInterval};
+        let ts = |s: &str| s.parse::<Timestamp>().unwrap();
+        let limit = ResolvedUsageLimit {
+            limit: UsageLimit {
+                type_: UsageLimitType::PerUser,
+                interval: UsageLimitInterval::Daily,
+                hours: 1.0,
+                timezone: None,
+            },
+            group: "g".into(),
+            priority: 10,
+        };
+        let day = |d: &str| Window {
+            start: Some(ts(&format!("{d}T00:00:00Z"))),
+            end: None,
+        };
+        let now = ts("2026-01-02T10:00:00Z");
+        let b = Budget {
+            scope: UsageLimitType::PerUser,
+            group: "g".into(),
+            interval: UsageLimitInterval::Daily,
+            timezone: "UTC".into(),
+            window: day("2026-01-02"),
+            ledger: Ledger {
+                window_start: Some(ts("2026-01-02T00:00:00Z")),
+                closed_ms: 60_000,
+                closed_sessions: vec!["ended".into()],
+            },
+            open: vec![Open {
+                uid: "running".into(),
+                start: ts("2026-01-02T09:59:30Z"),
+            }],
+            limit_ms: 3_600_000,
+            stale_window: false,
+        };
+        let e = ledger_entry(&limit, &b, &b.ledger, now);
+        // Ended sessions (60 s) plus the running one so far (30 s).
+        assert_eq!(e.used_seconds, 90);
+        assert_eq!(e.limit_seconds, 3600);
+        assert_eq!(e.closed_ms, Some(60_000), "the durable part as it was");
+        assert_eq!(e.window_start.as_ref().map(|t| t.0), b.window.start);
+        // Up to date: the same window and figures within a second.
+        assert!(!view_outdated(Some(&e), &e));
+        let mut later = e.clone();
+        later.used_seconds += 1;
+        assert!(
+            view_outdated(Some(&e), &later),
+            "a session started: refreshed"
+        );
+        // Yesterday's entry: out of date, whatever its figures.
+        let mut yesterday = e.clone();
+        yesterday.window_start = Some(Time(ts("2026-01-01T00:00:00Z")));
+        assert!(view_outdated(Some(&yesterday), &e));
+        assert!(view_outdated(None, &e), "no entry yet");
+    }
 
     #[tokio::test]
     async fn an_action_runs_once_at_a_time_and_retries_reach_the_controller() {

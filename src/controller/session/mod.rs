@@ -10,6 +10,7 @@
 //! slot. With leader election, only one replica ever launches.
 
 pub mod build;
+pub mod decide;
 pub mod expiry;
 pub mod plan;
 
@@ -28,27 +29,24 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
-use self::build::{
-    ACCESS_LABEL, ARCHIVED_LABEL, Placement, PodInputs, ProfileMount, SERVER_LABEL, ZONE_LABEL,
+use self::build::{Placement, PodInputs, ProfileMount};
+use self::decide::condition;
+use self::plan::{AdmissionInputs, Cond, PoolKind, Refusal, ServerCandidate, reasons};
+use super::cached::{CachedClaim, CachedPod, volume_zone};
+use super::contract::{
+    self, ACCESS_LABEL, ACCESS_PAUSED, ARCHIVED_LABEL, FIELD_MANAGER, SERVER_LABEL, SET_BY_EXPIRY,
+    STATE_SET_BY_ANNOTATION, ZONE_LABEL,
 };
-use self::plan::{AdmissionInputs, PoolKind, Refusal, ServerCandidate, reasons};
-use super::cached::{CachedClaim, CachedPod, CachedVolume};
 use super::gate::Inputs;
 use super::status::directory;
 use super::stores::{Reflectors, Stores, digest, in_namespace, sweep, when_changed};
 use super::{CONTROLLER_NAME, Context, Error};
 use crate::crd::v1alpha1::{
-    DesiredState, Keepalive, KeepaliveExpirationAction, KeepaliveSource, ProfileMode,
-    ProfileOutcome, ProfileStatus, Server, ServerAssignment, ServerPool, Session, SessionPhase,
-    SessionStatus, User, Workspace,
+    DesiredState, KeepaliveExpirationAction, ProfileMode, Server, ServerAssignment, ServerPool,
+    Session, SessionPhase, SessionStatus, User, Workspace,
 };
-use crate::resolve::{self, Directory};
+use crate::resolve;
 
-/// Field manager of the Session controller's writes.
-pub const FIELD_MANAGER: &str = "cubicle";
-/// Annotation the expiry sets with `spec.state` when it stops or pauses a session, so the
-/// permission check (allowKasmStop/allowKasmPause) applies to users, not to the expiry.
-pub const STATE_SET_BY_ANNOTATION: &str = "cubicle.dev/state-set-by";
 const KIND: &str = "Session";
 /// How long a pending pod may be held up by a problem (unschedulable, image pull error...)
 /// before the status says so.
@@ -75,9 +73,9 @@ fn report_after(problem: &str) -> Duration {
 /// already reported with the same reason keeps its message, so a scheduler retrying with new
 /// node counts does not rewrite the status each time.
 fn pending_report(problem: Option<&str>, age_secs: f64, old: &[Condition]) -> Option<String> {
-    let reported = old
-        .iter()
-        .find(|c| c.type_ == "Ready" && c.status == "False" && c.reason == "PodPending");
+    let reported = old.iter().find(|c| {
+        c.type_ == Cond::Ready.as_str() && c.status == "False" && c.reason == "PodPending"
+    });
     match problem {
         Some(p) if age_secs >= report_after(p).as_secs_f64() => {
             let reason = |m: &str| m.split(':').next().unwrap_or_default().to_string();
@@ -186,16 +184,6 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
     let servers = all_pending(stores.clone());
     let pools = all_pending(stores.clone());
     let assignments = all_pending(stores.clone());
-    let siblings = {
-        let stores = stores.clone();
-        move |s: Arc<Session>| {
-            session_refs(s.namespace(), |ns| {
-                let mut v = stores.sessions_of_user(ns, &s.spec.user);
-                v.retain(|o| o.metadata.name != s.metadata.name && waiting_for_room(o));
-                v
-            })
-        }
-    };
     let claims = {
         let stores = stores.clone();
         move |c: Arc<CachedClaim>| {
@@ -203,20 +191,8 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
             session_refs(c.namespace(), |ns| stores.sessions_of_user_label(ns, &user))
         }
     };
-    // Deletions are not broadcast to shared subscribers: a deleted session may free a slot for
-    // its user's waiting sessions, and a deleted pod (eviction) must be re-created.
-    let freed = {
-        let stores = stores.clone();
-        r.sessions
-            .subscribe_deletes()
-            .flat_map(move |s: Arc<Session>| {
-                futures::stream::iter(session_refs(s.namespace(), |ns| {
-                    let mut v = stores.sessions_of_user(ns, &s.spec.user);
-                    v.retain(|o| waiting_for_room(o));
-                    v
-                }))
-            })
-    };
+    // Deletions are not broadcast to change subscribers: a deleted pod (eviction) must be
+    // re-created. (A deleted session frees a slot, but refusals are final: nothing waits.)
     let lost_pods = r.pods.subscribe_deletes().filter_map(|p: Arc<CachedPod>| {
         let owner = p
             .owner_references()
@@ -276,9 +252,7 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
                 })),
             move |a| assignments(a.namespace()),
         )
-        .map(r.sessions.subscribe(), siblings)
         .map(r.claims.subscribe(), claims)
-        .refs(freed)
         .refs(lost_pods)
         .refs(ctx.expiries.retries())
         .refs(sweep(r.sessions.reader.clone(), resync))
@@ -286,7 +260,15 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
             r.sessions.reader.clone(),
             concurrency,
             depth,
-            move |s, ctx| reconcile(s, ctx, resync),
+            move |s, ctx| async move {
+                let r = ObjectRef::from_obj(s.as_ref());
+                let res = reconcile(s, ctx.clone(), resync).await;
+                if res.is_ok() {
+                    // Whatever path the reconcile took: a success resets the backoff.
+                    ctx.backoff.succeeded(&r);
+                }
+                res
+            },
             |s, e, ctx: Arc<Context>| ctx.on_error(KIND, &ObjectRef::from_obj(s.as_ref()), e),
             ctx,
         )
@@ -354,19 +336,17 @@ fn session_refs(
     }
 }
 
-/// Refused (or stopped and refused a resume): waiting for a slot a sibling may free.
-fn waiting_for_room(s: &Session) -> bool {
-    let phase = s.status.as_ref().and_then(|st| st.phase);
-    phase == Some(SessionPhase::Refused)
-        || (phase == Some(SessionPhase::Stopped)
-            && s.spec.state.unwrap_or(DesiredState::Running) == DesiredState::Running)
-}
-
-/// Running or paused with a ready pod, or stopped: nothing for another object to unblock.
+/// Running or paused with a ready pod, stopped, or refused (final): nothing for another
+/// object to unblock.
 fn is_steady(s: &Session) -> bool {
     matches!(
         s.status.as_ref().and_then(|st| st.phase),
-        Some(SessionPhase::Running | SessionPhase::Paused | SessionPhase::Stopped)
+        Some(
+            SessionPhase::Running
+                | SessionPhase::Paused
+                | SessionPhase::Stopped
+                | SessionPhase::Refused
+        )
     )
 }
 
@@ -399,56 +379,6 @@ fn zones_with_nodes(stores: &Stores, selector: &BTreeMap<String, String>) -> Vec
     zones.sort();
     zones.dedup();
     zones
-}
-
-/// The zone a bound claim's volume is pinned to (node affinity or the zone label).
-pub fn volume_zone(pv: &CachedVolume) -> Option<String> {
-    if pv.zone.is_some() {
-        return pv.zone.clone(); // as trimmed for the cache
-    }
-    let from_affinity = pv
-        .spec
-        .as_ref()
-        .and_then(|s| s.node_affinity.as_ref())
-        .and_then(|a| a.required.as_ref())
-        .and_then(|r| {
-            let zones: HashSet<&String> = r
-                .node_selector_terms
-                .iter()
-                .flat_map(|t| t.match_expressions.iter().flatten())
-                .filter(|e| e.key == ZONE_LABEL && e.operator == "In")
-                .flat_map(|e| e.values.iter().flatten())
-                .collect();
-            (zones.len() == 1)
-                .then(|| zones.into_iter().next().cloned())
-                .flatten()
-        });
-    from_affinity.or_else(|| pv.labels().get(ZONE_LABEL).cloned())
-}
-
-fn condition(
-    type_: &str,
-    ok: bool,
-    reason: &str,
-    message: &str,
-    generation: Option<i64>,
-    old: &[Condition],
-    now: &Time,
-) -> Condition {
-    let status = if ok { "True" } else { "False" };
-    let last = old
-        .iter()
-        .find(|c| c.type_ == type_ && c.status == status)
-        .map(|c| c.last_transition_time.clone())
-        .unwrap_or_else(|| now.clone());
-    Condition {
-        type_: type_.into(),
-        status: status.into(),
-        reason: reason.into(),
-        message: message.into(),
-        observed_generation: generation,
-        last_transition_time: last,
-    }
 }
 
 /// Status equality that ignores condition transition times (they are carried over anyway).
@@ -512,6 +442,302 @@ impl Shell<'_> {
     }
 }
 
+/// An Event to publish: type, reason, note, action.
+type Ev = (EventType, &'static str, String, &'static str);
+
+/// What a reconcile reads of the caches for one session (the dereference step).
+struct Read {
+    /// The pod, if it is this session's.
+    pod: Option<Arc<CachedPod>>,
+    user: Option<Arc<User>>,
+    workspace: Option<Arc<Workspace>>,
+    resolved: Option<resolve::Resolved>,
+    access: Option<resolve::Access>,
+}
+
+impl Read {
+    /// Reads `session`'s pod, user, workspace and what they resolve to; None while a pod of an
+    /// older session of the same name still waits for the garbage collector.
+    fn of(stores: &Stores, ns: &str, session: &Session) -> Option<Self> {
+        let pod = stores
+            .pods
+            .get(&ObjectRef::new(&contract::pod_name(session)).within(ns));
+        let uid = session.uid().unwrap_or_default();
+        let pod = match pod {
+            Some(p) if p.owner_references().iter().any(|o| o.uid == uid) => Some(p),
+            Some(_) => return None,
+            None => None,
+        };
+        let user = stores
+            .users
+            .get(&ObjectRef::new(&session.spec.user).within(ns));
+        let workspace = stores
+            .workspaces
+            .get(&ObjectRef::new(&session.spec.workspace).within(ns));
+        let dir = directory(stores, ns);
+        let resolved = user.as_ref().map(|u| resolve::resolve_user(&dir, u));
+        let access = match (&user, &resolved, &workspace) {
+            (Some(u), Some(r), Some(w)) => Some(resolve::access(&dir, u, r, w)),
+            _ => None,
+        };
+        Some(Self {
+            pod,
+            user,
+            workspace,
+            resolved,
+            access,
+        })
+    }
+
+    fn settings(&self) -> Option<&resolve::EffectiveSettings> {
+        self.resolved.as_ref().map(|r| &r.settings)
+    }
+}
+
+/// One reconcile pass: the status as read, the status and conditions it decides, the Events of
+/// the transitions, and its timers.
+struct Pass<'a> {
+    sh: Shell<'a>,
+    old: SessionStatus,
+    status: SessionStatus,
+    generation: Option<i64>,
+    conditions: Vec<Condition>,
+    events: Vec<Ev>,
+    requeue: Duration,
+    /// The deadline this pass leaves armed, if the fast path may enforce it.
+    armable: Option<crate::expiry::Deadline>,
+}
+
+impl Pass<'_> {
+    fn condition(&mut self, type_: Cond, ok: bool, reason: &str, message: &str) {
+        let c = condition(
+            type_,
+            ok,
+            reason,
+            message,
+            self.generation,
+            &self.old.conditions,
+            &self.sh.now,
+        );
+        self.conditions.push(c);
+    }
+
+    /// A refusal: a False condition of `type_` with the reason, and a Warning Event the first
+    /// time this reason appears (Events on transitions only).
+    fn refuse(&mut self, type_: Cond, r: &Refusal, action: &'static str) {
+        self.condition(type_, false, r.reason, &r.message);
+        if self.old.conditions.iter().all(|c| c.reason != r.reason) {
+            self.events
+                .push((EventType::Warning, r.reason, r.message.clone(), action));
+        }
+    }
+
+    async fn publish_events(&mut self) {
+        for (t, reason, note, action) in std::mem::take(&mut self.events) {
+            self.sh.event(t, reason, note, action).await;
+        }
+    }
+
+    /// Applies the expiry's decision to the status; Some(action) when the deadline is due and
+    /// the reconcile ends here.
+    fn expiry(
+        &mut self,
+        ctx: &Arc<Context>,
+        session: &Arc<Session>,
+        read: &Read,
+        effective: DesiredState,
+        resuming: bool,
+        budget: Option<&expiry::Budget>,
+    ) -> Option<Action> {
+        let now = self.sh.now.0;
+        let st = read.settings()?;
+        if !expiry::armed(self.old.phase, read.pod.is_some()) {
+            return None;
+        }
+        let uid = session.uid().unwrap_or_default();
+        let decision = decide::expiry(&decide::ExpiryInputs {
+            old: &self.old,
+            settings: st,
+            reported_keepalive: expiry::reported_keepalive(session.as_ref()),
+            created: session.creation_timestamp().map(|t| t.0).unwrap_or(now),
+            pod: read.pod.as_deref(),
+            uid: &uid,
+            budget,
+            effective,
+            resuming,
+            now,
+        });
+        match decision {
+            decide::ExpiryDecision::Due(d) => {
+                // Decided here; the API calls run in a task of their own, so a reconcile slot
+                // is never held for a round trip.
+                Some(
+                    match Expiring::decide(ctx, session, &self.sh.ns, &self.sh.name, &d, now) {
+                        Some(e) => {
+                            tokio::spawn(e.carry_out());
+                            Action::await_change()
+                        }
+                        // This replica is already carrying it out; look again once it is done.
+                        None => Action::requeue(Duration::from_secs(1)),
+                    },
+                )
+            }
+            decide::ExpiryDecision::Waiting(e) => {
+                let status = &mut self.status;
+                if e.last_keepalive.is_some() {
+                    status.last_keepalive = e.last_keepalive;
+                }
+                status.expires_at = e.deadline.as_ref().map(|d| MicroTime(d.at));
+                status.expiry_rule = e.deadline.as_ref().map(|d| d.rule);
+                status.expiry_action = e.deadline.as_ref().map(|d| d.action);
+                if e.usage_remaining_seconds.is_some() {
+                    status.usage_remaining_seconds = e.usage_remaining_seconds;
+                }
+                if let Some(r) = e.requeue {
+                    self.requeue = self.requeue.min(r);
+                }
+                self.armable = e.armable;
+                None
+            }
+        }
+    }
+
+    /// Stop: the pod removed (volumes kept), the session Stopped once it was admitted.
+    async fn stop(
+        &mut self,
+        ctx: &Context,
+        pod: Option<&CachedPod>,
+        admitted_before: bool,
+    ) -> Result<(), Error> {
+        if let Some(p) = pod {
+            delete_pod(ctx, &self.sh.ns, p).await?;
+            self.events.push((
+                EventType::Normal,
+                "Stopped",
+                "session stopped: pod removed, volumes kept".into(),
+                "Stop",
+            ));
+        }
+        ctx.launches
+            .forget(&session_key(&self.sh.ns, &self.sh.name));
+        if admitted_before || self.old.phase == Some(SessionPhase::Stopped) {
+            self.status.phase = Some(SessionPhase::Stopped);
+            self.status.node = None;
+            self.status.pod = None;
+            self.condition(
+                Cond::Ready,
+                false,
+                reasons::STOPPED,
+                "the session is stopped: its pod is removed, its volumes kept",
+            );
+        }
+        Ok(())
+    }
+
+    /// Running or paused with a pod: its access label brought to the desired value, and the
+    /// status the pod tells. Some(action) when a starting pod is not worth a write yet.
+    async fn follow_pod(
+        &mut self,
+        ctx: &Context,
+        p: &CachedPod,
+        paused: bool,
+        state_refused: bool,
+    ) -> Result<Option<Action>, Error> {
+        // Pause keeps the pod and cuts access (label); resume restores it; a hand edit of the
+        // label is undone.
+        let target = if paused {
+            SessionPhase::Paused
+        } else {
+            SessionPhase::Running
+        };
+        let transition = self.old.phase != Some(target);
+        let ev = ensure_access(ctx, &self.sh.ns, p, paused, transition).await?;
+        self.events.extend(ev);
+        let told = decide::pod_status(
+            p,
+            paused,
+            &self.old,
+            self.generation,
+            state_refused,
+            &self.sh.now,
+        );
+        if let Some(wait) = told.quiet_for {
+            // Not worth a status write yet: the pod is on its way.
+            self.publish_events().await;
+            return Ok(Some(Action::requeue(wait.min(self.requeue))));
+        }
+        let status = &mut self.status;
+        status.phase = Some(told.phase);
+        status.node = told.node;
+        status.pod = Some(p.name_any());
+        status.started_at = told.started_at;
+        let record = build::parse_launch_record(p.launch_annotation());
+        status.server = record.server.or(status.server.clone());
+        if record.profile.is_some() {
+            status.profile = record.profile;
+        }
+        self.conditions.extend(told.conditions);
+        Ok(None)
+    }
+
+    /// What a launch that did not create a pod means for the status.
+    fn launch_failed(&mut self, outcome: Launched) {
+        match outcome {
+            Launched::Created => {}
+            Launched::Failed(r) => {
+                self.status.phase = Some(SessionPhase::Failed);
+                self.refuse(Cond::Ready, &r, "Launch");
+            }
+            Launched::Refused(r) if self.old.phase == Some(SessionPhase::Stopped) => {
+                // A stopped session that cannot resume stays stopped and says why.
+                self.refuse(Cond::Resumed, &r, "Resume");
+            }
+            Launched::Refused(r) => {
+                self.status.phase = Some(SessionPhase::Refused);
+                self.refuse(Cond::Admitted, &r, "Launch");
+                // Nor ready: the same reason, without a second event.
+                self.condition(Cond::Ready, false, r.reason, &r.message);
+            }
+        }
+    }
+
+    /// Writes the status if it changed (and was not already written for this version of the
+    /// session), then the Events of the transition. Returns whether it wrote, and the session's
+    /// resourceVersion after this pass.
+    async fn write_status(&mut self, ctx: &Context) -> Result<(bool, Option<String>), Error> {
+        let session = self.sh.session;
+        let mut version = session.resource_version();
+        let written = &ctx.launches.statuses;
+        written.seen(session);
+        // The status (and the Events of its transition) already went out for this version of
+        // the session: the cache has not caught up with that write yet.
+        let changed = !same_status(&self.status, &self.old);
+        let repeat = changed && written.already(session, &self.status);
+        if changed && !repeat {
+            version = self.sh.patch_status(&self.status).await?.resource_version();
+            written.record(session, &self.status);
+            let ready = self
+                .status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == Cond::Ready.as_str());
+            info!(
+                session = %session_key(&self.sh.ns, &self.sh.name),
+                phase = ?self.status.phase,
+                ready = ready.map(|c| c.status.as_str()),
+                reason = ready.map(|c| c.reason.as_str()),
+                detail = ready.map(|c| c.message.as_str()),
+                "session status updated"
+            );
+        }
+        if repeat {
+            self.events.clear();
+        }
+        self.publish_events().await;
+        Ok((changed && !repeat, version))
+    }
+}
+
 async fn reconcile(
     session: Arc<Session>,
     ctx: Arc<Context>,
@@ -527,492 +753,160 @@ async fn reconcile(
     let key = session_key(&ns, &name);
     if session.metadata.deletion_timestamp.is_some() {
         ctx.launches.forget(&key);
-        if session
-            .finalizers()
-            .iter()
-            .any(|f| f == expiry::USAGE_FINALIZER)
-        {
-            // Account the session's running time before it disappears, then let it go.
-            let user = ctx
-                .stores
-                .users
-                .get(&ObjectRef::new(&session.spec.user).within(&ns));
-            let limit = user.as_ref().and_then(|u| {
-                resolve::resolve_user(&directory(&ctx.stores, &ns), u)
-                    .settings
-                    .usage_limit
-            });
-            let now = jiff::Timestamp::now();
-            expiry::close_session(&ctx, &ns, &session, user.as_deref(), limit.as_ref(), now)
-                .await?;
-            expiry::remove_finalizer(&ctx, &ns, &session).await?;
-        }
+        finalize(&ctx, &ns, &session).await?;
         return Ok(Action::await_change());
     }
-    let sh = Shell {
-        ctx: &ctx,
-        session: &session,
-        ns: ns.clone(),
-        name: name.clone(),
-        now: Time(jiff::Timestamp::now()),
-    };
-    let old = session.status.clone().unwrap_or_default();
     let stores = &ctx.stores;
-    let generation = session.metadata.generation;
-
-    // The pod, if it is this session's (a pod of an older session of the same name waits for GC).
-    let pod = stores
-        .pods
-        .get(&ObjectRef::new(&build::pod_name(&session)).within(&ns));
-    let uid = session.uid().unwrap_or_default();
-    let pod = match pod {
-        Some(p) if p.owner_references().iter().any(|o| o.uid == uid) => Some(p),
-        Some(_) => return Ok(Action::requeue(Duration::from_secs(2))),
-        None => None,
+    // Dereference: a pod of an older session of the same name waits for GC.
+    let Some(read) = Read::of(stores, &ns, &session) else {
+        return Ok(Action::requeue(Duration::from_secs(2)));
     };
-    if pod.is_some() {
+    if read.pod.is_some() {
         ctx.launches.forget(&key);
     }
-
-    let user = stores
-        .users
-        .get(&ObjectRef::new(&session.spec.user).within(&ns));
-    let workspace = stores
-        .workspaces
-        .get(&ObjectRef::new(&session.spec.workspace).within(&ns));
-    let dir = directory(stores, &ns);
-    let resolved = user.as_ref().map(|u| resolve::resolve_user(&dir, u));
-    let access = match (&user, &resolved, &workspace) {
-        (Some(u), Some(r), Some(w)) => Some(resolve::access(&dir, u, r, w)),
-        _ => None,
-    };
-    let settings = resolved.as_ref().map(|r| &r.settings);
-    let allow_stop = settings.is_some_and(|s| s.allow_kasm_stop);
-    let allow_pause = settings.is_some_and(|s| s.allow_kasm_pause);
-
+    let old = session.status.clone().unwrap_or_default();
+    let settings = read.settings();
     let desired = session.spec.state.unwrap_or(DesiredState::Running);
     let by_expiry = session
         .annotations()
         .get(STATE_SET_BY_ANNOTATION)
-        .is_some_and(|v| v == "expiry");
-    let state_refusal = plan::check_state_change(desired, allow_stop, allow_pause, by_expiry).err();
-    // A refused state change leaves the session as it was.
-    let effective = if state_refusal.is_some() {
-        match old.phase {
-            Some(SessionPhase::Stopped) => DesiredState::Stopped,
-            Some(SessionPhase::Paused) => DesiredState::Paused,
-            _ => DesiredState::Running,
-        }
-    } else {
-        desired
+        .is_some_and(|v| v == SET_BY_EXPIRY);
+    let (effective, state_refusal) = decide::state(
+        desired,
+        settings.is_some_and(|s| s.allow_kasm_stop),
+        settings.is_some_and(|s| s.allow_kasm_pause),
+        by_expiry,
+        old.phase,
+    );
+    let mut pass = Pass {
+        sh: Shell {
+            ctx: &ctx,
+            session: &session,
+            ns: ns.clone(),
+            name: name.clone(),
+            now: Time(jiff::Timestamp::now()),
+        },
+        status: SessionStatus {
+            observed_generation: session.metadata.generation,
+            ..old.clone()
+        },
+        old,
+        generation: session.metadata.generation,
+        conditions: Vec::new(),
+        events: Vec::new(),
+        requeue: horizon(resync),
+        armable: None,
     };
-
-    let mut status = old.clone();
-    status.observed_generation = generation;
-    let mut conditions: Vec<Condition> = Vec::new();
-    let mut requeue = horizon(resync);
-    let now_ts = sh.now.0;
-    // The deadline this pass leaves armed, if the fast path may enforce it (see below).
-    let mut armable: Option<crate::expiry::Deadline> = None;
+    let now_ts = pass.sh.now.0;
     ctx.expiries.disarm(&key);
-
     // Usage budget (when a usage limit applies to the user).
-    let budget = match (&user, settings.and_then(|s| s.usage_limit.as_ref())) {
+    let limit = settings.and_then(|s| s.usage_limit.as_ref());
+    let budget = match (&read.user, limit) {
         (Some(u), Some(l)) => Some(expiry::budget(stores, &ns, u, l, now_ts)),
         _ => None,
     };
-
     // Keepalive and deadline, for admitted sessions.
     let resuming = effective == DesiredState::Running
         && matches!(
-            old.phase,
+            pass.old.phase,
             Some(SessionPhase::Stopped | SessionPhase::Paused)
         );
-    if let Some(st) = settings
-        && expiry::armed(old.phase, pod.is_some())
-    {
-        let persisted = old.last_keepalive.as_ref().map(|k| k.time.0);
-        let reported = expiry::reported_keepalive(&session);
-        let mut next = crate::expiry::next_keepalive(persisted, reported, now_ts);
-        let mut source = if next.is_some() && next != persisted {
-            KeepaliveSource::Annotation
-        } else {
-            old.last_keepalive
-                .as_ref()
-                .map(|k| k.source)
-                .unwrap_or(KeepaliveSource::Start)
-        };
-        if resuming && state_refusal.is_none() {
-            // Resuming is activity: the keepalive clock restarts now.
-            next = Some(now_ts);
-            source = KeepaliveSource::Start;
-        }
-        // Started: persisted, or now if this pass sees the pod ready for the first time (the
-        // same instant the status write below records).
-        let started = old.started_at.as_ref().map(|t| t.0).or_else(|| {
-            pod.as_ref()
-                .filter(|p| plan::observe(Some(p), false).ready)
-                .map(|_| now_ts)
-        });
-        // The start counts as activity: no keepalive yet, or one older than the start (written
-        // before the session existed, or by a client clock running behind), means the start.
-        let created = session.creation_timestamp().map(|t| t.0).unwrap_or(now_ts);
-        if let Some(start) = started.or(next.map(|_| created))
-            && next.is_none_or(|k| k < start)
-        {
-            next = Some(start);
-            source = KeepaliveSource::Start;
-        }
-        let stopped = old.phase == Some(SessionPhase::Stopped) && !resuming;
-        let policy = crate::expiry::Policy {
-            // A stopped session has no client: only the hard limits apply to it.
-            keepalive_expiration: if stopped {
-                Duration::MAX
-            } else {
-                st.keepalive_expiration
-            },
-            session_time_limit: st.session_time_limit,
-            action: st.keepalive_expiration_action,
-        };
-        // This session consumes the budget from its start (even before the cache shows it).
-        let uid = session.uid().unwrap_or_default();
-        let usage_deadline = match (&budget, started) {
-            (Some(b), Some(start)) => {
-                let mut b = b.clone();
-                if !b.open.iter().any(|o| o.uid == uid) {
-                    b.open.push(crate::expiry::Open {
-                        uid: uid.clone(),
-                        start: expiry::ceil_ms(start),
-                    });
-                }
-                b.exhausted_at(now_ts)
-            }
-            _ => None,
-        };
-        let times = crate::expiry::SessionTimes {
-            created,
-            started,
-            last_keepalive: next.or(started),
-        };
-        let d = crate::expiry::deadline(&times, &policy, usage_deadline);
-        // Stop and pause are done once requested (the pod follows spec.state).
-        let noop = match d.action {
-            KeepaliveExpirationAction::Delete => false,
-            KeepaliveExpirationAction::Stop => stopped || effective == DesiredState::Stopped,
-            KeepaliveExpirationAction::Pause => {
-                stopped || matches!(effective, DesiredState::Paused | DesiredState::Stopped)
-            }
-        };
-        if crate::expiry::is_due(&d, now_ts) && !noop && !resuming {
-            // Decided here; the API calls run in a task of their own, so a reconcile slot is never
-            // held for a round trip.
-            return Ok(
-                match Expiring::decide(&ctx, &session, &ns, &name, &d, now_ts) {
-                    Some(e) => {
-                        tokio::spawn(e.carry_out());
-                        Action::await_change()
-                    }
-                    // This replica is already carrying it out; look again once it is done.
-                    None => Action::requeue(Duration::from_secs(1)),
-                },
-            );
-        }
-        if let Some(k) = next {
-            status.last_keepalive = Some(Keepalive {
-                time: MicroTime(k),
-                source,
-            });
-        }
-        if d.at < jiff::Timestamp::MAX {
-            status.expires_at = Some(MicroTime(d.at));
-            status.expiry_rule = Some(d.rule);
-            status.expiry_action = Some(d.action);
-            if !noop {
-                requeue = requeue.min(expiry::until(d.at, now_ts));
-                // A usage deadline moves with other sessions: only the controller computes it.
-                if budget.is_none() {
-                    armable = Some(d);
-                }
-            }
-        } else {
-            status.expires_at = None;
-            status.expiry_rule = None;
-            status.expiry_action = None;
-        }
-        if let Some(b) = &budget {
-            status.usage_remaining_seconds = Some(b.remaining_ms(now_ts) / 1000);
-            if let Some(end) = b.window.end {
-                requeue = requeue.min(expiry::until(end, now_ts));
-            }
-        }
+    if let Some(action) = pass.expiry(&ctx, &session, &read, effective, resuming, budget.as_ref()) {
+        return Ok(action);
     }
-    let mut events: Vec<(EventType, &'static str, String, &'static str)> = Vec::new();
-    // A refusal: a False condition of `type_` with the reason, and a Warning event the first
-    // time this reason appears (events on transitions only).
-    let refuse =
-        |type_: &str,
-         r: &Refusal,
-         action: &'static str,
-         conditions: &mut Vec<Condition>,
-         events: &mut Vec<(EventType, &'static str, String, &'static str)>| {
-            conditions.push(condition(
-                type_,
-                false,
-                r.reason,
-                &r.message,
-                generation,
-                &old.conditions,
-                &sh.now,
-            ));
-            if old.conditions.iter().all(|c| c.reason != r.reason) {
-                events.push((EventType::Warning, r.reason, r.message.clone(), action));
-            }
-        };
-
-    let admitted_before = pod.is_some()
+    let admitted_before = read.pod.is_some()
         || matches!(
-            old.phase,
+            pass.old.phase,
             Some(SessionPhase::Running | SessionPhase::Paused | SessionPhase::Stopped)
         );
-
-    match effective {
-        DesiredState::Stopped => {
-            if let Some(p) = &pod {
-                delete_pod(&ctx, &ns, p).await?;
-                events.push((
-                    EventType::Normal,
-                    "Stopped",
-                    "session stopped: pod removed, volumes kept".into(),
-                    "Stop",
-                ));
-            }
-            ctx.launches.forget(&key);
-            if admitted_before || old.phase == Some(SessionPhase::Stopped) {
-                status.phase = Some(SessionPhase::Stopped);
-                status.node = None;
-                status.pod = None;
+    let paused = effective == DesiredState::Paused;
+    match (effective, read.pod.as_deref()) {
+        (DesiredState::Stopped, pod) => pass.stop(&ctx, pod, admitted_before).await?,
+        (_, Some(p)) => {
+            if let Some(action) = pass
+                .follow_pod(&ctx, p, paused, state_refusal.is_some())
+                .await?
+            {
+                return Ok(action);
             }
         }
-        DesiredState::Running | DesiredState::Paused => {
-            let paused = effective == DesiredState::Paused;
-            if let Some(p) = &pod {
-                // Pause keeps the pod and cuts access (label); resume restores it.
-                let is_paused = p.labels().get(ACCESS_LABEL).is_some_and(|v| v == "paused");
-                if is_paused != paused {
-                    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-                    let value = if paused {
-                        json!("paused")
-                    } else {
-                        serde_json::Value::Null
+        // A refusal is final: a refused session never starts later on its own (the person
+        // launches again), and a refused resume waits for the next change of the spec.
+        (_, None) if plan::refusal_is_final(&pass.old, pass.generation) => {
+            return Ok(requeue_within(pass.requeue, resync));
+        }
+        // Launch (or resume after a stop, or re-create a pod lost to eviction) — unless this
+        // replica just created the pod and the cache has not shown it yet.
+        (_, None) if ctx.launches.in_flight(&key) => {
+            return Ok(Action::requeue(PENDING_REPORT_AFTER.min(pass.requeue)));
+        }
+        (_, None) => {
+            let outcome = launch(
+                &pass.sh,
+                budget.as_ref(),
+                read.user.as_deref(),
+                read.workspace.as_deref(),
+                read.resolved.as_ref(),
+                read.access.as_ref(),
+                admitted_before,
+                paused,
+            )
+            .await?;
+            if let Launched::Created = outcome {
+                // The status is written when the pod's own event says it runs (what the launch
+                // decided travels on the pod: LAUNCH_ANNOTATION); the requeue is only a safety
+                // net should the pod never show up. A resume records its keepalive at once, so
+                // the old one cannot expire it.
+                if resuming && pass.status.last_keepalive != pass.old.last_keepalive {
+                    let s = SessionStatus {
+                        last_keepalive: pass.status.last_keepalive.clone(),
+                        expires_at: pass.status.expires_at.clone(),
+                        expiry_rule: pass.status.expiry_rule,
+                        expiry_action: pass.status.expiry_action,
+                        ..pass.old.clone()
                     };
-                    api.patch(
-                        &p.name_any(),
-                        &PatchParams::default(),
-                        &Patch::Merge(json!({"metadata": {"labels": {ACCESS_LABEL: value}}})),
-                    )
-                    .await
-                    .map_err(|source| Error::Child {
-                        verb: "patch",
-                        kind: "Pod",
-                        name: p.name_any(),
-                        source,
-                    })?;
-                    let (reason, note) = if paused {
-                        (
-                            "Paused",
-                            "session paused: access cut, pod and resources kept",
-                        )
-                    } else {
-                        ("Resumed", "session resumed from pause")
-                    };
-                    events.push((EventType::Normal, reason, note.into(), "Pause"));
+                    pass.sh.patch_status(&s).await?;
                 }
-                let obs = plan::observe(Some(p), paused);
-                status.phase = Some(obs.phase);
-                status.node = obs.node.clone();
-                status.pod = Some(p.name_any());
-                let record = build::parse_launch_record(p.launch_annotation());
-                status.server = record.server.or(status.server.clone());
-                if record.profile.is_some() {
-                    status.profile = record.profile;
-                }
-                if obs.ready && status.started_at.is_none() {
-                    status.started_at = Some(MicroTime(now_ts));
-                }
-                if obs.phase == SessionPhase::Pending {
-                    let age = p
-                        .creation_timestamp()
-                        .map(|t| sh.now.0.duration_since(t.0).as_secs_f64())
-                        .unwrap_or_default();
-                    let report = pending_report(obs.problem.as_deref(), age, &old.conditions);
-                    let reported_before = old.conditions.iter().any(|c| {
-                        c.type_ == "Ready" && c.status == "False" && c.reason == "PodPending"
-                    });
-                    if report.is_none() && !reported_before && state_refusal.is_none() {
-                        // Not worth a status write: the pod is on its way (the floor writes
-                        // nothing while a pod starts either). Look again when the pod changes,
-                        // and when a slow start becomes worth reporting.
-                        for (t, reason, note, action) in events {
-                            sh.event(t, reason, note, action).await;
-                        }
-                        let left = match obs.problem.as_deref() {
-                            Some(p) => report_after(p).as_secs_f64() - age,
-                            None => SLOW_START_REPORT_AFTER.as_secs_f64() - age,
-                        };
-                        let wait = Duration::from_secs_f64(left.max(0.1)).min(requeue);
-                        return Ok(Action::requeue(wait));
-                    }
-                    conditions.push(condition(
-                        "Ready",
-                        false,
-                        "PodPending",
-                        // A problem reported before and now gone: say the pod is on its way.
-                        &report.unwrap_or_else(|| "waiting for the session pod to start".into()),
-                        generation,
-                        &old.conditions,
-                        &sh.now,
-                    ));
-                }
-                if obs.phase == SessionPhase::Failed {
-                    conditions.push(condition(
-                        "Ready",
-                        false,
-                        "PodFailed",
-                        obs.message.as_deref().unwrap_or("the session pod failed"),
-                        generation,
-                        &old.conditions,
-                        &sh.now,
-                    ));
-                }
-                if obs.ready {
-                    conditions.push(condition(
-                        "Ready",
-                        true,
-                        if paused { "Paused" } else { "Running" },
-                        "",
-                        generation,
-                        &old.conditions,
-                        &sh.now,
-                    ));
-                    // No Event for a routine start: the phase, the Ready condition's transition
-                    // time and startedAt record it, and an Event would be one more API write per
-                    // launch than the floor. Events are kept for what needs a reader's attention
-                    // or what the operator did on its own (refusals, failures, expiry, stop,
-                    // pause and resume).
-                }
-                conditions.push(condition(
-                    "Admitted",
-                    true,
-                    reasons::ADMITTED,
-                    "",
-                    generation,
-                    &old.conditions,
-                    &sh.now,
-                ));
-            } else {
-                // Launch (or resume after a stop, or re-create a pod lost to eviction) — unless
-                // this replica just created the pod and the cache has not shown it yet.
-                if ctx.launches.in_flight(&key) {
-                    return Ok(Action::requeue(PENDING_REPORT_AFTER.min(requeue)));
-                }
-                let launch = launch(
-                    &sh,
-                    budget.as_ref(),
-                    &dir,
-                    user.as_deref(),
-                    workspace.as_deref(),
-                    resolved.as_ref(),
-                    access.as_ref(),
-                    admitted_before,
-                    paused,
-                )
-                .await?;
-                match launch {
-                    Launched::Created => {
-                        // Status is written once the pod runs (or after PENDING_REPORT_AFTER):
-                        // what the launch decided travels on the pod (LAUNCH_ANNOTATION). A
-                        // resume records its keepalive at once, so the old one cannot expire it.
-                        if resuming && status.last_keepalive != old.last_keepalive {
-                            let mut s = old.clone();
-                            s.last_keepalive = status.last_keepalive.clone();
-                            s.expires_at = status.expires_at.clone();
-                            s.expiry_rule = status.expiry_rule;
-                            s.expiry_action = status.expiry_action;
-                            sh.patch_status(&s).await?;
-                        }
-                        return Ok(Action::requeue(PENDING_REPORT_AFTER.min(requeue)));
-                    }
-                    Launched::Failed(r) => {
-                        status.phase = Some(SessionPhase::Failed);
-                        refuse("Ready", &r, "Launch", &mut conditions, &mut events);
-                    }
-                    Launched::Refused(r) => {
-                        if old.phase == Some(SessionPhase::Stopped) {
-                            // A stopped session that cannot resume stays stopped and says why.
-                            refuse("Resumed", &r, "Resume", &mut conditions, &mut events);
-                        } else {
-                            status.phase = Some(SessionPhase::Refused);
-                            refuse("Admitted", &r, "Launch", &mut conditions, &mut events);
-                        }
-                    }
-                }
+                return Ok(Action::requeue(PENDING_REPORT_AFTER.min(pass.requeue)));
             }
+            pass.launch_failed(outcome);
         }
     }
     if let Some(r) = &state_refusal {
-        refuse(
-            "StateChange",
-            r,
-            "ChangeState",
-            &mut conditions,
-            &mut events,
-        );
+        pass.refuse(Cond::StateChange, r, "ChangeState");
     }
-    if !conditions.is_empty() || status.phase != old.phase {
+    if !pass.conditions.is_empty() || pass.status.phase != pass.old.phase {
         // Keep conditions this pass did not compute only if they still apply.
-        for c in &old.conditions {
-            let recomputed = conditions.iter().any(|n| n.type_ == c.type_);
-            let stale = (c.type_ == "StateChange" && state_refusal.is_none())
-                || (c.type_ == "Resumed" && effective != DesiredState::Stopped)
-                || (c.type_ == "Admitted"
-                    && status.phase != Some(SessionPhase::Refused)
-                    && c.status == "False");
-            if !recomputed && !stale {
-                conditions.push(c.clone());
-            }
-        }
-        status.conditions = conditions;
-    }
-    let mut version = session.resource_version();
-    let written = &ctx.launches.statuses;
-    written.seen(session.as_ref());
-    // The status (and the Events of its transition) already went out for this version of the
-    // session: the cache has not caught up with that write yet.
-    let changed = !same_status(&status, &old);
-    let repeat = changed && written.already(session.as_ref(), &status);
-    if changed && !repeat {
-        version = sh.patch_status(&status).await?.resource_version();
-        written.record(session.as_ref(), &status);
-        let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
-        info!(
-            session = %key,
-            phase = ?status.phase,
-            ready = ready.map(|c| c.status.as_str()),
-            reason = ready.map(|c| c.reason.as_str()),
-            detail = ready.map(|c| c.message.as_str()),
-            "session status updated"
+        pass.status.conditions = decide::merge_conditions(
+            &pass.old.conditions,
+            std::mem::take(&mut pass.conditions),
+            state_refusal.is_some(),
+            effective,
+            pass.status.phase,
         );
     }
-    for (t, reason, note, action) in events.into_iter().filter(|_| !repeat) {
-        sh.event(t, reason, note, action).await;
+    let (wrote, version) = pass.write_status(&ctx).await?;
+    // The usage view (User or Group status.usage) shows the current window with the running
+    // sessions: refreshed when this session starts and when a new window has begun.
+    if let (Some(b), Some(u), Some(l)) = (&budget, &read.user, limit) {
+        let started = (wrote && pass.old.started_at.is_none())
+            .then_some(pass.status.started_at.as_ref())
+            .flatten()
+            .map(|t| crate::expiry::Open {
+                uid: session.uid().unwrap_or_default(),
+                start: expiry::ceil_ms(t.0),
+            });
+        if started.is_some() || b.stale_window {
+            expiry::refresh_view(&ctx, &ns, u, l, b, started, now_ts).await?;
+        }
     }
-    ctx.backoff.succeeded(&key);
     // A running or paused session with nothing else to do: its deadline goes to the fast path
     // (enforced at the instant without resolving settings again, as long as nothing it was
     // computed from has changed), and the controller's own requeue, a moment later, is only the
     // safety net.
+    let mut requeue = pass.requeue;
     if let (Some(d), Some(version), Some(SessionPhase::Running | SessionPhase::Paused)) =
-        (armable, version, status.phase)
+        (pass.armable, version, pass.status.phase)
     {
         ctx.expiries.arm(
             &key,
@@ -1022,13 +916,91 @@ async fn reconcile(
                 action: d.action,
                 uid: session.uid().unwrap_or_default(),
                 session_version: version,
-                user_generation: user.as_ref().and_then(|u| u.metadata.generation),
+                user_generation: read.user.as_ref().and_then(|u| u.metadata.generation),
                 groups: expiry::groups_digest(stores, &ns),
             },
         );
         requeue = horizon(resync).min(expiry::until(d.at, now_ts) + FAST_PATH_GRACE);
     }
     Ok(requeue_within(requeue, resync))
+}
+
+/// A session being deleted: with the usage finalizer, its running time is accounted before it
+/// disappears, then it is let go.
+async fn finalize(ctx: &Context, ns: &str, session: &Session) -> Result<(), Error> {
+    if !session
+        .finalizers()
+        .iter()
+        .any(|f| f == contract::USAGE_FINALIZER)
+    {
+        return Ok(());
+    }
+    let user = ctx
+        .stores
+        .users
+        .get(&ObjectRef::new(&session.spec.user).within(ns));
+    let limit = user.as_ref().and_then(|u| {
+        resolve::resolve_user(&directory(&ctx.stores, ns), u)
+            .settings
+            .usage_limit
+    });
+    let now = jiff::Timestamp::now();
+    expiry::close_session(ctx, ns, session, user.as_deref(), limit.as_ref(), now).await?;
+    expiry::remove_finalizer(ctx, ns, session).await
+}
+
+/// Executor rule for the pod's access label (the only field of a running pod the operator
+/// changes): labels and annotations are metadata the API server lets a controller change on a
+/// live pod, so they are patched in place (a JSON merge patch of the one key), never by
+/// replacing the pod; anything of the pod's spec (image, resources, volumes, placement) cannot
+/// change on a running pod and is only ever set when the pod is created (a launch or a resume).
+/// Brings the label to its desired value whatever moved it (pause and resume, or a hand edit);
+/// returns the Event of a pause or resume it carried out.
+async fn ensure_access(
+    ctx: &Context,
+    ns: &str,
+    p: &CachedPod,
+    paused: bool,
+    transition: bool,
+) -> Result<Option<(EventType, &'static str, String, &'static str)>, Error> {
+    let is_paused = p
+        .labels()
+        .get(ACCESS_LABEL)
+        .is_some_and(|v| v == ACCESS_PAUSED);
+    if is_paused == paused {
+        return Ok(None);
+    }
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let value = if paused {
+        json!(ACCESS_PAUSED)
+    } else {
+        serde_json::Value::Null
+    };
+    api.patch(
+        &p.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {ACCESS_LABEL: value}}})),
+    )
+    .await
+    .map_err(|source| Error::Child {
+        verb: "patch",
+        kind: "Pod",
+        name: p.name_any(),
+        source,
+    })?;
+    if !transition {
+        warn!(pod = %p.name_any(), paused, "access label restored on a session pod edited by hand");
+        return Ok(None);
+    }
+    let (reason, note) = if paused {
+        (
+            "Paused",
+            "session paused: access cut, pod and resources kept",
+        )
+    } else {
+        ("Resumed", "session resumed from pause")
+    };
+    Ok(Some((EventType::Normal, reason, note.into(), "Pause")))
 }
 
 /// How far ahead a reconcile looks for its next requeue: the resync, or with none (zero) no
@@ -1150,7 +1122,6 @@ enum Launched {
 async fn launch(
     sh: &Shell<'_>,
     budget: Option<&expiry::Budget>,
-    dir: &Directory,
     user: Option<&User>,
     workspace: Option<&Workspace>,
     resolved: Option<&resolve::Resolved>,
@@ -1235,151 +1206,52 @@ async fn launch(
         .persistent_profile
         .as_ref()
         .filter(|_| mode != ProfileMode::Disabled);
-    let mut profile_status = ProfileStatus {
-        outcome: Some(ProfileOutcome::Disabled),
-        ..Default::default()
-    };
-    let mut profile_zone = None;
-    let mut claim_plan: Option<ClaimPlan> = None;
-    let mut mount: Option<ProfileMount> = None;
-    let already_reset = session
-        .status
+    let uid = session.uid().unwrap_or_default();
+    let base = profile_cfg
+        .and_then(|c| c.claim_template.as_ref())
+        .map(|t| decide::claim_base(&t.name, &username, &user_id));
+    let active = base.as_ref().and_then(|b| active_claim(stores, ns, b));
+    let marks = active.as_ref().map(|c| c.marks().into_owned());
+    let active_name = active.as_ref().map(|c| c.name_any());
+    let next_name = base
         .as_ref()
-        .and_then(|s| s.profile.as_ref())
-        .and_then(|p| p.outcome)
-        .is_some_and(|o| {
-            matches!(
-                o,
-                ProfileOutcome::ResetArchived | ProfileOutcome::ResetFresh
-            )
-        });
-    let reset = mode == ProfileMode::Reset && !already_reset;
-    if let Some(cfg) = profile_cfg {
-        if let Some(t) = &cfg.claim_template {
-            let base = build::dns_name(&build::render_template(&t.name, &username, &user_id));
-            let active = active_claim(stores, ns, &base);
-            let uid = session.uid().unwrap_or_default();
-            let done_by_me = active
-                .as_ref()
-                .is_some_and(|c| c.marks().reset_by.as_ref() == Some(&uid));
-            let (claim_name, plan) = match (&active, reset && !done_by_me) {
-                (Some(c), false) => {
-                    profile_zone = bound_zone(stores, c);
-                    (c.name_any(), None)
-                }
-                (old, true) => {
-                    let name = next_claim_name(stores, ns, &base, sh.now.0.as_second());
-                    (
-                        name.clone(),
-                        Some(ClaimPlan {
-                            name,
-                            base: base.clone(),
-                            archive: old.as_ref().map(|c| c.name_any()),
-                            reset_by: Some(uid.clone()),
-                        }),
-                    )
-                }
-                (None, false) => (
-                    base.clone(),
-                    Some(ClaimPlan {
-                        name: base.clone(),
-                        base: base.clone(),
-                        archive: None,
-                        reset_by: None,
-                    }),
-                ),
-            };
-            profile_status = ProfileStatus {
-                claim: Some(claim_name.clone()),
-                outcome: Some(if reset || done_by_me {
-                    if plan.as_ref().is_some_and(|p| p.archive.is_some())
-                        || (done_by_me
-                            && session
-                                .status
-                                .as_ref()
-                                .and_then(|s| s.profile.as_ref())
-                                .and_then(|p| p.archived_as.clone())
-                                .is_some())
-                    {
-                        ProfileOutcome::ResetArchived
-                    } else {
-                        ProfileOutcome::ResetFresh
-                    }
-                } else {
-                    ProfileOutcome::Mounted
-                }),
-                archived_as: plan.as_ref().and_then(|p| p.archive.clone()),
-                ..Default::default()
-            };
-            claim_plan = plan;
-            mount = Some(ProfileMount::Claim {
-                claim: claim_name,
-                mount_path: cfg.mount_path.clone(),
-            });
-        } else if let Some(sv) = &cfg.shared_volume {
-            let sub_path = build::render_template(&sv.sub_path, &username, &user_id);
-            let archive_to = reset.then(|| format!("{sub_path}.archived-{}", sh.now.0.as_second()));
-            profile_status = ProfileStatus {
-                claim: Some(sv.claim_name.clone()),
-                sub_path: Some(sub_path.clone()),
-                outcome: Some(if reset { ProfileOutcome::ResetArchived } else { ProfileOutcome::Mounted }),
-                archived_as: archive_to.clone(),
-                message: reset.then(|| "the old profile directory is renamed (never deleted) by the profile-reset init container".to_string()),
-            };
-            if let Some(c) = stores
-                .claims
-                .get(&ObjectRef::new(&sv.claim_name).within(ns))
-            {
-                profile_zone = bound_zone(stores, &c);
-            }
-            mount = Some(ProfileMount::SubPath {
-                claim: sv.claim_name.clone(),
-                sub_path,
-                mount_path: cfg.mount_path.clone(),
-                archive_to,
-            });
-        }
-    }
+        .map(|b| next_claim_name(stores, ns, b, sh.now.0.as_second()))
+        .unwrap_or_default();
+    let profile = decide::profile(&decide::ProfileInputs {
+        cfg: profile_cfg,
+        mode,
+        username: &username,
+        user_id: &user_id,
+        uid: &uid,
+        old: session.status.as_ref().and_then(|s| s.profile.as_ref()),
+        active: active_name
+            .as_deref()
+            .map(|n| (n, marks.as_ref().and_then(|m| m.reset_by.as_deref()))),
+        next_name: &next_name,
+        now_second: sh.now.0.as_second(),
+    });
+    let profile_zone = profile
+        .zone_of
+        .as_ref()
+        .and_then(|c| stores.claims.get(&ObjectRef::new(c).within(ns)))
+        .and_then(|c| bound_zone(stores, &c));
+    let (profile_status, claim_plan, mount) = (profile.status, profile.claim, profile.mount);
 
     // Placement.
-    let pool_kind = match &access.pool {
-        None => PoolKind::None {
-            zones: zones_with_nodes(stores, &BTreeMap::new()),
-        },
-        Some(p) => match &p.spec.autoscale {
-            Some(a) => PoolKind::Autoscale {
-                pool: p.name_any(),
-                node_selector: a.node_selector.clone(),
-                zones: zones_with_nodes(stores, &a.node_selector),
-            },
-            None => PoolKind::Servers {
-                pool: p.name_any(),
-                candidates: access
-                    .servers
-                    .iter()
-                    .map(|c| {
-                        let s = &c.server;
-                        let name = s.name_any();
-                        ServerCandidate {
-                            load: server_load(stores, ns, &name, &launched, &key),
-                            zone: s
-                                .spec
-                                .zone
-                                .clone()
-                                .or_else(|| node_zone(stores, &s.spec.node_name)),
-                            node: s.spec.node_name.clone(),
-                            capacity: s.spec.max_sessions,
-                            name,
-                        }
-                    })
-                    .collect(),
-            },
-        },
+    let pool_kind = pool_kind(stores, ns, access, &launched, &key);
+    // A claim template's claim that one node (or one pod) mounts at a time: where another
+    // session of the user has it.
+    let holder = match (&mount, profile_cfg.and_then(|c| c.claim_template.as_ref())) {
+        (Some(ProfileMount::Claim { claim, .. }), Some(t)) => {
+            claim_holder(stores, session, claim, claim_reach(&t.access_modes))
+        }
+        _ => None,
     };
-    let placement = match plan::place(
+    let placement = match plan::place_with_claim(
         &pool_kind,
         session.spec.zone.as_deref(),
         profile_zone.as_deref(),
+        holder.as_ref(),
     ) {
         Ok(p) => p,
         Err(r) => return Ok(Launched::Refused(r)),
@@ -1393,20 +1265,7 @@ async fn launch(
     if let Some(cp) = &claim_plan
         && let Some(t) = profile_cfg.and_then(|c| c.claim_template.as_ref())
     {
-        let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
-        if let Some(old) = &cp.archive {
-            let patch =
-                json!({"metadata": {"labels": {ARCHIVED_LABEL: sh.now.0.as_second().to_string()}}});
-            api.patch(old, &PatchParams::default(), &Patch::Merge(patch))
-                .await
-                .map_err(|source| Error::Child {
-                    verb: "patch",
-                    kind: "PersistentVolumeClaim",
-                    name: old.clone(),
-                    source,
-                })?;
-        }
-        let pvc = build::profile_claim(
+        let claim = build::profile_claim(
             &cp.name,
             &cp.base,
             t,
@@ -1415,18 +1274,7 @@ async fn launch(
             ns,
             cp.reset_by.as_deref(),
         );
-        match api.create(&PostParams::default(), &pvc).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 409 => {}
-            Err(source) => {
-                return Err(Error::Child {
-                    verb: "create",
-                    kind: "PersistentVolumeClaim",
-                    name: cp.name.clone(),
-                    source,
-                });
-            }
-        }
+        ensure_claim(ctx, ns, cp.archive.as_deref(), &claim, sh.now.0.as_second()).await?;
     }
     let record = build::LaunchRecord {
         server: server.clone(),
@@ -1468,37 +1316,163 @@ async fn launch(
         // Usage-limited: the session must be accounted before it can disappear.
         expiry::add_finalizer(ctx, ns, session).await?;
     }
-    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    match api.create(&PostParams::default(), &pod).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 409 => {}
-        // The API server will never accept this pod (invalid, or refused by admission such as
-        // Pod Security): the session fails with the server's reason instead of retrying forever.
-        Err(kube::Error::Api(s)) if matches!(s.code, 400 | 403 | 422) => {
-            return Ok(Launched::Failed(Refusal::new(
-                reasons::POD_REJECTED,
-                format!("the API server rejected the session pod: {}", s.message),
-            )));
-        }
-        Err(source) => {
-            return Err(Error::Child {
-                verb: "create",
-                kind: "Pod",
-                name: build::pod_name(session),
-                source,
-            });
-        }
+    if let Some(rejected) = create_pod(ctx, ns, &pod).await? {
+        return Ok(Launched::Failed(rejected));
     }
     ctx.launches.remember(key, server);
-    let _ = dir;
     Ok(Launched::Created)
 }
 
-struct ClaimPlan {
-    name: String,
-    base: String,
-    archive: Option<String>,
-    reset_by: Option<String>,
+/// Executor for the profile claim: archives `archive` (a label, never a deletion) and creates
+/// `claim` if absent. Created once, not applied each pass: a claim's spec is immutable once
+/// bound, and its labels are only read by this operator.
+async fn ensure_claim(
+    ctx: &Context,
+    ns: &str,
+    archive: Option<&str>,
+    claim: &PersistentVolumeClaim,
+    now_second: i64,
+) -> Result<(), Error> {
+    let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
+    if let Some(old) = archive {
+        let patch = json!({"metadata": {"labels": {ARCHIVED_LABEL: now_second.to_string()}}});
+        api.patch(old, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+            .map_err(|source| Error::Child {
+                verb: "patch",
+                kind: "PersistentVolumeClaim",
+                name: old.to_string(),
+                source,
+            })?;
+    }
+    match api.create(&PostParams::default(), claim).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(source) => Err(Error::Child {
+            verb: "create",
+            kind: "PersistentVolumeClaim",
+            name: claim.name_any(),
+            source,
+        }),
+    }
+}
+
+/// Executor for the session pod: created if absent (a pod's spec cannot change once it runs,
+/// so it is never applied over; see [`ensure_access`] for what is patched in place). The API
+/// server's refusal of the pod itself (invalid, or refused by admission such as Pod Security)
+/// is returned as the reason the session fails, instead of retrying forever.
+async fn create_pod(ctx: &Context, ns: &str, pod: &Pod) -> Result<Option<Refusal>, Error> {
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    match api.create(&PostParams::default(), pod).await {
+        Ok(_) => Ok(None),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(None),
+        Err(kube::Error::Api(s)) if matches!(s.code, 400 | 403 | 422) => Ok(Some(Refusal::new(
+            reasons::POD_REJECTED,
+            format!("the API server rejected the session pod: {}", s.message),
+        ))),
+        Err(source) => Err(Error::Child {
+            verb: "create",
+            kind: "Pod",
+            name: pod.name_any(),
+            source,
+        }),
+    }
+}
+
+/// How the workspace places sessions, as the caches show it: the scheduler (the zones that have
+/// nodes), an autoscaled pool, or a pool of servers with their load (this replica's launches
+/// not yet in the pod cache included, `me` excluded).
+fn pool_kind(
+    stores: &Stores,
+    ns: &str,
+    access: &resolve::Access,
+    launched: &HashMap<String, Option<String>>,
+    key: &str,
+) -> PoolKind {
+    match &access.pool {
+        None => PoolKind::None {
+            zones: zones_with_nodes(stores, &BTreeMap::new()),
+        },
+        Some(p) => match &p.spec.autoscale {
+            Some(a) => PoolKind::Autoscale {
+                pool: p.name_any(),
+                node_selector: a.node_selector.clone(),
+                zones: zones_with_nodes(stores, &a.node_selector),
+            },
+            None => PoolKind::Servers {
+                pool: p.name_any(),
+                candidates: access
+                    .servers
+                    .iter()
+                    .map(|c| {
+                        let s = &c.server;
+                        let name = s.name_any();
+                        ServerCandidate {
+                            load: server_load(stores, ns, &name, launched, key),
+                            zone: s
+                                .spec
+                                .zone
+                                .clone()
+                                .or_else(|| node_zone(stores, &s.spec.node_name)),
+                            node: s.spec.node_name.clone(),
+                            capacity: s.spec.max_sessions,
+                            name,
+                        }
+                    })
+                    .collect(),
+            },
+        },
+    }
+}
+
+/// How many mounts a claim with `modes` allows at a time.
+fn claim_reach(modes: &[crate::crd::v1alpha1::AccessMode]) -> plan::ClaimReach {
+    use crate::crd::v1alpha1::AccessMode;
+    if modes.is_empty() {
+        plan::ClaimReach::OneNode // ReadWriteOnce, the default
+    } else if modes
+        .iter()
+        .any(|m| matches!(m, AccessMode::ReadWriteMany | AccessMode::ReadOnlyMany))
+    {
+        plan::ClaimReach::ManyNodes
+    } else if modes.contains(&AccessMode::ReadWriteOnce) {
+        plan::ClaimReach::OneNode
+    } else {
+        plan::ClaimReach::OnePod
+    }
+}
+
+/// Another live session of `me`'s user whose pod mounts `claim` (from the pods' launch records
+/// in the cache, or this replica's launches not yet in it), with the node it runs on.
+fn claim_holder(
+    stores: &Stores,
+    me: &Session,
+    claim: &str,
+    reach: plan::ClaimReach,
+) -> Option<plan::ClaimHolder> {
+    let ns = me.namespace().unwrap_or_default();
+    stores
+        .sessions_of_user(&ns, &me.spec.user)
+        .iter()
+        .filter(|o| o.metadata.name != me.metadata.name)
+        .filter_map(|o| {
+            let pod = stores
+                .pods
+                .get(&ObjectRef::new(&contract::pod_name(o)).within(&ns))?;
+            if pod.metadata.deletion_timestamp.is_some() {
+                return None; // on its way out: the claim is being released
+            }
+            let record = build::parse_launch_record(pod.launch_annotation());
+            let mounted = record.profile.and_then(|p| p.claim);
+            (mounted.as_deref() == Some(claim)).then(|| plan::ClaimHolder {
+                claim: claim.to_string(),
+                session: o.name_any(),
+                node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+                reach,
+            })
+        })
+        // A placed holder decides; of several, the one already on a node.
+        .max_by_key(|h| h.node.is_some())
 }
 
 fn active_claim(stores: &Stores, ns: &str, base: &str) -> Option<Arc<CachedClaim>> {
@@ -1552,7 +1526,7 @@ fn count_active_before(
             let phase = o.status.as_ref().and_then(|s| s.phase);
             let has_pod = stores
                 .pods
-                .get(&ObjectRef::new(&build::pod_name(o)).within(&ns))
+                .get(&ObjectRef::new(&contract::pod_name(o)).within(&ns))
                 .is_some()
                 || launched.contains_key(&session_key(&ns, &o.name_any()));
             let earlier = (o.creation_timestamp().map(|t| t.0), o.name_any()) < my_key;
@@ -1575,7 +1549,7 @@ fn server_load(
     launched: &HashMap<String, Option<String>>,
     me: &str,
 ) -> u32 {
-    let label = build::label_value(server);
+    let label = contract::label_value(server);
     let mut keys: HashSet<String> = in_namespace(&stores.pods, ns)
         .iter()
         .filter(|p| {
@@ -1699,7 +1673,7 @@ impl Expiring {
                     "Paused"
                 };
                 let patch = json!({
-                    "metadata": {"annotations": {STATE_SET_BY_ANNOTATION: "expiry"}},
+                    "metadata": {"annotations": {STATE_SET_BY_ANNOTATION: SET_BY_EXPIRY}},
                     "spec": {"state": state},
                 });
                 api.patch(&name, &PatchParams::default(), &Patch::Merge(patch))
@@ -1737,7 +1711,7 @@ impl Expiring {
                 name: name.clone(),
                 source,
             };
-            let wait = ctx.backoff.failed(&key);
+            let wait = ctx.backoff.failed(&ObjectRef::from_obj(session.as_ref()));
             tracing::warn!(session = %key, error = %err, retry_in = ?wait, "expiry action failed");
             tokio::time::sleep(wait).await;
             ctx.expiries.retry(ObjectRef::from_obj(session.as_ref()));

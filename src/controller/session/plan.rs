@@ -26,8 +26,74 @@ impl Refusal {
     }
 }
 
+/// The condition types of a Session's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cond {
+    /// The session can be used now (its pod runs and access is open).
+    Ready,
+    /// The launch checks passed (False: refused, with the reason).
+    Admitted,
+    /// A stopped session's resume (False: refused, with the reason).
+    Resumed,
+    /// A requested state change (False: refused, with the reason).
+    StateChange,
+}
+
+impl Cond {
+    /// The type as written in the status.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Cond::Ready => "Ready",
+            Cond::Admitted => "Admitted",
+            Cond::Resumed => "Resumed",
+            Cond::StateChange => "StateChange",
+        }
+    }
+}
+
+/// When the session really started: the pod's Ready transition. The API server records it in
+/// whole seconds, so the next whole second stands for it (never before the real start, at most
+/// a second after); `now` when it comes first (the start seen at once) or is not known.
+pub fn started_at(pod: &CachedPod, now: jiff::Timestamp) -> jiff::Timestamp {
+    let ready_since = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready" && c.status == "True"))
+        .and_then(|c| c.last_transition_time.as_ref())
+        .map(|t| t.0);
+    match ready_since.and_then(|t| t.checked_add(jiff::SignedDuration::from_secs(1)).ok()) {
+        Some(t) => t.min(now),
+        None => now,
+    }
+}
+
+/// Whether a refusal recorded in `old` is final for the session at `generation`: a refused
+/// launch always (the session never starts later on its own; the person launches again), a
+/// refused resume until the session's spec changes.
+pub fn refusal_is_final(
+    old: &crate::crd::v1alpha1::SessionStatus,
+    generation: Option<i64>,
+) -> bool {
+    match old.phase {
+        Some(SessionPhase::Refused) => true,
+        Some(SessionPhase::Stopped) => old.conditions.iter().any(|c| {
+            c.type_ == Cond::Resumed.as_str()
+                && c.status == "False"
+                && c.observed_generation == generation
+        }),
+        _ => false,
+    }
+}
+
 /// Condition reasons.
 pub mod reasons {
+    /// Running, ready for use.
+    pub const RUNNING: &str = "Running";
+    /// Paused: access cut.
+    pub const PAUSED: &str = "Paused";
+    /// Stopped: pod removed, volumes kept.
+    pub const STOPPED: &str = "Stopped";
     /// The referenced User does not exist.
     pub const USER_NOT_FOUND: &str = "UserNotFound";
     /// The referenced Workspace does not exist.
@@ -60,6 +126,9 @@ pub mod reasons {
     pub const CONFIGURATION: &str = "ConfigurationError";
     /// Admitted.
     pub const ADMITTED: &str = "Admitted";
+    /// The user's profile claim mounts on one node (or one pod) at a time, and another session
+    /// has it where this one cannot go.
+    pub const PROFILE_IN_USE: &str = "ProfileClaimInUse";
     /// The API server rejected the session pod (invalid spec or admission).
     pub const POD_REJECTED: &str = "PodRejected";
 }
@@ -328,6 +397,119 @@ pub fn place(
                         "every server of ServerPool {pool:?} available to the user is full (maxSessions)"
                     ),
                 )),
+            }
+        }
+    }
+}
+
+/// Another session of the same user that has the profile claim mounted (or is about to).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimHolder {
+    /// The claim.
+    pub claim: String,
+    /// The session holding it.
+    pub session: String,
+    /// The node its pod runs on (None: not placed yet).
+    pub node: Option<String>,
+    /// How the claim may be mounted.
+    pub reach: ClaimReach,
+}
+
+/// How many mounts a profile claim allows at a time (from its access modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimReach {
+    /// Any number of nodes (ReadWriteMany, ReadOnlyMany): no rule.
+    ManyNodes,
+    /// One node (ReadWriteOnce, the default): every pod on that node.
+    OneNode,
+    /// One pod (ReadWriteOncePod).
+    OnePod,
+}
+
+/// The placement rule of a profile claim another session holds: with [`ClaimReach::OneNode`]
+/// the session goes to the holder's node (a server on that node for a pool of servers), or is
+/// refused with [`reasons::PROFILE_IN_USE`] saying why; with [`ClaimReach::OnePod`] it is refused.
+/// Without a holder (or for a claim many nodes mount), [`place`] alone decides.
+pub fn place_with_claim(
+    pool: &PoolKind,
+    requested_zone: Option<&str>,
+    profile_zone: Option<&str>,
+    holder: Option<&ClaimHolder>,
+) -> Result<Placement, Refusal> {
+    use reasons::PROFILE_IN_USE;
+    let Some(h) = holder.filter(|h| h.reach != ClaimReach::ManyNodes) else {
+        return place(pool, requested_zone, profile_zone);
+    };
+    let held = format!(
+        "profile claim {:?} is mounted by session {:?}",
+        h.claim, h.session
+    );
+    let node = match (&h.reach, &h.node) {
+        (ClaimReach::OnePod, _) => {
+            return Err(Refusal::new(
+                PROFILE_IN_USE,
+                format!(
+                    "{held}, and its access mode (ReadWriteOncePod) allows one pod at a time; end that session first"
+                ),
+            ));
+        }
+        (_, None) => {
+            return Err(Refusal::new(
+                PROFILE_IN_USE,
+                format!(
+                    "{held}, whose pod is not placed on a node yet, and the claim (ReadWriteOnce) mounts on one node at a time; launch again once it runs"
+                ),
+            ));
+        }
+        (_, Some(n)) => n.clone(),
+    };
+    let on_node = |r: Refusal| {
+        Refusal::new(
+            PROFILE_IN_USE,
+            format!(
+                "{held} on node {node:?}, and the claim (ReadWriteOnce) mounts on one node at a time: this session can only run there, but {}",
+                r.message
+            ),
+        )
+    };
+    match pool {
+        PoolKind::Servers { pool, candidates } => {
+            let there: Vec<ServerCandidate> = candidates
+                .iter()
+                .filter(|c| c.node == node)
+                .cloned()
+                .collect();
+            if there.is_empty() {
+                return Err(on_node(Refusal::new(
+                    PROFILE_IN_USE,
+                    format!(
+                        "no server of ServerPool {pool:?} available to the user is on that node"
+                    ),
+                )));
+            }
+            let narrowed = PoolKind::Servers {
+                pool: pool.clone(),
+                candidates: there,
+            };
+            place(&narrowed, requested_zone, profile_zone).map_err(on_node)
+        }
+        PoolKind::None { .. } | PoolKind::Autoscale { .. } => {
+            match place(pool, requested_zone, profile_zone) {
+                Ok(Placement::Scheduler { zone }) => Ok(Placement::OnNode {
+                    node,
+                    node_selector: Default::default(),
+                    zone,
+                }),
+                Ok(Placement::Autoscale {
+                    node_selector,
+                    zone,
+                }) => Ok(Placement::OnNode {
+                    node,
+                    node_selector,
+                    zone,
+                }),
+                Ok(other) => Ok(other),
+                Err(r) => Err(r),
             }
         }
     }
@@ -717,5 +899,183 @@ mod tests {
             "conditions": [{"type": "Ready", "status": "True"}],
         }));
         assert_eq!(observe(Some(&running), false).problem, None);
+    }
+
+    fn pod_ready_since(t: Option<&str>) -> CachedPod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "s"},
+            "status": {"phase": "Running", "conditions": [
+                {"type": "Ready", "status": "True", "lastTransitionTime": t}
+            ]}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_session_starts_when_its_pod_became_ready_never_earlier() {
+        let ts = |s: &str| s.parse::<jiff::Timestamp>().unwrap();
+        let pod = pod_ready_since(Some("2026-01-01T10:00:33Z"));
+        // Seen at once: now (the Ready time is whole seconds; the real start is in [33, 34)).
+        assert_eq!(
+            started_at(&pod, ts("2026-01-01T10:00:33.717Z")),
+            ts("2026-01-01T10:00:33.717Z")
+        );
+        // Seen late (a slow reconcile): the next whole second after the Ready time, at most a
+        // second after the real start and never before it.
+        assert_eq!(
+            started_at(&pod, ts("2026-01-01T10:00:38.707Z")),
+            ts("2026-01-01T10:00:34Z")
+        );
+        // Unknown: now.
+        let pod = pod_ready_since(None);
+        assert_eq!(
+            started_at(&pod, ts("2026-01-01T10:00:38.707Z")),
+            ts("2026-01-01T10:00:38.707Z")
+        );
+    }
+
+    #[test]
+    fn refusals_are_final_and_a_refused_resume_waits_for_a_spec_change() {
+        use crate::crd::v1alpha1::SessionStatus;
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+        let cond = |type_: Cond, status: &str, generation: i64| Condition {
+            type_: type_.as_str().into(),
+            status: status.into(),
+            reason: reasons::MAX_SESSIONS.into(),
+            message: String::new(),
+            observed_generation: Some(generation),
+            last_transition_time: Time(jiff::Timestamp::UNIX_EPOCH),
+        };
+        let st = |phase: Option<SessionPhase>, conditions: Vec<Condition>| SessionStatus {
+            phase,
+            conditions,
+            ..Default::default()
+        };
+        let refused = st(
+            Some(SessionPhase::Refused),
+            vec![cond(Cond::Admitted, "False", 1)],
+        );
+        assert!(refusal_is_final(&refused, Some(1)));
+        assert!(
+            refusal_is_final(&refused, Some(2)),
+            "whatever changes later"
+        );
+        let resume_refused = st(
+            Some(SessionPhase::Stopped),
+            vec![cond(Cond::Resumed, "False", 3)],
+        );
+        assert!(refusal_is_final(&resume_refused, Some(3)));
+        assert!(!refusal_is_final(&resume_refused, Some(4)), "asked again");
+        for phase in [
+            None,
+            Some(SessionPhase::Pending),
+            Some(SessionPhase::Running),
+            Some(SessionPhase::Paused),
+            Some(SessionPhase::Stopped),
+            Some(SessionPhase::Failed),
+        ] {
+            assert!(!refusal_is_final(&st(phase, vec![]), Some(1)), "{phase:?}");
+        }
+    }
+
+    fn candidate(name: &str, node: &str, load: u32, capacity: Option<u32>) -> ServerCandidate {
+        ServerCandidate {
+            name: name.into(),
+            node: node.into(),
+            zone: None,
+            load,
+            capacity,
+        }
+    }
+
+    fn holder(node: Option<&str>, reach: ClaimReach) -> ClaimHolder {
+        ClaimHolder {
+            claim: "profile-bob".into(),
+            session: "bob-1".into(),
+            node: node.map(String::from),
+            reach,
+        }
+    }
+
+    #[test]
+    fn a_second_session_follows_its_single_node_claim_or_is_refused_saying_so() {
+        let sched = PoolKind::None {
+            zones: vec!["zone-a".into()],
+        };
+        // No holder, or a claim many nodes mount: placement as usual.
+        assert_eq!(
+            place_with_claim(&sched, None, None, None),
+            Ok(Placement::Scheduler { zone: None })
+        );
+        assert_eq!(
+            place_with_claim(
+                &sched,
+                None,
+                None,
+                Some(&holder(Some("n1"), ClaimReach::ManyNodes))
+            ),
+            Ok(Placement::Scheduler { zone: None })
+        );
+        // ReadWriteOnce held on n1: pinned there.
+        assert_eq!(
+            place_with_claim(
+                &sched,
+                None,
+                None,
+                Some(&holder(Some("n1"), ClaimReach::OneNode))
+            ),
+            Ok(Placement::OnNode {
+                node: "n1".into(),
+                node_selector: Default::default(),
+                zone: None
+            })
+        );
+        // An autoscaled pool keeps its selector on that node.
+        let auto = PoolKind::Autoscale {
+            pool: "gpu".into(),
+            node_selector: [("gpu".to_string(), "yes".to_string())].into(),
+            zones: vec![],
+        };
+        assert!(matches!(
+            place_with_claim(&auto, None, None, Some(&holder(Some("n1"), ClaimReach::OneNode))),
+            Ok(Placement::OnNode { node, node_selector, .. }) if node == "n1" && node_selector.len() == 1
+        ));
+        // A pool of servers: the server on that node, even if another is less loaded.
+        let servers = PoolKind::Servers {
+            pool: "p".into(),
+            candidates: vec![
+                candidate("ws-a", "n0", 0, None),
+                candidate("ws-b", "n1", 3, None),
+            ],
+        };
+        assert!(matches!(
+            place_with_claim(&servers, None, None, Some(&holder(Some("n1"), ClaimReach::OneNode))),
+            Ok(Placement::Server { server, .. }) if server == "ws-b"
+        ));
+        // Refused, saying why: no server there, the server there is full, the holder not placed
+        // yet, or a claim of one pod.
+        let refused = |pool: &PoolKind, h: ClaimHolder| {
+            let r = place_with_claim(pool, None, None, Some(&h)).unwrap_err();
+            assert_eq!(r.reason, reasons::PROFILE_IN_USE);
+            assert!(
+                r.message.contains("profile-bob") && r.message.contains("bob-1"),
+                "{}",
+                r.message
+            );
+            r.message
+        };
+        assert!(refused(&servers, holder(Some("n9"), ClaimReach::OneNode)).contains("n9"));
+        let full = PoolKind::Servers {
+            pool: "p".into(),
+            candidates: vec![
+                candidate("ws-a", "n0", 0, None),
+                candidate("ws-b", "n1", 1, Some(1)),
+            ],
+        };
+        assert!(refused(&full, holder(Some("n1"), ClaimReach::OneNode)).contains("full"));
+        assert!(refused(&sched, holder(None, ClaimReach::OneNode)).contains("not placed"));
+        assert!(
+            refused(&sched, holder(Some("n1"), ClaimReach::OnePod)).contains("ReadWriteOncePod")
+        );
     }
 }

@@ -35,30 +35,21 @@ use futures::{StreamExt, future};
 use k8s_openapi::api::core::v1::{Node, ObjectReference, PodCondition};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::PartialObjectMeta;
-use kube::runtime::reflector::{self, ReflectHandle, Store, store::Writer};
+use kube::runtime::reflector::{self, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
+// Re-exported for the bench (src/bench), which selects the operator's children by them.
 use super::cached::{CachedClaim, CachedPod, CachedVolume, CachedVolumeSpec, ClaimMarks};
 use super::index::{Index, Keys};
+pub use crate::controller::contract::{MANAGED_BY, MANAGED_BY_LABEL};
 use crate::crd::v1alpha1::{Group, Server, ServerAssignment, ServerPool, Session, User, Workspace};
-
-/// Label on every object the operator creates.
-pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
-/// Its value.
-pub const MANAGED_BY: &str = "cubicle";
 
 /// kubectl's copy of the last applied object (as big as the object): never read.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
-
-/// Buffer of each shared stream: how many changes a subscriber may lag behind before the watch
-/// waits for it. Each subscriber is drained at once into an unbounded queue by a task of its own
-/// ([`Shared::subscribe`]), so the buffer only spans the moment until that task runs; kube's
-/// broadcast allocates it up front, per kind (at 1,024, about 1 MB for the eleven kinds).
-const BUFFER: usize = 128;
 
 /// Objects per page of an initial list or relist (kube's default is 500). Each page is
 /// deserialized whole, as full objects, before any is trimmed for the cache; the allocator keeps
@@ -129,6 +120,8 @@ where
     /// The store.
     pub reader: Store<K>,
     deletes: Vec<mpsc::UnboundedSender<Arc<K>>>,
+    /// Subscribers to changes ([`Shared::subscribe`]).
+    changes: std::sync::Mutex<Vec<mpsc::UnboundedSender<Arc<K>>>>,
     index: Option<Arc<Index<K>>>,
 }
 
@@ -138,11 +131,12 @@ where
     K::DynamicType: Eq + std::hash::Hash + Clone + Default,
 {
     fn new() -> Self {
-        let (reader, writer) = reflector::store_shared(BUFFER);
+        let (reader, writer) = reflector::store();
         Self {
             writer,
             reader,
             deletes: Vec::new(),
+            changes: std::sync::Mutex::new(Vec::new()),
             index: None,
         }
     }
@@ -170,31 +164,25 @@ where
         rx
     }
 
-    /// A stream of changed objects for one controller's triggers.
+    /// A stream of changed objects for one controller's triggers: every object the watch
+    /// applies (added or modified, and each object of a finished list), as the store holds it.
     ///
-    /// kube's shared stores broadcast to their subscribers through a bounded buffer and wait
-    /// for the slowest one, so a controller whose reconcile slots are all busy (it polls its
-    /// triggers only when a slot frees) would stop the watch, and with it the cache the busy
-    /// reconciles read: under a sustained burst, reconciles that cannot see the pods they made
-    /// make them again. A task per subscriber drains the broadcast into an unbounded queue, so
-    /// the caches never wait for a controller (its gate, [`super::gate`], deduplicates queued
-    /// triggers per object).
-    pub fn subscribe(&self) -> mpsc::UnboundedReceiver<Arc<K>>
-    where
-        K: Send + Sync,
-    {
-        let mut handle: ReflectHandle<K> = self
-            .writer
-            .subscribe()
-            .expect("shared stores hand out subscribers");
+    /// The watch task sends each change into an unbounded queue per subscriber right after the
+    /// store has it ([`fan_out`]), so the caches never wait for a controller (whose reconcile
+    /// slots may all be busy; its gate, [`super::gate`], deduplicates queued triggers per
+    /// object), and no change is ever dropped.
+    ///
+    /// kube's shared-store subscriptions are not used: their handle broadcasts a reference and
+    /// looks the object up in the store when the subscriber polls; an object deleted meanwhile
+    /// (a pod or session being deleted: its last update, then its removal) makes that poll
+    /// return `Pending` without registering a waker, and the subscriber never wakes again. The
+    /// Session controller then lost every later pod event, and statuses came from timers.
+    pub fn subscribe(&self) -> mpsc::UnboundedReceiver<Arc<K>> {
         let (tx, rx) = mpsc::unbounded();
-        tokio::spawn(async move {
-            while let Some(obj) = handle.next().await {
-                if tx.unbounded_send(obj).is_err() {
-                    return; // the controller is gone
-                }
-            }
-        });
+        self.changes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(tx);
         rx
     }
 }
@@ -468,42 +456,70 @@ where
         + Send
         + Sync
         + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone + Default + Send + Sync,
+{
+    let mut log = log_errors::<K>(kind);
+    tokio::spawn(
+        fan_out(watcher(api, cfg).default_backoff().modify(trim), shared)
+            .for_each(move |ev| log(ev)),
+    )
+}
+
+/// Applies a watch's events to a kind's store (and its index), then hands each change to the
+/// kind's change subscribers and each deletion to its delete subscribers, in the order the
+/// watch sent them. A subscriber always sees an object after the store has it.
+fn fan_out<K>(
+    events: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    shared: Shared<K>,
+) -> impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
 {
     let Shared {
         writer,
+        reader,
         deletes,
+        changes,
         index,
-        ..
     } = shared;
-    let mut log = log_errors::<K>(kind);
+    let changes = changes.into_inner().unwrap_or_else(|p| p.into_inner());
     let (before, after) = (index.clone(), index);
-    tokio::spawn(
-        watcher(api, cfg)
-            .default_backoff()
-            .modify(trim)
-            // The index adds ahead of the store and removes behind it: never less than the store.
-            .inspect(move |ev| {
-                if let (Some(i), Ok(ev)) = (&before, ev) {
-                    i.before(ev);
+    let send = move |obj: Arc<K>| {
+        for tx in &changes {
+            let _ = tx.unbounded_send(obj.clone());
+        }
+    };
+    events
+        // The index adds ahead of the store and removes behind it: never less than the store.
+        .inspect(move |ev| {
+            if let (Some(i), Ok(ev)) = (&before, ev) {
+                i.before(ev);
+            }
+        })
+        .reflect(writer)
+        .inspect(move |ev| {
+            if let (Some(i), Ok(ev)) = (&after, ev) {
+                i.after(ev);
+            }
+            match ev {
+                Ok(watcher::Event::Apply(obj)) => {
+                    let r = reflector::ObjectRef::from_obj(obj);
+                    send(reader.get(&r).unwrap_or_else(|| Arc::new(obj.clone())));
                 }
-            })
-            .reflect_shared(writer)
-            .inspect(move |ev| {
-                if let (Some(i), Ok(ev)) = (&after, ev) {
-                    i.after(ev);
+                // A (re)list is complete: every object is a change (as kube's shared stores do).
+                Ok(watcher::Event::InitDone) => {
+                    for obj in reader.state() {
+                        send(obj);
+                    }
                 }
-            })
-            .for_each(move |ev| {
-                if let Ok(watcher::Event::Delete(obj)) = &ev {
+                Ok(watcher::Event::Delete(obj)) => {
                     let obj = Arc::new(obj.clone());
                     for tx in &deletes {
                         let _ = tx.unbounded_send(obj.clone());
                     }
                 }
-                log(ev)
-            }),
-    )
+                _ => {}
+            }
+        })
 }
 
 /// A stream filter that passes an object on only when `f` of it differs from the last value
@@ -632,7 +648,7 @@ fn child_meta(m: ObjectMeta, annotations: Option<BTreeMap<String, String>>) -> O
 /// states only); this keeps of those the conditions that tell readiness or why not and the
 /// containers that wait.
 pub fn trim_pod(p: &mut CachedPod) {
-    use super::session::build::{ACCESS_LABEL, LAUNCH_ANNOTATION, SERVER_LABEL};
+    use crate::controller::contract::{ACCESS_LABEL, LAUNCH_ANNOTATION, SERVER_LABEL};
     let mut m = std::mem::take(&mut p.metadata);
     p.launch = m
         .annotations
@@ -658,6 +674,10 @@ pub fn trim_pod(p: &mut CachedPod) {
             cs.into_iter()
                 .filter(|c| c.type_ == "Ready" || c.status == "False")
                 .map(|c| PodCondition {
+                    // When the pod became ready: the session's real start.
+                    last_transition_time: (c.type_ == "Ready")
+                        .then_some(c.last_transition_time)
+                        .flatten(),
                     type_: c.type_,
                     status: c.status,
                     reason: c.reason,
@@ -710,7 +730,7 @@ pub fn bound_in(scope: &Scope, v: &CachedVolume) -> bool {
 /// labels and the rest of the metadata (its uid and resourceVersion too: a volume is looked up
 /// by name) and of the claim reference (the claim's namespace and name).
 pub fn trim_volume(v: &mut CachedVolume) {
-    v.zone = super::session::volume_zone(v);
+    v.zone = super::cached::volume_zone(v);
     let m = std::mem::take(&mut v.metadata);
     v.metadata = ObjectMeta {
         name: m.name,
@@ -745,7 +765,7 @@ pub fn trim_node(n: &mut PartialObjectMeta<Node>) {
 /// about 540 bytes and two strings per User).
 pub fn trim_user(u: &mut User) {
     trim_meta(&mut u.metadata);
-    let digest = super::user::status_digest(u.status.as_ref());
+    let digest = crate::controller::user::status_digest(u.status.as_ref());
     if let Some(s) = u.status.as_mut() {
         s.cached = crate::crd::v1alpha1::CacheNote(Some(digest));
         s.effective_settings = Vec::new();
@@ -761,7 +781,7 @@ fn user_key(label: &str) -> String {
 /// A Session is found by its user, its server and its workspace.
 pub fn session_keys(s: &Session) -> Vec<String> {
     let mut keys = vec![
-        user_key(&super::session::build::label_value(&s.spec.user)),
+        user_key(&crate::controller::contract::label_value(&s.spec.user)),
         format!("w/{}", s.spec.workspace),
     ];
     if let Some(server) = s.status.as_ref().and_then(|st| st.server.as_deref()) {
@@ -784,8 +804,8 @@ const REPORTED_DUPLICATE: &str = "dup";
 
 /// A User is found by its username, and among those reported as duplicates.
 pub fn user_keys(u: &User) -> Vec<String> {
-    let mut keys = vec![format!("n/{}", super::user::uname(u))];
-    if super::user::reported_duplicate(u) {
+    let mut keys = vec![format!("n/{}", crate::controller::user::uname(u))];
+    if crate::controller::user::reported_duplicate(u) {
         keys.push(REPORTED_DUPLICATE.to_string());
     }
     keys
@@ -794,7 +814,7 @@ pub fn user_keys(u: &User) -> Vec<String> {
 impl Stores {
     /// The sessions of `user` in `ns`, by name.
     pub fn sessions_of_user(&self, ns: &str, user: &str) -> Vec<Arc<Session>> {
-        let key = user_key(&super::session::build::label_value(user));
+        let key = user_key(&crate::controller::contract::label_value(user));
         let mut v = self.session_index.find(&self.sessions, ns, &key);
         v.retain(|s| s.spec.user == user);
         v
@@ -869,6 +889,66 @@ where
 mod tests {
     use super::*;
 
+    fn config_map(name: &str) -> k8s_openapi::api::core::v1::ConfigMap {
+        k8s_openapi::api::core::v1::ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                ..ObjectMeta::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn every_change_reaches_every_subscriber_even_of_an_object_deleted_at_once() {
+        use k8s_openapi::api::core::v1::ConfigMap;
+        let mut shared = Shared::<ConfigMap>::new();
+        let reader = shared.reader.clone();
+        let mut a = shared.subscribe();
+        let mut b = shared.subscribe();
+        let mut deleted = shared.subscribe_deletes();
+        // A pod's last update (being deleted), its removal, then another object's change: the
+        // sequence after which kube's shared-store subscribers never woke again.
+        let mut gone = config_map("gone");
+        gone.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::UNIX_EPOCH),
+        );
+        let events = vec![
+            Ok(watcher::Event::Init),
+            Ok(watcher::Event::InitApply(config_map("listed"))),
+            Ok(watcher::Event::InitDone),
+            Ok(watcher::Event::Apply(gone.clone())),
+            Ok(watcher::Event::Delete(gone)),
+            Ok(watcher::Event::Apply(config_map("next"))),
+        ];
+        let n = fan_out(futures::stream::iter(events), shared).count().await;
+        assert_eq!(n, 6, "every event passes on");
+        for rx in [&mut a, &mut b] {
+            let mut names = Vec::new();
+            while let Ok(o) = rx.try_recv() {
+                names.push(o.metadata.name.clone().unwrap_or_default());
+            }
+            assert_eq!(names, ["listed", "gone", "next"]);
+        }
+        let d = deleted.try_recv().unwrap();
+        assert_eq!(d.metadata.name.as_deref(), Some("gone"));
+        // The store holds what the watch says is there.
+        assert!(
+            reader
+                .get(&reflector::ObjectRef::new("next").within("ns"))
+                .is_some()
+        );
+        assert!(
+            reader
+                .get(&reflector::ObjectRef::new("gone").within("ns"))
+                .is_none()
+        );
+        // What a subscriber receives is the store's own object, not a copy.
+        let listed = reader.get(&reflector::ObjectRef::new("listed").within("ns"));
+        assert!(listed.is_some());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_sweep_brings_every_object_back_once_per_interval_and_spreads_them() {
         use k8s_openapi::api::core::v1::ConfigMap;
@@ -919,7 +999,9 @@ mod tests {
         let waited = tokio::time::timeout(Duration::from_secs(10 * 3600), none.next()).await;
         assert!(waited.is_err(), "a zero interval yielded {waited:?}");
     }
-    use crate::controller::session::{build, plan, volume_zone};
+    use crate::controller::cached::volume_zone;
+    use crate::controller::contract;
+    use crate::controller::session::{build, plan};
     use crate::crd::v1alpha1::SessionPhase;
     use kube::ResourceExt;
     use serde_json::json;
@@ -961,8 +1043,8 @@ mod tests {
                 "labels": {"cubicle.dev/server": "ws-1", "cubicle.dev/access": "paused",
                     "app.kubernetes.io/managed-by": "cubicle", "cubicle.dev/user": "u"},
                 "annotations": {
-                    build::LAUNCH_ANNOTATION: "{\"server\":\"ws-1\"}",
-                    build::SETTINGS_ANNOTATION: "{\"big\": true}",
+                    contract::LAUNCH_ANNOTATION: "{\"server\":\"ws-1\"}",
+                    contract::SETTINGS_ANNOTATION: "{\"big\": true}",
                     "kubectl.kubernetes.io/last-applied-configuration": "{}"
                 },
                 "ownerReferences": [{"apiVersion": "cubicle.dev/v1alpha1", "kind": "Session",
@@ -1064,7 +1146,7 @@ mod tests {
             );
             assert_eq!(
                 p.labels().keys().collect::<Vec<_>>(),
-                [build::ACCESS_LABEL, build::SERVER_LABEL],
+                [contract::ACCESS_LABEL, contract::SERVER_LABEL],
                 "only the labels read"
             );
             assert_eq!(p.owner_references()[0].uid, "s1");
@@ -1103,7 +1185,7 @@ mod tests {
                 "hostPath": {"path": "/tmp/x"},
                 "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
                     {"key": "kubernetes.io/hostname", "operator": "In", "values": ["n1"]},
-                    {"key": build::ZONE_LABEL, "operator": "In", "values": ["zone-b"]}
+                    {"key": contract::ZONE_LABEL, "operator": "In", "values": ["zone-b"]}
                 ]}]}}
             }
         }))
@@ -1146,7 +1228,8 @@ mod tests {
         // The zone label alone (no affinity) survives too.
         let mut labelled = volume(Some("ns"));
         labelled.spec.as_mut().unwrap().node_affinity = None;
-        labelled.metadata.labels = Some([(build::ZONE_LABEL.to_string(), "zone-c".into())].into());
+        labelled.metadata.labels =
+            Some([(contract::ZONE_LABEL.to_string(), "zone-c".into())].into());
         trim_volume(&mut labelled);
         assert_eq!(volume_zone(&labelled), Some("zone-c".into()));
         assert!(labelled.metadata.labels.is_none());
@@ -1161,8 +1244,8 @@ mod tests {
     fn claims_keep_labels_our_annotations_and_the_volume() {
         let mut c: CachedClaim = serde_json::from_value(json!({
             "metadata": {"name": "profile-alice", "namespace": "ns", "uid": "c1",
-                "resourceVersion": "9", "labels": {build::PROFILE_LABEL: "k"},
-                "annotations": {build::RESET_BY_ANNOTATION: "s1",
+                "resourceVersion": "9", "labels": {contract::PROFILE_LABEL: "k"},
+                "annotations": {contract::RESET_BY_ANNOTATION: "s1",
                     "pv.kubernetes.io/bind-completed": "yes"}},
             "spec": {"volumeName": "pv-1", "accessModes": ["ReadWriteOnce"],
                 "resources": {"requests": {"storage": "1Gi"}}},

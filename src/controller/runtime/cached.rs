@@ -70,7 +70,7 @@ same_resource_as!(CachedPod, k8s_openapi::api::core::v1::Pod);
 impl CachedPod {
     /// The launch record annotation's value: as trimmed for the cache, or on the pod as sent.
     pub fn launch_annotation(&self) -> Option<&str> {
-        use super::session::build::LAUNCH_ANNOTATION;
+        use crate::controller::contract::LAUNCH_ANNOTATION;
         self.launch.as_deref().or_else(|| {
             self.metadata
                 .annotations
@@ -167,7 +167,7 @@ pub struct ClaimMarks {
 impl ClaimMarks {
     /// Read from a claim's maps.
     pub fn of(meta: &ObjectMeta) -> Self {
-        use super::session::build::{
+        use crate::controller::contract::{
             ARCHIVED_LABEL, PROFILE_LABEL, RESET_BY_ANNOTATION, USER_LABEL,
         };
         let label = |k: &str| meta.labels.as_ref().and_then(|l| l.get(k));
@@ -268,4 +268,32 @@ mod tests {
         assert!(size_of::<CachedVolume>() * 4 < size_of::<PersistentVolume>());
         assert!(size_of::<CachedClaim>() < size_of::<PersistentVolumeClaim>());
     }
+}
+
+/// The zone a bound claim's volume is pinned to (node affinity or the zone label).
+pub fn volume_zone(pv: &CachedVolume) -> Option<String> {
+    use crate::controller::contract::ZONE_LABEL;
+    use kube::ResourceExt;
+    use std::collections::HashSet;
+    if pv.zone.is_some() {
+        return pv.zone.clone(); // as trimmed for the cache
+    }
+    let from_affinity = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_affinity.as_ref())
+        .and_then(|a| a.required.as_ref())
+        .and_then(|r| {
+            let zones: HashSet<&String> = r
+                .node_selector_terms
+                .iter()
+                .flat_map(|t| t.match_expressions.iter().flatten())
+                .filter(|e| e.key == ZONE_LABEL && e.operator == "In")
+                .flat_map(|e| e.values.iter().flatten())
+                .collect();
+            (zones.len() == 1)
+                .then(|| zones.into_iter().next().cloned())
+                .flatten()
+        });
+    from_affinity.or_else(|| pv.labels().get(ZONE_LABEL).cloned())
 }
