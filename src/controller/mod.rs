@@ -10,6 +10,7 @@ pub mod error;
 pub mod events;
 pub mod gate;
 pub mod group;
+pub mod identity;
 pub mod index;
 pub mod pool;
 pub mod server;
@@ -204,6 +205,7 @@ pub const ALL: &[ControllerFactory] = &[
     server::controller,
     pool::controller,
     assignment::controller,
+    identity::controller,
 ];
 
 /// The status controllers of the directory kinds (User, Group, Server, ServerPool,
