@@ -104,7 +104,7 @@ pub fn admin_role(name: &str) -> ClusterRole {
     .expect("a well-formed role")
 }
 
-/// Binds [`admin_role`] `name` to `groups`.
+/// Binds the ClusterRole `name` to `groups`.
 pub fn admin_binding(name: &str, groups: &[&str]) -> ClusterRoleBinding {
     let subjects: Vec<serde_json::Value> = groups
         .iter()
@@ -121,8 +121,14 @@ pub fn admin_binding(name: &str, groups: &[&str]) -> ClusterRoleBinding {
 }
 
 /// Installs (server-side apply) the policy and its binding named [`DEV_POLICY`], the end-user
-/// role [`DEV_USER_ROLE`], and `use` on every User for `admin_groups` ([`DEV_ADMIN_ROLE`]).
-pub async fn install(client: &Client, admin_groups: &[&str]) -> Result<(), kube::Error> {
+/// role [`DEV_USER_ROLE`] bound in every namespace to `people_groups` (a local cluster's
+/// convenience; on a real cluster bind it per namespace), and `use` on every User for
+/// `admin_groups` ([`DEV_ADMIN_ROLE`]).
+pub async fn install(
+    client: &Client,
+    admin_groups: &[&str],
+    people_groups: &[&str],
+) -> Result<(), kube::Error> {
     let pp = PatchParams::apply("cubicle-dev").force();
     Api::<ValidatingAdmissionPolicy>::all(client.clone())
         .patch(DEV_POLICY, &pp, &Patch::Apply(&policy(DEV_POLICY)))
@@ -146,6 +152,13 @@ pub async fn install(client: &Client, admin_groups: &[&str]) -> Result<(), kube:
             DEV_ADMIN_ROLE,
             &pp,
             &Patch::Apply(&admin_binding(DEV_ADMIN_ROLE, admin_groups)),
+        )
+        .await?;
+    Api::<ClusterRoleBinding>::all(client.clone())
+        .patch(
+            DEV_USER_ROLE,
+            &pp,
+            &Patch::Apply(&admin_binding(DEV_USER_ROLE, people_groups)),
         )
         .await?;
     Ok(())

@@ -15,6 +15,7 @@ pub mod docs;
 pub mod expiry;
 pub mod http;
 pub mod leader;
+pub mod me;
 pub mod metrics;
 pub mod plan;
 pub mod repo;

@@ -124,7 +124,7 @@ impl DevCluster {
         let client = client_from_kubeconfig(&plane.ready.kubeconfig).await?;
         // Sessions act only for Users their requester may use (issue 19): the same rule as
         // the chart's, in force from the start.
-        crate::access::install(&client, &[people::ADMIN_GROUP])
+        crate::access::install(&client, &[people::ADMIN_GROUP], &[people::PEOPLE_GROUP])
             .await
             .map_err(|source| DevError::Kube {
                 what: "install the Session admission policy and the people's roles".into(),

@@ -524,3 +524,246 @@ async fn an_identity_removed_from_a_user_loses_access_within_one_reconcile() {
     .await;
     op.stop().await;
 }
+
+/// Waits until `short` may `use` User `user` (the operator's grant has reached the authorizer).
+async fn wait_may_use(short: &str, ns: &TestNs, user: &str) {
+    let c = person(short).await;
+    wait_for(&format!("{short} may use User {user}"), SETTLE, || async {
+        let review = SelfSubjectAccessReview {
+            spec: SelfSubjectAccessReviewSpec {
+                resource_attributes: Some(ResourceAttributes {
+                    namespace: Some(ns.name.clone()),
+                    verb: Some("use".into()),
+                    group: Some("cubicle.dev".into()),
+                    resource: Some("users".into()),
+                    name: Some(user.into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let r = Api::<SelfSubjectAccessReview>::all(c.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .ok()?;
+        r.status?.allowed.then_some(())
+    })
+    .await;
+}
+
+/// The people CLI as `cubicle` with `--kubeconfig`, or through kubectl as the plugin
+/// `kubectl cubicle` (the binary symlinked as `kubectl-cubicle` on PATH) with `KUBECONFIG`.
+struct Cli {
+    bin_dir: std::path::PathBuf,
+}
+
+impl Cli {
+    fn new() -> Self {
+        let bin_dir = support::run_dir().join("plugin-bin");
+        std::fs::create_dir_all(&bin_dir).unwrap();
+        let link = bin_dir.join("kubectl-cubicle");
+        if !link.exists() {
+            std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_cubicle"), &link).unwrap();
+        }
+        Self { bin_dir }
+    }
+
+    /// `cubicle ARGS --kubeconfig <short's>` (asynchronously: the operator runs on this
+    /// test's runtime).
+    async fn cubicle(&self, short: &str, args: &[&str]) -> std::process::Output {
+        let kc = people::kubeconfig(support::run_dir(), short);
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_cubicle"))
+            .args(args)
+            .arg("--kubeconfig")
+            .arg(&kc)
+            .env("RUST_LOG", "error")
+            .output()
+            .await
+            .unwrap()
+    }
+
+    /// `kubectl cubicle ARGS` as `short`.
+    async fn kubectl(&self, short: &str, args: &[&str]) -> std::process::Output {
+        let kc = people::kubeconfig(support::run_dir(), short);
+        let path = format!(
+            "{}:{}",
+            self.bin_dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        tokio::process::Command::new("kubectl")
+            .arg("cubicle")
+            .args(args)
+            .env("PATH", path)
+            .env("KUBECONFIG", &kc)
+            .env("RUST_LOG", "error")
+            .output()
+            .await
+            .unwrap()
+    }
+}
+
+fn ok(o: &std::process::Output, what: &str) -> String {
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success(),
+        "{what} failed: {}\n{out}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
+fn refused(o: &std::process::Output, what: &str) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success(), "{what} succeeded: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{what}: one line: {err}");
+    err
+}
+
+async fn names_of(ns: &TestNs, user: &str) -> Vec<String> {
+    let mut v: Vec<String> = ns
+        .api::<Session>()
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|s| s.spec.user == user && s.metadata.deletion_timestamp.is_none())
+        .map(|s| s.metadata.name.unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn the_cli_acts_for_two_people_and_refuses_with_the_reason() {
+    let (ns, op) = setup("id-cli").await;
+    wait_may_use("alice", &ns, "alice").await;
+    wait_may_use("bob", &ns, "bob").await;
+    let cli = Cli::new();
+    let n = ns.name.as_str();
+
+    // Alice, with `cubicle`: launch and wait.
+    let out = ok(
+        &cli.cubicle("alice", &["launch", "desktop", "--wait", "-n", n])
+            .await,
+        "alice's launch",
+    );
+    assert!(out.contains("launched desktop as User alice"), "{out}");
+    assert!(out.contains("Running on fake-node-"), "{out}");
+    let alice_sessions = names_of(&ns, "alice").await;
+    assert_eq!(alice_sessions.len(), 1);
+    let a1 = alice_sessions[0].clone();
+
+    // Bob, through kubectl as a plugin.
+    let out = ok(
+        &cli.kubectl("bob", &["launch", "desktop", "--wait", "-n", n])
+            .await,
+        "bob's launch via kubectl",
+    );
+    assert!(out.contains("as User bob"), "{out}");
+    let b1 = names_of(&ns, "bob").await[0].clone();
+
+    // Each sees their own sessions only.
+    let out = ok(
+        &cli.cubicle("alice", &["sessions", "-n", n]).await,
+        "alice's list",
+    );
+    assert!(out.contains(&a1) && !out.contains(&b1), "{out}");
+    assert!(
+        out.contains("Running") && out.contains("keepalive"),
+        "{out}"
+    );
+    assert!(out.contains("usage: "), "{out}");
+    let out = ok(
+        &cli.kubectl("bob", &["sessions", "-n", n]).await,
+        "bob's list",
+    );
+    assert!(out.contains(&b1) && !out.contains(&a1), "{out}");
+
+    // Refused before anything is created: bob may not choose a zone (his groups do not allow
+    // it); the line names him, his User and the rule.
+    let err = refused(
+        &cli.cubicle("bob", &["launch", "desktop", "--zone", "zone-a", "-n", n])
+            .await,
+        "bob's zoned launch",
+    );
+    assert!(
+        err.contains("bob.martin@northwind.example as User bob: refused (ZoneSelectionNotAllowed)"),
+        "{err}"
+    );
+    // Refused by the operator (the dedicated pool assigns servers, bob has none): the reason
+    // comes back with --wait, and the refused Session is removed.
+    let err = refused(
+        &cli.kubectl("bob", &["launch", "dedicated", "--wait", "-n", n])
+            .await,
+        "bob's dedicated launch",
+    );
+    assert!(
+        err.contains("bob.martin@northwind.example as User bob: refused (NoAssignedServer)"),
+        "{err}"
+    );
+    assert_eq!(
+        names_of(&ns, "bob").await,
+        [b1.clone()],
+        "nothing left behind"
+    );
+    // A person with no User.
+    let err = refused(
+        &cli.cubicle("mallory", &["launch", "desktop", "-n", n])
+            .await,
+        "mallory's launch",
+    );
+    assert!(
+        err.contains("mallory@northwind.example: no User in namespace"),
+        "{err}"
+    );
+
+    // Alice cannot touch bob's session.
+    let err = refused(
+        &cli.cubicle("alice", &["stop", &b1, "-n", n]).await,
+        "alice stopping bob's session",
+    );
+    assert!(
+        err.contains("alice@northwind.example as User alice: refused: Session")
+            && err.contains("belongs to User bob"),
+        "{err}"
+    );
+    let err = refused(
+        &cli.kubectl("alice", &["delete", &b1, "-n", n]).await,
+        "alice deleting bob's session",
+    );
+    assert!(err.contains("belongs to User bob"), "{err}");
+    assert_eq!(names_of(&ns, "bob").await, [b1.clone()]);
+
+    // Her own: keepalive (the existing command, on her kubeconfig), pause, resume, stop, delete.
+    let kc = people::kubeconfig(support::run_dir(), "alice");
+    let o = tokio::process::Command::new(env!("CARGO_BIN_EXE_cubicle"))
+        .args(["keepalive", &a1, "-n", n])
+        .env("KUBECONFIG", &kc)
+        .output()
+        .await
+        .unwrap();
+    ok(&o, "alice's keepalive");
+    ok(
+        &cli.cubicle("alice", &["pause", &a1, "-n", n]).await,
+        "pause",
+    );
+    wait_phase(&ns, &a1, SessionPhase::Paused).await;
+    ok(
+        &cli.kubectl("alice", &["resume", &a1, "-n", n]).await,
+        "resume",
+    );
+    wait_phase(&ns, &a1, SessionPhase::Running).await;
+    ok(&cli.cubicle("alice", &["stop", &a1, "-n", n]).await, "stop");
+    wait_phase(&ns, &a1, SessionPhase::Stopped).await;
+    ok(
+        &cli.cubicle("alice", &["delete", &a1, "-n", n]).await,
+        "delete",
+    );
+    wait_for("alice's session gone", LONG, || async {
+        names_of(&ns, "alice").await.is_empty().then_some(())
+    })
+    .await;
+    op.stop().await;
+}
