@@ -28,6 +28,12 @@ use crate::crd::FileMapping;
         description = "Login name (metadata.name when unset)"
     ),
     printcolumn(
+        name = "Identity",
+        type_ = "string",
+        json_path = ".spec.identity.username",
+        description = "Who may act for the user (besides the admin groups)"
+    ),
+    printcolumn(
         name = "Realm",
         type_ = "string",
         json_path = ".spec.realm",
