@@ -256,6 +256,7 @@ impl Runner {
                 self.applied.remove(&key);
             }
             Err(e) => {
+                self.ctx.metrics.error("UserAccess", e.category());
                 let wait = self.ctx.backoff.failed(&id);
                 warn!(user = %id, error = %super::error::chain(&e), retry_in = ?wait, "identity RBAC not in step");
                 let tx = self.retry.clone();
