@@ -486,6 +486,7 @@ async fn an_identity_removed_from_a_user_loses_access_within_one_reconcile() {
     create_allowed(&dave, &ns, &session("d1", "alice", "desktop", json!({}))).await;
 
     // Identity removed: nobody but the admins acts for alice; the Role and binding are gone.
+    let removed = std::time::Instant::now();
     set_identity(&ns, "alice", None).await;
     wait_for("the grant removed", SETTLE, || async {
         let rb = ns
@@ -507,6 +508,10 @@ async fn an_identity_removed_from_a_user_loses_access_within_one_reconcile() {
     })
     .await;
     assert_refused(refused, username("dave"), "alice");
+    eprintln!(
+        "[identity] identity removed to first refusal: {} ms",
+        removed.elapsed().as_millis()
+    );
 
     // A deleted User takes its grant with it.
     ns.api::<User>()

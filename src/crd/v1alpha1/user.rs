@@ -31,7 +31,8 @@ use crate::crd::FileMapping;
         name = "Identity",
         type_ = "string",
         json_path = ".spec.identity.username",
-        description = "Who may act for the user (besides the admin groups)"
+        description = "Who may act for the user (besides the admin groups)",
+        priority = 1
     ),
     printcolumn(
         name = "Realm",
