@@ -469,8 +469,19 @@ async fn wait_running(
     limit: Duration,
 ) -> Result<(), Line> {
     let start = std::time::Instant::now();
+    let mut unreachable = 0;
     loop {
-        if let Ok(s) = api.get(name).await {
+        let got = api.get(name).await;
+        match &got {
+            Err(kube::Error::Api(_)) | Ok(_) => unreachable = 0,
+            Err(e) => {
+                unreachable += 1;
+                if unreachable >= 5 {
+                    return Err(format!("{name}: lost the API server while waiting: {e}"));
+                }
+            }
+        }
+        if let Ok(s) = got {
             let st = s.status.clone().unwrap_or_default();
             match st.phase {
                 Some(SessionPhase::Running) => {
