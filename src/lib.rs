@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod access;
 pub mod apicount;
 pub mod bench;
 pub mod client;
@@ -14,6 +15,7 @@ pub mod docs;
 pub mod expiry;
 pub mod http;
 pub mod leader;
+pub mod me;
 pub mod metrics;
 pub mod plan;
 pub mod repo;

@@ -67,6 +67,60 @@ enum Command {
         #[arg(long, short = 'n')]
         namespace: Option<String>,
     },
+    /// Launch a Workspace as yourself (the User whose spec.identity is who your kubeconfig
+    /// says you are). Refused launches print one line naming you, the User and the rule, and
+    /// leave nothing behind.
+    Launch {
+        /// The Workspace.
+        workspace: String,
+        /// Persistent profile: Enabled, Disabled or Reset.
+        #[arg(long, value_parser = ["Enabled", "Disabled", "Reset"])]
+        profile: Option<String>,
+        /// The zone to run in (when your groups allow zone selection).
+        #[arg(long)]
+        zone: Option<String>,
+        /// Wait until the session runs (or is refused, with the operator's reason).
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits, in seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+        #[command(flatten)]
+        target: PeopleTarget,
+    },
+    /// Your sessions: phase, node, expiry time and the rule that sets it, usage used and left.
+    Sessions {
+        #[command(flatten)]
+        target: PeopleTarget,
+    },
+    /// Stop one of your sessions (pod removed, profile kept).
+    Stop {
+        /// The Session's name.
+        session: String,
+        #[command(flatten)]
+        target: PeopleTarget,
+    },
+    /// Pause one of your sessions (pod kept, access cut).
+    Pause {
+        /// The Session's name.
+        session: String,
+        #[command(flatten)]
+        target: PeopleTarget,
+    },
+    /// Resume one of your stopped or paused sessions.
+    Resume {
+        /// The Session's name.
+        session: String,
+        #[command(flatten)]
+        target: PeopleTarget,
+    },
+    /// Delete one of your sessions.
+    Delete {
+        /// The Session's name.
+        session: String,
+        #[command(flatten)]
+        target: PeopleTarget,
+    },
     /// Measure the operator against the floor on its own local control plane: API requests per
     /// launch and per resync, burst convergence (N sessions at once) against a plain client
     /// creating the same claims and pods, memory and CPU. Prints a table (or JSON).
@@ -107,6 +161,18 @@ enum Command {
     /// Documentation generated from the API (for the README).
     #[command(subcommand, hide = true)]
     Docs(DocsCommand),
+}
+
+/// Where the people commands act: the kubeconfig (default: $KUBECONFIG, then ~/.kube/config)
+/// and the namespace (default: the kubeconfig context's).
+#[derive(clap::Args)]
+struct PeopleTarget {
+    /// Namespace (default: the kubeconfig's).
+    #[arg(long, short = 'n')]
+    namespace: Option<String>,
+    /// Kubeconfig file.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -257,8 +323,25 @@ struct DemoArgs {
     operator_metrics_addr: std::net::SocketAddr,
 }
 
+/// Installed as `kubectl-cubicle` (a copy or a symlink of this binary), it is the kubectl
+/// plugin `kubectl cubicle ...`: the same commands, with kubectl's name in help and errors.
+fn parse_cli() -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    let plugin = std::env::args_os()
+        .next()
+        .map(PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .is_some_and(|n| n.starts_with("kubectl-cubicle"));
+    let mut cmd = Cli::command();
+    if plugin {
+        cmd = cmd.name("kubectl-cubicle").bin_name("kubectl cubicle");
+    }
+    let matches = cmd.get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_cli();
     // The operator's heap in one arena (see `glibc::one_arena`), set before the runtime starts
     // its threads; other commands keep glibc's default.
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -281,6 +364,30 @@ async fn run_command(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Run(args) => run(*args).await,
         Command::Keepalive { session, namespace } => keepalive(&session, namespace).await,
+        Command::Launch {
+            workspace,
+            profile,
+            zone,
+            wait,
+            timeout,
+            target,
+        } => {
+            let profile = profile.and_then(|p| serde_json::from_value(serde_json::json!(p)).ok());
+            let req = cubicle::me::LaunchRequest {
+                workspace,
+                profile,
+                zone,
+            };
+            let wait = wait.then(|| Duration::from_secs(timeout));
+            people(target, cubicle::me::Action::Launch { req, wait }).await
+        }
+        Command::Sessions { target } => people(target, cubicle::me::Action::Sessions).await,
+        Command::Stop { session, target } => people(target, set_state(session, "Stopped")).await,
+        Command::Pause { session, target } => people(target, set_state(session, "Paused")).await,
+        Command::Resume { session, target } => people(target, set_state(session, "Running")).await,
+        Command::Delete { session, target } => {
+            people(target, cubicle::me::Action::Delete { session }).await
+        }
         Command::Bench(args) => cubicle::bench::main(*args).await,
         Command::BenchExpiry(args) => cubicle::bench::expiry::main(*args).await,
         Command::Dev(DevCommand::Up {
@@ -365,6 +472,19 @@ async fn dev_up(
         cluster.ready.server,
         cluster.ready.kubeconfig.display(),
         cluster.ready.log_dir.display(),
+    );
+    // Acting as a demo person: the Session admission policy is in force, so each may launch,
+    // list and change only their own User's sessions (root is in the admin group).
+    let people = cubicle::devenv::people::PEOPLE
+        .iter()
+        .map(|p| p.short)
+        .collect::<Vec<_>>()
+        .join(", ");
+    println!(
+        "  demo people ({people}; mallory has no User, root is in {}): a kubeconfig each in {}, e.g.\n    KUBECONFIG={} cubicle sessions -n northwind",
+        cubicle::devenv::people::ADMIN_GROUP,
+        dir.join("people").display(),
+        cubicle::devenv::people::kubeconfig(&dir, "dave").display(),
     );
     let code = match demo {
         None => {
@@ -630,6 +750,40 @@ fn plan(dir: &std::path::Path, output: cubicle::plan::Format, user: Option<&str>
     let code = cubicle::plan::plan(dir, output, user, &mut out, &mut std::io::stderr());
     drop(out);
     ExitCode::from(code)
+}
+
+fn set_state(session: String, state: &str) -> cubicle::me::Action {
+    cubicle::me::Action::SetState {
+        session,
+        state: serde_json::from_value(serde_json::json!(state)).expect("a desired state"),
+    }
+}
+
+/// Runs a people command: one line on stderr and exit 1 for anything refused or wrong.
+async fn people(target: PeopleTarget, action: cubicle::me::Action) -> ExitCode {
+    let client = match &target.kubeconfig {
+        Some(p) => cubicle::devenv::client_from_kubeconfig(p)
+            .await
+            .map_err(|e| e.to_string()),
+        None => kube::Client::try_default().await.map_err(|e| e.to_string()),
+    };
+    let client = match client {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("cubicle: no Kubernetes configuration: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let ns = target
+        .namespace
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    match cubicle::me::run(client, &ns, action).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(line) => {
+            eprintln!("cubicle: {line}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn keepalive(session: &str, namespace: Option<String>) -> ExitCode {

@@ -249,6 +249,8 @@ pub struct UserPlan {
     pub realm: String,
     /// Disabled (locked).
     pub disabled: bool,
+    /// The identity that may act for the user (`spec.identity`); none: only the admin groups.
+    pub identity: Option<crate::crd::v1alpha1::UserIdentity>,
     /// Effective groups.
     pub groups: Vec<EffectiveGroup>,
     /// Every setting with its value and source.
@@ -344,6 +346,7 @@ fn user_plan_with(ns: &Namespace, user: &User, assigned_servers: Vec<AssignedSer
             })
             .unwrap_or_else(|| "local".into()),
         disabled: user.spec.disabled == Some(true),
+        identity: user.spec.identity.clone(),
         groups: r.groups,
         settings: r.provenance,
         assigned_servers,
@@ -494,6 +497,16 @@ fn write_user_text(p: &UserPlan, out: &mut dyn Write) -> std::io::Result<()> {
         "User {}/{} (username {}, realm {}, userId {}{flags})",
         p.namespace, p.name, p.username, p.realm, p.user_id
     )?;
+    match &p.identity {
+        Some(id) => match &id.uid {
+            Some(uid) => writeln!(out, "  acted for by: {} (uid {uid})", id.username)?,
+            None => writeln!(out, "  acted for by: {}", id.username)?,
+        },
+        None => writeln!(
+            out,
+            "  acted for by: (no spec.identity: only the admin groups)"
+        )?,
+    }
     writeln!(out, "  groups:")?;
     if p.groups.is_empty() {
         writeln!(out, "    (none)")?;

@@ -176,6 +176,8 @@ type Grant = (String, String, String, Vec<String>);
 /// role of this chart (never a built-in one such as cluster-admin).
 fn grants(objs: &[Value]) -> BTreeMap<Grant, BTreeSet<String>> {
     let sa = (NAMESPACE, RELEASE);
+    let objs: Vec<Value> = objs.iter().filter(|o| !for_people(o)).cloned().collect();
+    let objs = &objs[..];
     let roles: BTreeMap<(String, Option<String>, String), &Value> = objs
         .iter()
         .filter(|o| matches!(kind(o), "Role" | "ClusterRole"))
@@ -257,6 +259,11 @@ fn grants(objs: &[Value]) -> BTreeMap<Grant, BTreeSet<String>> {
     out
 }
 
+/// RBAC for people rather than the operator (templates/access-rbac.yaml).
+fn for_people(o: &Value) -> bool {
+    o["metadata"]["labels"]["cubicle.dev/for"].as_str() == Some("people")
+}
+
 /// What the operator needs on the namespaced objects it manages, per scope.
 fn namespaced_needs(scope: &str) -> BTreeMap<Grant, BTreeSet<String>> {
     let mut m = BTreeMap::new();
@@ -290,6 +297,30 @@ fn namespaced_needs(scope: &str) -> BTreeMap<Grant, BTreeSet<String>> {
         );
     }
     put("cubicle.dev", "sessions/finalizers", &["update"]);
+    // use: its own Session writes pass the admission policy, and it may grant use to each
+    // User's identity; roles and rolebindings: those grants (controller/identity.rs).
+    m.insert(
+        (
+            scope.to_owned(),
+            "cubicle.dev".into(),
+            "users".into(),
+            vec![],
+        ),
+        ["get", "list", "watch", "use"].map(String::from).into(),
+    );
+    let mut put = |g: &str, r: &str, verbs: &[&str]| {
+        m.insert(
+            (scope.to_owned(), g.to_owned(), r.to_owned(), vec![]),
+            verbs.iter().map(|v| (*v).to_owned()).collect(),
+        );
+    };
+    for r in ["roles", "rolebindings"] {
+        put(
+            "rbac.authorization.k8s.io",
+            r,
+            &["list", "create", "patch", "delete"],
+        );
+    }
     put(
         "",
         "pods",
@@ -507,6 +538,7 @@ fn namespaced_scope_watches_only_those_namespaces() {
     assert_eq!(roles, ["team-a", "team-b"]);
     let cluster_roles: Vec<_> = of_kind(&objs, "ClusterRole")
         .into_iter()
+        .filter(|o| !for_people(o))
         .map(name)
         .collect();
     assert_eq!(
@@ -651,7 +683,13 @@ fn every_object_has_the_standard_labels() {
             assert_eq!(labels["helm.sh/chart"].as_str(), Some("cubicle-0.1.0"));
         }
         for o in &objs {
-            let cluster_scoped = matches!(kind(o), "ClusterRole" | "ClusterRoleBinding");
+            let cluster_scoped = matches!(
+                kind(o),
+                "ClusterRole"
+                    | "ClusterRoleBinding"
+                    | "ValidatingAdmissionPolicy"
+                    | "ValidatingAdmissionPolicyBinding"
+            );
             assert_eq!(
                 namespace(o).is_none(),
                 cluster_scoped,
@@ -780,7 +818,8 @@ fn chart_metadata_and_kube_version() {
     assert_eq!(chart["name"].as_str(), Some("cubicle"));
     assert_eq!(chart["version"].as_str(), Some("0.1.0"));
     assert_eq!(chart["appVersion"].as_str(), Some("0.1.0"));
-    assert_eq!(chart["kubeVersion"].as_str(), Some(">=1.29.0-0"));
+    // The Session admission policy is admissionregistration.k8s.io/v1 from 1.30.
+    assert_eq!(chart["kubeVersion"].as_str(), Some(">=1.30.0-0"));
     let repo = "https://github.com/cubicle-dev/cubicle";
     assert_eq!(chart["home"].as_str(), Some(repo));
     assert_eq!(strings(&chart["sources"]), [repo]);
@@ -831,10 +870,10 @@ fn chart_metadata_and_kube_version() {
     );
 
     let base = ["template", RELEASE, CHART, "--namespace", NAMESPACE];
-    let old = [&base[..], &["--kube-version", "1.28.0"]].concat();
-    assert!(helm_run(&old).is_err(), "kubeVersion must refuse 1.28");
-    let ok = [&base[..], &["--kube-version", "1.29.0"]].concat();
-    helm_run(&ok).expect("renders for Kubernetes 1.29");
+    let old = [&base[..], &["--kube-version", "1.29.0"]].concat();
+    assert!(helm_run(&old).is_err(), "kubeVersion must refuse 1.29");
+    let ok = [&base[..], &["--kube-version", "1.30.0"]].concat();
+    helm_run(&ok).expect("renders for Kubernetes 1.30");
 }
 
 /// Every key in values.yaml carries a comment, except inside Kubernetes objects passed through
@@ -1090,4 +1129,111 @@ fn paused_sessions_lose_all_ingress() {
     }
     let off = [NAMESPACED, &["networkPolicy.pausedSessions.enabled=false"]].concat();
     assert!(policies(&off).is_empty(), "disabled: no NetworkPolicy");
+}
+
+/// The Session admission policy and its binding are there by default (the rule the access
+/// tests run against), match Session writes but not their status, and deny; off when asked.
+#[test]
+fn the_session_policy_ships_and_denies() {
+    let objs = objects(DEFAULTS);
+    let policies = of_kind(&objs, "ValidatingAdmissionPolicy");
+    assert_eq!(policies.len(), 1);
+    let p = policies[0];
+    assert_eq!(name(p), "cubicle-session-user");
+    assert_eq!(p["spec"]["failurePolicy"].as_str(), Some("Fail"));
+    let rule = &p["spec"]["matchConstraints"]["resourceRules"][0];
+    assert_eq!(strings(&rule["resources"]), ["sessions"]);
+    assert_eq!(strings(&rule["operations"]), ["CREATE", "UPDATE", "DELETE"]);
+    let squash = |s: &str| s.split_whitespace().collect::<String>();
+    assert_eq!(
+        squash(p["spec"]["validations"][0]["expression"].as_str().unwrap()),
+        squash(cubicle::access::CHECK_EXPRESSION)
+    );
+    assert_eq!(
+        squash(p["spec"]["variables"][0]["expression"].as_str().unwrap()),
+        squash(cubicle::access::TARGET_EXPRESSION)
+    );
+    let bindings = of_kind(&objs, "ValidatingAdmissionPolicyBinding");
+    assert_eq!(bindings.len(), 1);
+    assert_eq!(
+        bindings[0]["spec"]["policyName"].as_str(),
+        Some("cubicle-session-user")
+    );
+    assert_eq!(strings(&bindings[0]["spec"]["validationActions"]), ["Deny"]);
+    let off = objects(&["access.sessionPolicy.enabled=false"]);
+    assert!(of_kind(&off, "ValidatingAdmissionPolicy").is_empty());
+    assert!(of_kind(&off, "ValidatingAdmissionPolicyBinding").is_empty());
+}
+
+/// The end-user role manages Sessions and reads the directory, and nothing else: no pods,
+/// exec, port-forward, claims or Secrets, no aggregation into edit/admin. Admin groups are
+/// bound to "use" on every User only when listed.
+#[test]
+fn people_get_sessions_and_nothing_on_pods_claims_or_secrets() {
+    let objs = objects(DEFAULTS);
+    let people: Vec<&Value> = objs.iter().filter(|o| for_people(o)).collect();
+    assert_eq!(people.len(), 1, "only the end-user role by default");
+    let role = people[0];
+    assert_eq!((kind(role), name(role)), ("ClusterRole", "cubicle-user"));
+    assert!(role.get("aggregationRule").is_none());
+    for (k, _) in role["metadata"]["labels"].as_mapping().unwrap() {
+        assert!(
+            !k.as_str()
+                .unwrap()
+                .starts_with("rbac.authorization.k8s.io/aggregate"),
+            "the end-user role must not aggregate into built-in roles"
+        );
+    }
+    let mut granted: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for rule in role["rules"].as_sequence().unwrap() {
+        assert_eq!(strings(&rule["apiGroups"]), ["cubicle.dev"]);
+        for r in strings(&rule["resources"]) {
+            granted
+                .entry(r.to_owned())
+                .or_default()
+                .extend(strings(&rule["verbs"]).into_iter().map(str::to_owned));
+        }
+    }
+    assert_eq!(
+        granted.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["groups", "sessions", "users", "workspaces"]
+    );
+    for r in ["users", "groups", "workspaces"] {
+        assert_eq!(
+            granted[r],
+            ["get", "list", "watch"].map(String::from).into()
+        );
+    }
+    assert!(!granted["sessions"].contains("*"));
+    // `cubicle dev` and the tests install the same rules (cubicle::access::user_role).
+    let dev = serde_yaml::to_value(cubicle::access::user_role("x").rules).unwrap();
+    assert_eq!(
+        role["rules"], dev,
+        "the chart's end-user role and access::user_role"
+    );
+    assert!(granted["sessions"].contains("create") && granted["sessions"].contains("delete"));
+
+    let objs = objects(&["access.adminGroups={platform-admins,oidc:ops}"]);
+    let admin: Vec<&Value> = objs
+        .iter()
+        .filter(|o| for_people(o) && name(o) == "cubicle-act-for-every-user")
+        .collect();
+    assert_eq!(admin.len(), 2, "a ClusterRole and its binding");
+    let cr = admin.iter().find(|o| kind(o) == "ClusterRole").unwrap();
+    assert_eq!(strings(&cr["rules"][0]["verbs"]), ["use"]);
+    assert_eq!(strings(&cr["rules"][0]["resources"]), ["users"]);
+    let crb = admin
+        .iter()
+        .find(|o| kind(o) == "ClusterRoleBinding")
+        .unwrap();
+    let groups: Vec<&str> = crb["subjects"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            assert_eq!(s["kind"].as_str(), Some("Group"));
+            s["name"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(groups, ["platform-admins", "oidc:ops"]);
 }

@@ -126,6 +126,10 @@ fn examples_plan_json_shows_groups_provenance_servers_and_launches() {
 
     let alice = user(&plan, "alice");
     assert_eq!(alice["userId"], "6f1c2a9e-3b7d-5e8f-9a1b-2c3d4e5f6a7b");
+    assert_eq!(
+        alice["identity"],
+        serde_json::json!({"username": "alice@northwind.example", "uid": "northwind-1001"})
+    );
     let groups: Vec<(String, u64, String)> = alice["groups"]
         .as_array()
         .unwrap()
@@ -235,6 +239,12 @@ fn examples_plan_text_is_readable_and_filters_one_user() {
         "{out}"
     );
     assert!(!out.contains("User northwind/alice"), "{out}");
+    assert!(
+        out.lines()
+            .nth(1)
+            .is_some_and(|l| l == "  acted for by: bob.martin@northwind.example"),
+        "the identity is the second line: {out}"
+    );
     assert!(
         out.lines()
             .any(|l| l.trim_start().starts_with("maxKasmsPerUser")

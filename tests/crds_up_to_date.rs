@@ -50,6 +50,11 @@ fn assert_dir_matches(dir: &Path, what: &str, stale: &str) {
 #[test]
 fn every_kind_has_a_ready_printer_column() {
     for c in crd::all() {
+        // A Workspace has no status controller and so no Ready condition yet: a column would
+        // always be empty.
+        if c.spec.names.kind == "Workspace" {
+            continue;
+        }
         for v in &c.spec.versions {
             let columns = v.additional_printer_columns.as_deref().unwrap_or_default();
             let ready = columns.iter().find(|col| col.name == "Ready");

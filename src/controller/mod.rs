@@ -8,6 +8,7 @@ pub mod assignment;
 pub mod contract;
 pub mod error;
 pub mod group;
+pub mod identity;
 pub mod pool;
 pub mod runtime;
 pub mod server;
@@ -237,6 +238,7 @@ pub const ALL: &[ControllerFactory] = &[
     server::controller,
     pool::controller,
     assignment::controller,
+    identity::controller,
 ];
 
 /// The status controllers of the directory kinds (User, Group, Server, ServerPool,

@@ -83,10 +83,18 @@ impl ControlPlane {
             what: "clone up.log".into(),
             source,
         })?;
+        // Demo people's static tokens (devenv::people), when written.
+        let people = super::people::tokens_file(dir);
+        let mut extra = Vec::new();
+        if people.is_file() {
+            extra.push(std::ffi::OsString::from("--extra-tokens"));
+            extra.push(people.into_os_string());
+        }
         let mut child = Command::new(bin)
             .arg("up")
             .arg("--dir")
             .arg(dir)
+            .args(extra)
             .arg("--exit-on-stdin-eof")
             .stdin(Stdio::piped())
             .stdout(log)

@@ -9,6 +9,7 @@
 pub mod controlplane;
 pub mod demo;
 pub mod kubelet;
+pub mod people;
 pub mod provisioner;
 
 use std::path::{Path, PathBuf};
@@ -117,8 +118,18 @@ impl DevCluster {
     pub async fn start(opts: &DevOptions) -> Result<Self, DevError> {
         let started = Instant::now();
         let bin = controlplane::binary().await?;
+        people::write_tokens(&opts.dir)?;
         let plane = controlplane::ControlPlane::start(&bin, &opts.dir, opts.timeout).await?;
+        people::write_kubeconfigs(&opts.dir, &plane.ready.kubeconfig)?;
         let client = client_from_kubeconfig(&plane.ready.kubeconfig).await?;
+        // Sessions act only for Users their requester may use (issue 19): the same rule as
+        // the chart's, in force from the start.
+        crate::access::install(&client, &[people::ADMIN_GROUP], &[people::PEOPLE_GROUP])
+            .await
+            .map_err(|source| DevError::Kube {
+                what: "install the Session admission policy and the people's roles".into(),
+                source,
+            })?;
         kubelet::ensure_lease_namespace(client.clone()).await?;
         let nodes = kubelet::default_nodes(opts.nodes, opts.zones);
         let mut zones: Vec<String> = nodes.iter().map(|n| n.zone.clone()).collect();

@@ -69,6 +69,12 @@ pub enum Code {
     /// A Workspace uses a pool (not autoscaled) that has no Servers: its sessions cannot be
     /// placed.
     PoolWithoutServers,
+    /// Two Users carry the same `spec.identity.username`: that person may act for both, and
+    /// the CLI cannot tell which User is theirs.
+    DuplicateIdentity,
+    /// A User that people must act for has no `spec.identity` (other Users of its namespace
+    /// have one): only the admin groups may create its Sessions.
+    NoIdentity,
 }
 
 impl Code {
@@ -88,6 +94,8 @@ impl Code {
             Code::MappingCollision => "MappingCollision",
             Code::AssignmentNotInEffect => "AssignmentNotInEffect",
             Code::PoolWithoutServers => "PoolWithoutServers",
+            Code::DuplicateIdentity => "DuplicateIdentity",
+            Code::NoIdentity => "NoIdentity",
         }
     }
 
@@ -304,6 +312,68 @@ pub fn duplicate_username_finding(
     )
 }
 
+/// The identity findings of one namespace's Users: two Users with one identity (an error on
+/// each), and, where the namespace uses identities at all, an enabled User without one (a
+/// warning: only the admin groups may act for it). A namespace whose Users carry no identity
+/// is left alone: it has not adopted per-person access yet, and `plan` shows each User's
+/// identity, none included.
+pub fn identity_findings(ns: &str, users: &[Arc<User>]) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let mut by: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for u in users {
+        if let Some(id) = &u.spec.identity {
+            by.entry(id.username.as_str())
+                .or_default()
+                .push(u.name_any());
+        }
+    }
+    for (identity, mut names) in by.iter().map(|(k, v)| (*k, v.clone())) {
+        if names.len() < 2 {
+            continue;
+        }
+        names.sort();
+        for n in &names {
+            let others: Vec<String> = names
+                .iter()
+                .filter(|o| *o != n)
+                .map(|o| format!("User/{o}"))
+                .collect();
+            out.push(finding(
+                Severity::Error,
+                Code::DuplicateIdentity,
+                "User",
+                ns,
+                n,
+                "spec.identity.username",
+                format!(
+                    "identity {identity} is also carried by {}; one person would act for \
+                     several Users (each identity must belong to one User)",
+                    others.join(", ")
+                ),
+            ));
+        }
+    }
+    if !by.is_empty() {
+        for u in users {
+            if u.spec.identity.is_none() && u.spec.disabled != Some(true) {
+                out.push(finding(
+                    Severity::Warning,
+                    Code::NoIdentity,
+                    "User",
+                    ns,
+                    &u.name_any(),
+                    "spec.identity",
+                    "has no identity while other Users of the namespace have one: only the \
+                     admin groups may act for it (set spec.identity.username to the name the \
+                     API server knows the person by, or disable the User)"
+                        .to_string(),
+                ));
+            }
+        }
+    }
+    out
+}
+
 fn list_users(users: &BTreeSet<String>) -> String {
     const SHOWN: usize = 5;
     let v: Vec<&str> = users.iter().take(SHOWN).map(String::as_str).collect();
@@ -337,6 +407,7 @@ pub fn findings(dir: &Directory, users: &[Arc<User>], sessions: &[Arc<Session>])
             out.push(duplicate_username_finding(ns, o, &name, explicit, &objects));
         }
     }
+    out.extend(identity_findings(ns, users));
     // Aggregated: (winner, loser) → (settings, users, priority).
     let mut ties: BTreeMap<(String, String), (BTreeSet<String>, BTreeSet<String>, u32)> =
         BTreeMap::new();

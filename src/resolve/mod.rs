@@ -169,6 +169,7 @@ mod tests {
             UserSpec {
                 username: username.map(str::to_string),
                 user_id: None,
+                identity: None,
                 realm: None,
                 first_name: None,
                 last_name: None,

@@ -1241,6 +1241,7 @@ pub(crate) mod tests {
             UserSpec {
                 username: None,
                 user_id: None,
+                identity: None,
                 realm: None,
                 first_name: None,
                 last_name: None,

@@ -118,6 +118,7 @@ func up(args []string) error {
 	stdinEOF := fs.Bool("exit-on-stdin-eof", false, "shut down when standard input closes")
 	timeout := fs.Duration("timeout", 180*time.Second, "how long to wait for each component to become ready")
 	port := fs.Int("port", 0, "kube-apiserver secure port (0: pick a free one)")
+	extraTokens := fs.String("extra-tokens", "", "a file of more static-token identities (CSV lines token,user,uid,\"g1,g2\"), appended to the admin's")
 	_ = fs.Parse(args)
 	if *dir == "" {
 		return errors.New("--dir is required")
@@ -154,8 +155,15 @@ func up(args []string) error {
 		return fmt.Errorf("pki: %w", err)
 	}
 	token := randomHex(24)
-	if err := os.WriteFile(filepath.Join(abs, "tokens.csv"),
-		[]byte(fmt.Sprintf("%s,admin,admin,\"system:masters\"\n", token)), 0o600); err != nil {
+	tokens := fmt.Sprintf("%s,admin,admin,\"system:masters\"\n", token)
+	if *extraTokens != "" {
+		more, err := os.ReadFile(*extraTokens)
+		if err != nil {
+			return fmt.Errorf("--extra-tokens: %w", err)
+		}
+		tokens += string(more)
+	}
+	if err := os.WriteFile(filepath.Join(abs, "tokens.csv"), []byte(tokens), 0o600); err != nil {
 		return err
 	}
 

@@ -544,6 +544,12 @@ async fn kubectl_explains_fields_and_prints_columns() {
         ],
         "{users}"
     );
+    let wide = kubectl(&["get", "cusr", "-n", &ns.name, "-o", "wide"]);
+    assert!(
+        wide.lines().next().unwrap().contains("IDENTITY")
+            && wide.contains("alice@northwind.example"),
+        "{wide}"
+    );
     let alice = users.lines().find(|l| l.starts_with("alice ")).unwrap();
     assert!(
         alice.contains("engineering") && alice.contains("design"),

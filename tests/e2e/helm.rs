@@ -295,6 +295,17 @@ fn namespaced_needs() -> BTreeSet<Rule> {
         &["patch", "update", "delete"],
     ));
     m.extend(rule("cubicle.dev", "sessions/finalizers", "", &["update"]));
+    // Its own Session writes pass the admission policy, and it grants "use" on each User to
+    // the User's identity (a Role and RoleBinding per User).
+    m.extend(rule("cubicle.dev", "users", "", &["use"]));
+    for r in ["roles", "rolebindings"] {
+        m.extend(rule(
+            "rbac.authorization.k8s.io",
+            r,
+            "",
+            &["list", "create", "patch", "delete"],
+        ));
+    }
     m.extend(rule(
         "",
         "pods",
@@ -328,6 +339,7 @@ fn group_of(resource: &str) -> (&'static str, bool) {
         "pods" | "persistentvolumeclaims" => ("", false),
         "leases" => ("coordination.k8s.io", false),
         "events" => ("events.k8s.io", false),
+        "roles" | "rolebindings" => ("rbac.authorization.k8s.io", false),
         _ => ("cubicle.dev", false),
     }
 }
@@ -476,12 +488,15 @@ async fn denied_everywhere(client: &Client, tenant: &str, system: &str) {
         ("create", "", "nodes", ""),
         ("patch", "", "nodes", ""),
         ("delete", "", "persistentvolumes", ""),
+        // It grants "use" on one User to its identity in a namespace (roles, rolebindings),
+        // never anything cluster-wide.
         (
             "create",
             "rbac.authorization.k8s.io",
-            "rolebindings",
-            tenant,
+            "clusterrolebindings",
+            "",
         ),
+        ("create", "rbac.authorization.k8s.io", "clusterroles", ""),
         ("escalate", "rbac.authorization.k8s.io", "clusterroles", ""),
         ("bind", "rbac.authorization.k8s.io", "clusterroles", ""),
         ("impersonate", "", "serviceaccounts", tenant),

@@ -10,6 +10,7 @@ mod expiry;
 mod foundation;
 mod ha;
 mod helm;
+mod identity;
 mod operator;
 mod process;
 mod promptness;

@@ -120,6 +120,11 @@ per-namespace Roles, so the two scopes grant exactly the same verbs.
     a user's profile outlives sessions and is only removed by a human.
   - events (core and events.k8s.io): create, and patch to aggregate repeated events.
   - no configmaps or secrets: pods mount them by reference, the operator never reads them.
+  - users: use, because the operator writes Sessions (finalizer, expiry delete) that the
+    admission policy allows only to who may use their User, and because it grants use on each
+    User to its spec.identity (RBAC lets only who holds a permission grant it).
+  - roles, rolebindings: the per-User grant of use to its identity (controller/identity.rs):
+    applied (create, patch), removed (delete), and listed at start to catch up.
 */}}
 {{- define "cubicle.namespacedRules" -}}
 - apiGroups: ["cubicle.dev"]
@@ -134,6 +139,12 @@ per-namespace Roles, so the two scopes grant exactly the same verbs.
 - apiGroups: ["cubicle.dev"]
   resources: ["sessions/finalizers"]
   verbs: ["update"]
+- apiGroups: ["cubicle.dev"]
+  resources: ["users"]
+  verbs: ["use"]
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["roles", "rolebindings"]
+  verbs: ["list", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]

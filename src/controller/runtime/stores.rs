@@ -238,6 +238,11 @@ impl Reflectors {
         }
     }
 
+    /// The namespaces these caches cover.
+    pub fn scope(&self) -> &Scope {
+        &self.scope
+    }
+
     /// The read handles.
     pub fn stores(&self) -> Stores {
         Stores {

@@ -28,6 +28,13 @@ use crate::crd::FileMapping;
         description = "Login name (metadata.name when unset)"
     ),
     printcolumn(
+        name = "Identity",
+        type_ = "string",
+        json_path = ".spec.identity.username",
+        description = "Who may act for the user (besides the admin groups)",
+        priority = 1
+    ),
+    printcolumn(
         name = "Realm",
         type_ = "string",
         json_path = ".spec.realm",
@@ -79,6 +86,15 @@ pub struct UserSpec {
         regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     )]
     pub user_id: Option<String>,
+    /// Who the person is to the Kubernetes API server: the username (and optionally the uid) it
+    /// produces for them after its own authentication and claim mapping, e.g.
+    /// `oidc:alice@example.com`. The operator binds that identity to the right to act for this
+    /// User (a Role granting the verb `use` on `users/<name>`), and the admission policy lets a
+    /// Session for this User be created, changed or deleted only by whoever holds it. Unset:
+    /// nobody but the admin groups may act for the User. Prefer a stable claim (`sub`) over an
+    /// e-mail address that can be reassigned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<UserIdentity>,
     /// Where the identity comes from: `local`, `ldap`, `saml` or `oidc`. Unset means `local`.
     /// Groups with `autoAddLocalUsers` contain every `local` user. Kasm: `realm`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -221,6 +237,22 @@ pub enum Theme {
     Dark,
     /// Follow the operating system of the user's computer.
     Auto,
+}
+
+/// The identity the Kubernetes API server knows a person by.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase")]
+pub struct UserIdentity {
+    /// The username exactly as the API server reports it (`kubectl auth whoami`), prefix
+    /// included: `oidc:alice@example.com`, `system:serviceaccount:team:alice`, `alice`.
+    #[schemars(length(min = 1, max = 512))]
+    pub username: String,
+    /// The uid the API server reports for the person, when it sets one. RBAC binds usernames
+    /// only, so the uid is not part of the grant; the CLI requires it to match when it is set,
+    /// so a reassigned username does not find the old person's User.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub uid: Option<String>,
 }
 
 /// The user's SSH key pair.

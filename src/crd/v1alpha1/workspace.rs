@@ -36,12 +36,6 @@ use crate::crd::{FileMapping, RunConfig, VolumeMapping};
         priority = 1
     ),
     printcolumn(
-        name = "Ready",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
-        description = "The Ready condition's status"
-    ),
-    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
