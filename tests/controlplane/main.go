@@ -213,6 +213,9 @@ func up(args []string) error {
 		"--service-cluster-ip-range=10.96.0.0/12",
 		"--endpoint-reconciler-type=none",
 		"--allow-privileged=true",
+		// A real node (tests/node) is reached at its InternalIP: the default tries its name first,
+		// which would go out to DNS.
+		"--kubelet-preferred-address-types=InternalIP",
 		"--profiling=false", "--v=1"); err != nil {
 		return err
 	}

@@ -51,7 +51,7 @@ operator)
   # target can be fetched here, so the binary links glibc), plus /tmp. No shell, no package manager.
   install -D -m 0755 "$bin" "$root/usr/local/bin/cubicle"
   for lib in $(ldd "$bin" | grep -o '/[^ ]*'); do
-    install -D -m 0644 "$(readlink -f "$lib")" "$root$lib"
+    install -D -m 0755 "$(readlink -f "$lib")" "$root$lib"
   done
   mkdir -p "$root/tmp" "$root/etc"
   chmod 1777 "$root/tmp"

@@ -71,6 +71,8 @@ host-state) host_state ;;
 up)
   dir=${2:?usage: node.sh up DIR KUBECONFIG [NAME]}; kubeconfig=${3:?kubeconfig}; name=${4:-real-node-0}
   m=$(missing); [ -z "$m" ] || { echo "this host cannot run a real node; missing:" >&2; echo "$m" >&2; exit 3; }
+  # A node that is stopping (an earlier test process) gets a minute to finish.
+  for i in $(seq 120); do ip link show "$BRIDGE" >/dev/null 2>&1 || break; sleep 0.5; done
   ip link show "$BRIDGE" >/dev/null 2>&1 && { log "bridge $BRIDGE exists: another real node runs (node.sh down DIR stops it)"; exit 1; }
   if ip route show | grep -v "dev $BRIDGE" | grep -q "^${SUBNET%.*}\."; then log "$SUBNET is already routed on this host; set CUBICLE_NODE_SUBNET"; exit 1; fi
   t0=$(date +%s%N)

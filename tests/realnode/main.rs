@@ -222,7 +222,7 @@ async fn install_operator(tenant: &TestNs) -> (TestNs, String, Pod) {
         &format!("rbac.namespaces={{{}}}", tenant.name),
         "--set",
         "leaderElection.enabled=true",
-        "--set",
+        "--set-string",
         &format!("nodeSelector.{}=true", REAL_NODE_LABEL.replace('.', "\\.")),
         "--set",
         &format!("tolerations[0].key={REAL_NODE_LABEL}"),
@@ -428,20 +428,24 @@ async fn the_helm_installed_operator_runs_restricted_sessions_with_lasting_profi
 /// and a WebSocket upgrade on /websockify answered 101.
 async fn desktop_contract(ip: &str) {
     let url = format!("https://{ip}:6901/");
+    // The status code, or "000" while nothing answers (curl then exits non-zero).
     let code = |user: &str| {
-        let u = format!("{user}");
-        run(Command::new("curl").args([
-            "-sk",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "5",
-            "-u",
-            &u,
-            &url,
-        ]))
+        let out = Command::new("curl")
+            .args([
+                "-sk",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "5",
+                "-u",
+                user,
+                &url,
+            ])
+            .output()
+            .expect("run curl");
+        String::from_utf8_lossy(&out.stdout).to_string()
     };
     // websockify starts a moment after the container: wait for it to answer at all.
     let right = format!("kasm_user:{VNC_PW}");
