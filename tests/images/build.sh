@@ -90,4 +90,6 @@ name)
   ;;
 *) echo "usage: build.sh pause|operator|desktop|name WHAT" >&2; exit 2 ;;
 esac
+# Older builds of the same image (other input hashes) are dropped; the cache holds one of each.
+find "$cache" -maxdepth 1 -name "$what-*.tar" ! -path "$out" -delete
 echo "$out"
