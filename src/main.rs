@@ -280,6 +280,16 @@ enum DevCommand {
         /// Also stop when standard input closes (used by the test harness).
         #[arg(long)]
         exit_on_stdin_eof: bool,
+        /// Also start a real node (containerd, runc, the CNI bridge and a kubelet; needs root) with
+        /// the images built here (tests/images). Pods run there only if they select and tolerate
+        /// `cubicle.dev/real-node=true`. Where the host cannot run containers, a message says what
+        /// is missing and the fake nodes carry on.
+        #[arg(long)]
+        real_node: bool,
+        /// Images the real node gets besides the pause image: `operator` (this binary) and/or
+        /// `desktop`; built once per input hash, cached in ~/.cache/cubicle/images.
+        #[arg(long, value_delimiter = ',', default_value = "operator,desktop")]
+        node_images: Vec<String>,
         /// The quickstart: also install the CRDs, apply the examples, run the operator
         /// (`cubicle run`, logging to DIR/logs/operator.log) and print session phase changes.
         #[arg(long)]
@@ -396,11 +406,21 @@ async fn run_command(cli: Cli) -> ExitCode {
             zones,
             timeout,
             exit_on_stdin_eof,
+            real_node,
+            node_images,
             demo,
             demo_args,
         }) => {
             let demo = demo.then_some(demo_args);
-            dev_up(dir, nodes, zones, timeout, exit_on_stdin_eof, demo).await
+            let real_node = real_node.then_some(node_images);
+            let opts = DevOptions {
+                dir: std::path::absolute(&dir).unwrap_or(dir),
+                nodes,
+                zones,
+                timeout: Duration::from_secs(timeout),
+                real_node,
+            };
+            dev_up(opts, exit_on_stdin_eof, demo).await
         }
         Command::Dev(DevCommand::Demo {
             kubeconfig,
@@ -431,21 +451,8 @@ async fn run_command(cli: Cli) -> ExitCode {
     }
 }
 
-async fn dev_up(
-    dir: PathBuf,
-    nodes: usize,
-    zones: usize,
-    timeout: u64,
-    exit_on_stdin_eof: bool,
-    demo: Option<DemoArgs>,
-) -> ExitCode {
-    let dir = std::path::absolute(&dir).unwrap_or(dir);
-    let opts = DevOptions {
-        dir: dir.clone(),
-        nodes,
-        zones,
-        timeout: Duration::from_secs(timeout),
-    };
+async fn dev_up(opts: DevOptions, exit_on_stdin_eof: bool, demo: Option<DemoArgs>) -> ExitCode {
+    let dir = opts.dir.clone();
     let cluster = match DevCluster::start(&opts).await {
         Ok(c) => c,
         Err(e) => {
@@ -486,6 +493,18 @@ async fn dev_up(
         dir.join("people").display(),
         cubicle::devenv::people::kubeconfig(&dir, "dave").display(),
     );
+    if let Some(node) = &cluster.ready.real_node {
+        println!(
+            "  real node {} Ready in {:.1}s (pods on {}; select and tolerate cubicle.dev/real-node=true); logs: {}/logs",
+            node.name,
+            node.startup_ms as f64 / 1000.0,
+            node.subnet,
+            node.dir.display()
+        );
+    }
+    if let Some(why) = &cluster.ready.real_node_unavailable {
+        eprintln!("cubicle dev up: no real node, the fake nodes carry on; {why}");
+    }
     let code = match demo {
         None => {
             interrupted(exit_on_stdin_eof).await;
@@ -513,8 +532,13 @@ async fn dev_up(
     };
     eprintln!("stopping the local control plane");
     let _ = std::fs::remove_file(&ready_path);
-    cluster.stop().await;
-    code
+    match cluster.stop_checked().await {
+        Ok(()) => code,
+        Err(e) => {
+            eprintln!("cubicle dev up: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Resolves on Ctrl-C, SIGTERM or (if asked) when standard input closes.

@@ -593,7 +593,7 @@ fn deployment_is_hardened_and_complete() {
     let app_version = chart["appVersion"].as_str().unwrap();
     assert_eq!(
         c["image"].as_str(),
-        Some(format!("ghcr.io/cubicle-dev/cubicle:{app_version}").as_str())
+        Some(format!("cubicle.localhost/cubicle:{app_version}").as_str())
     );
 
     assert_eq!(c["ports"][0]["name"].as_str(), Some("metrics"));
@@ -656,7 +656,7 @@ fn deployment_is_hardened_and_complete() {
     assert!(pod["affinity"]["nodeAffinity"].is_mapping());
     assert_eq!(
         container(&objs)["image"].as_str(),
-        Some("ghcr.io/cubicle-dev/cubicle:1.2.3")
+        Some("cubicle.localhost/cubicle:1.2.3")
     );
     assert!(args(&objs).contains(&"--log-format=text".to_owned()));
 }

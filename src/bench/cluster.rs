@@ -51,6 +51,7 @@ pub async fn start_control_plane(
         nodes,
         zones: 3,
         timeout: Duration::from_secs(300),
+        real_node: None,
     };
     let cluster = crate::devenv::DevCluster::start(&opts)
         .await

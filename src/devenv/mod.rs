@@ -1,7 +1,8 @@
 //! The local development environment: the project's own Kubernetes control plane (real etcd,
 //! kube-apiserver, kube-controller-manager and kube-scheduler, built from the upstream Go modules
 //! in `tests/controlplane`), plus a fake kubelet and a fake storage provisioner so that pods run
-//! and claims bind without a container runtime.
+//! and claims bind without a container runtime. With a real node ([`realnode`]), pods that ask
+//! for it run in real containers beside the fake nodes.
 //!
 //! `cubicle dev up` and the test harness in `tests/` both use this module, so what a newcomer
 //! tries is what CI tests.
@@ -11,6 +12,7 @@ pub mod demo;
 pub mod kubelet;
 pub mod people;
 pub mod provisioner;
+pub mod realnode;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -67,6 +69,10 @@ pub struct DevOptions {
     pub zones: usize,
     /// How long to wait for the control plane.
     pub timeout: Duration,
+    /// Start a real node too, importing these images (`operator`, `desktop`) beside the pause
+    /// image. Where the host cannot run containers, the fake nodes carry on and
+    /// [`DevReady::real_node_unavailable`] says what is missing.
+    pub real_node: Option<Vec<String>>,
 }
 
 /// What `cubicle dev up` writes to `<dir>/dev-ready` once nodes and storage are in place.
@@ -87,6 +93,12 @@ pub struct DevReady {
     pub nodes: Vec<String>,
     /// Zones in use.
     pub zones: Vec<String>,
+    /// The real node, when one was asked for and started.
+    #[serde(default)]
+    pub real_node: Option<realnode::NodeReady>,
+    /// Why a real node was asked for but not started (what the host lacks).
+    #[serde(default)]
+    pub real_node_unavailable: Option<String>,
 }
 
 /// A running development cluster.
@@ -94,6 +106,7 @@ pub struct DevCluster {
     plane: controlplane::ControlPlane,
     _kubelet: kubelet::FakeKubelet,
     _provisioner: provisioner::Provisioner,
+    real_node: Option<realnode::RealNode>,
     /// Admin client.
     pub client: Client,
     /// The ready record.
@@ -137,7 +150,19 @@ impl DevCluster {
         zones.dedup();
         let node_names = nodes.iter().map(|n| n.name.clone()).collect();
         let kubelet = kubelet::start(client.clone(), nodes).await?;
-        let provisioner = provisioner::start(client.clone(), zones.clone()).await?;
+        // Real-node pods write their volumes for real: they live under the node's directory.
+        let node_dir = opts.dir.join("node");
+        let volume_root = opts.real_node.as_ref().map(|_| node_dir.join("volumes"));
+        let provisioner = provisioner::start(client.clone(), zones.clone(), volume_root).await?;
+        let (real_node, real_node_unavailable) = match &opts.real_node {
+            None => (None, None),
+            Some(images) => {
+                match realnode::start(&node_dir, &plane.ready.kubeconfig, &bin, images).await? {
+                    realnode::Started::Node(n) => (Some(n), None),
+                    realnode::Started::Unavailable(why) => (None, Some(why)),
+                }
+            }
+        };
         let ready = DevReady {
             kubeconfig: plane.ready.kubeconfig.clone(),
             server: plane.ready.server.clone(),
@@ -146,26 +171,43 @@ impl DevCluster {
             startup_ms: started.elapsed().as_millis() as u64,
             nodes: node_names,
             zones,
+            real_node: real_node.as_ref().map(|n| n.ready.clone()),
+            real_node_unavailable,
         };
         Ok(Self {
             plane,
             _kubelet: kubelet,
             _provisioner: provisioner,
+            real_node,
             client,
             ready,
         })
     }
 
-    /// Stops everything.
-    pub async fn stop(self) {
+    /// Stops everything. A real node is stopped first; if that leaves the host changed, the
+    /// error says so (the differences are in `<dir>/node/host-diff`), after the rest stopped.
+    pub async fn stop_checked(self) -> Result<(), DevError> {
         let Self {
             plane,
             _kubelet,
             _provisioner,
+            real_node,
             ..
         } = self;
+        let node = match real_node {
+            Some(node) => node.stop().await,
+            None => Ok(()),
+        };
         drop(_kubelet);
         drop(_provisioner);
         plane.stop().await;
+        node
+    }
+
+    /// Stops everything; a real node that left the host changed is reported on standard error.
+    pub async fn stop(self) {
+        if let Err(e) = self.stop_checked().await {
+            eprintln!("{e}");
+        }
     }
 }

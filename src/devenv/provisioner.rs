@@ -11,6 +11,7 @@
 //! a cloud provider, and the real scheduler places pods into their volume's zone.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use futures::TryStreamExt;
@@ -33,7 +34,16 @@ pub const DEFAULT_CLASS: &str = "standard";
 pub const IMMEDIATE_CLASS: &str = "standard-immediate";
 
 /// Installs the StorageClasses and starts provisioning. Dropping the handle stops it.
-pub async fn start(client: Client, zones: Vec<String>) -> Result<Provisioner, DevError> {
+///
+/// With `volume_root` (a real node runs), each volume is a directory under it, created before
+/// its PersistentVolume with mode 0777 so that a non-root pod can write its profile there (the
+/// kubelet would create a missing hostPath directory owned by root). Without it, the paths are
+/// never created (the fake kubelet mounts nothing).
+pub async fn start(
+    client: Client,
+    zones: Vec<String>,
+    volume_root: Option<PathBuf>,
+) -> Result<Provisioner, DevError> {
     let classes: Api<StorageClass> = Api::all(client.clone());
     let ssa = PatchParams::apply("cubicle-fake-provisioner").force();
     for (name, mode, default) in [
@@ -59,7 +69,7 @@ pub async fn start(client: Client, zones: Vec<String>) -> Result<Provisioner, De
             })?;
     }
     let zones = Arc::new(zones);
-    let task = tokio::spawn(run(client, zones));
+    let task = tokio::spawn(run(client, zones, volume_root));
     Ok(Provisioner { task })
 }
 
@@ -74,7 +84,7 @@ impl Drop for Provisioner {
     }
 }
 
-async fn run(client: Client, zones: Arc<Vec<String>>) {
+async fn run(client: Client, zones: Arc<Vec<String>>, volume_root: Option<PathBuf>) {
     let claims: Api<PersistentVolumeClaim> = Api::all(client.clone());
     let stream = watcher(claims, watcher::Config::default())
         .default_backoff()
@@ -83,7 +93,7 @@ async fn run(client: Client, zones: Arc<Vec<String>>) {
     loop {
         match stream.try_next().await {
             Ok(Some(pvc)) => {
-                if let Err(e) = provision(&client, &pvc, &zones).await {
+                if let Err(e) = provision(&client, &pvc, &zones, volume_root.as_deref()).await {
                     warn!(claim = %pvc.name_any(), error = %e, "fake provisioner failed");
                 }
             }
@@ -91,6 +101,12 @@ async fn run(client: Client, zones: Arc<Vec<String>>) {
             Err(e) => debug!(error = %e, "claim watch error (retrying)"),
         }
     }
+}
+
+fn make_world_writable_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777))
 }
 
 /// The PV name for a claim, as external provisioners name them.
@@ -109,6 +125,7 @@ async fn provision(
     client: &Client,
     pvc: &PersistentVolumeClaim,
     zones: &[String],
+    volume_root: Option<&Path>,
 ) -> Result<(), kube::Error> {
     let annotations = pvc.annotations();
     let ours = annotations
@@ -162,6 +179,16 @@ async fn provision(
         .map(|q| q.0)
         .unwrap_or_else(|| "1Gi".into());
     let name = volume_name(pvc);
+    let path = match volume_root {
+        Some(root) => {
+            let dir = root.join(&name);
+            if let Err(e) = make_world_writable_dir(&dir) {
+                warn!(volume = %name, dir = %dir.display(), error = %e, "cannot create the volume's directory");
+            }
+            dir.display().to_string()
+        }
+        None => format!("/var/lib/cubicle-fake-volumes/{name}"),
+    };
     let mut labels = BTreeMap::new();
     if let Some(z) = &zone {
         labels.insert(ZONE_LABEL.to_string(), z.clone());
@@ -184,7 +211,7 @@ async fn provision(
             "persistentVolumeReclaimPolicy": class.as_ref().and_then(|c| c.reclaim_policy.clone()).unwrap_or_else(|| "Delete".into()),
             "storageClassName": class_name,
             "volumeMode": spec.volume_mode.clone().unwrap_or_else(|| "Filesystem".into()),
-            "hostPath": {"path": format!("/var/lib/cubicle-fake-volumes/{name}"), "type": "DirectoryOrCreate"},
+            "hostPath": {"path": path, "type": "DirectoryOrCreate"},
             "claimRef": {
                 "apiVersion": "v1", "kind": "PersistentVolumeClaim",
                 "namespace": pvc.namespace(), "name": pvc.name_any(), "uid": pvc.uid(),

@@ -6,6 +6,8 @@
 //	controlplane kube-apiserver ...           upstream kube-apiserver
 //	controlplane kube-controller-manager ...  upstream kube-controller-manager
 //	controlplane kube-scheduler ...           upstream kube-scheduler
+//	controlplane kubelet ...                  upstream kubelet (the real node, see tests/node)
+//	controlplane relay --listen A --to B      the real node's stand-in for kube-proxy (kubernetes Service)
 //	controlplane up --dir DIR                 orchestrates all four as separate processes
 //
 // Every component runs in its own process (the upstream mains install process-wide signal
@@ -56,7 +58,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: controlplane {up|etcd|kube-apiserver|kube-controller-manager|kube-scheduler} [flags]")
+		fmt.Fprintln(os.Stderr, "usage: controlplane {up|etcd|kube-apiserver|kube-controller-manager|kube-scheduler|kubelet|relay} [flags]")
 		os.Exit(2)
 	}
 	sub, rest := os.Args[1], os.Args[2:]
@@ -75,6 +77,10 @@ func main() {
 		c := scheduler.NewSchedulerCommand()
 		c.SetArgs(rest)
 		os.Exit(cli.Run(c))
+	case "kubelet":
+		kubeletMain(rest)
+	case "relay":
+		relay(rest)
 	case "up":
 		if err := up(rest); err != nil {
 			fmt.Fprintln(os.Stderr, "controlplane up:", err)
@@ -215,6 +221,9 @@ func up(args []string) error {
 		"--service-cluster-ip-range=10.96.0.0/12",
 		"--endpoint-reconciler-type=none",
 		"--allow-privileged=true",
+		// A real node (tests/node) is reached at its InternalIP: the default tries its name first,
+		// which would go out to DNS.
+		"--kubelet-preferred-address-types=InternalIP",
 		"--profiling=false", "--v=1"); err != nil {
 		return err
 	}

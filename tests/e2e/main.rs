@@ -17,3 +17,6 @@ mod promptness;
 mod sessions;
 mod status;
 mod support;
+
+/// Extra arguments of the harness's `cubicle dev up` (the real-node tests add `--real-node`).
+pub const DEV_UP_ARGS: &[&str] = &[];

@@ -47,6 +47,8 @@ fn start_shared() -> Shared {
                 startup_ms: 0,
                 nodes: (0..3).map(|i| format!("fake-node-{i}")).collect(),
                 zones: vec!["zone-a".into(), "zone-b".into(), "zone-c".into()],
+                real_node: None,
+                real_node_unavailable: None,
             },
             dir: kc.parent().map(Path::to_path_buf).unwrap_or_default(),
             _child: None,
@@ -80,6 +82,7 @@ fn start_shared() -> Shared {
             "--dir",
         ])
         .arg(&dir)
+        .args(crate::DEV_UP_ARGS)
         .stdin(Stdio::piped())
         .stdout(log.try_clone().expect("clone log"))
         .stderr(log)
