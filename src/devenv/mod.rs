@@ -10,6 +10,7 @@ pub mod controlplane;
 pub mod demo;
 pub mod kubelet;
 pub mod provisioner;
+pub mod standin;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
