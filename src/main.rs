@@ -165,6 +165,17 @@ struct RunArgs {
     /// operator never outlives the process that started it).
     #[arg(long, hide = true)]
     exit_on_stdin_eof: bool,
+    /// Give each session a desktop password (Kasm's `VNC_PW`) in a Secret of its own, derived
+    /// from a master key the operator keeps in the Secret `--key-secret` (created if absent).
+    #[arg(long, env = "CUBICLE_SESSION_CREDENTIALS")]
+    session_credentials: bool,
+    /// The master key's Secret (in the operator's namespace, `POD_NAMESPACE`).
+    #[arg(long, env = "CUBICLE_KEY_SECRET", default_value = cubicle::credentials::DEFAULT_KEY_SECRET)]
+    key_secret: String,
+    /// The gateway's public address (e.g. `https://cubicle.example.com`): Running sessions get
+    /// `status.url` on it.
+    #[arg(long, env = "CUBICLE_PUBLIC_URL")]
+    public_url: Option<String>,
 }
 
 /// A resync interval: 0 (none), or at least a minute (a shorter one is a polling loop).
@@ -579,11 +590,42 @@ async fn run(args: RunArgs) -> ExitCode {
             timings,
         )
     });
+    let gateway_url = match args
+        .public_url
+        .as_deref()
+        .map(cubicle::gateway::core::PublicUrl::parse)
+    {
+        None => None,
+        Some(Ok(u)) => Some(u),
+        Some(Err(e)) => {
+            eprintln!("cubicle run: --public-url: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let credentials = if args.session_credentials {
+        match cubicle::credentials::ensure(
+            client.clone(),
+            &args.leader_election_namespace,
+            &args.key_secret,
+        )
+        .await
+        {
+            Ok(k) => Some(k),
+            Err(e) => {
+                eprintln!("cubicle run: session credentials: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
     let config = OperatorConfig {
         namespaces: args.namespaces.clone(),
         concurrency: args.concurrency,
         resync: args.resync,
         identity,
+        credentials,
+        gateway_url,
     };
     let shutdown = async {
         interrupted(args.exit_on_stdin_eof).await;

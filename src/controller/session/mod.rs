@@ -10,6 +10,7 @@
 //! slot. With leader election, only one replica ever launches.
 
 pub mod build;
+pub mod credentials;
 pub mod expiry;
 pub mod plan;
 
@@ -789,6 +790,7 @@ async fn reconcile(
             ctx.launches.forget(&key);
             if admitted_before || old.phase == Some(SessionPhase::Stopped) {
                 status.phase = Some(SessionPhase::Stopped);
+                status.url = None;
                 status.node = None;
                 status.pod = None;
             }
@@ -828,6 +830,17 @@ async fn reconcile(
                     events.push((EventType::Normal, reason, note.into(), "Pause"));
                 }
                 let obs = plan::observe(Some(p), paused);
+                if let Some(key) = &ctx.config.credentials
+                    && credentials::missing(obs.problem.as_deref(), &session)
+                {
+                    credentials::ensure(&ctx, &ns, &session, key).await?;
+                }
+                status.url = ctx
+                    .config
+                    .gateway_url
+                    .as_ref()
+                    .filter(|_| obs.phase == SessionPhase::Running)
+                    .map(|g| g.session(&uid));
                 status.phase = Some(obs.phase);
                 status.node = obs.node.clone();
                 status.pod = Some(p.name_any());
@@ -1463,7 +1476,11 @@ async fn launch(
         paused,
         launch: &record,
     };
-    let pod = build::pod(&inputs);
+    let mut pod = build::pod(&inputs);
+    if let Some(key) = &ctx.config.credentials {
+        credentials::inject(&mut pod, session, workspace);
+        credentials::ensure(ctx, ns, session, key).await?;
+    }
     if budget.is_some() {
         // Usage-limited: the session must be accounted before it can disappear.
         expiry::add_finalizer(ctx, ns, session).await?;
