@@ -58,6 +58,9 @@ enum Command {
     Dev(DevCommand),
     /// Run the operator (in a cluster, or against the cluster of the current kubeconfig).
     Run(Box<RunArgs>),
+    /// Run the gateway: the way from a browser to a session (a reverse proxy routing by host
+    /// name, authorizing every connection, keeping sessions alive while connected).
+    Gateway(Box<GatewayArgs>),
     /// Mark a session as active (one small API call: sets its `cubicle.dev/keepalive`
     /// annotation to now). Clients send this every keepaliveInterval while a user is connected.
     Keepalive {
@@ -113,6 +116,43 @@ enum Command {
 enum DocsCommand {
     /// Print the Kasm-name-to-Cubicle-field table (Markdown) from the CRD descriptions.
     KasmTable,
+}
+
+#[derive(clap::Args)]
+struct GatewayArgs {
+    /// The public address: scheme, base domain and port, e.g. `https://cubicle.example.com`.
+    /// The portal is on the base domain, each session on `<session uid>.<base domain>`.
+    #[arg(long, env = "CUBICLE_PUBLIC_URL")]
+    public_url: String,
+    /// Address to listen on (HTTP/1.1; TLS is terminated in front, by the Ingress or Gateway).
+    #[arg(long, env = "CUBICLE_GATEWAY_LISTEN", default_value = "0.0.0.0:8000")]
+    listen: std::net::SocketAddr,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "CUBICLE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: std::net::SocketAddr,
+    /// Namespace whose sessions are served; repeat for several. None: every namespace.
+    #[arg(long = "namespace", env = "CUBICLE_NAMESPACES", value_delimiter = ',')]
+    namespaces: Vec<String>,
+    /// Trust this request header for the username (behind oauth2-proxy, e.g.
+    /// `X-Auth-Request-User`). Only that proxy may reach the gateway.
+    #[arg(long, env = "CUBICLE_TRUSTED_USER_HEADER")]
+    trusted_user_header: Option<String>,
+    /// With --trusted-user-header: the groups header (comma-separated).
+    #[arg(long, env = "CUBICLE_TRUSTED_GROUPS_HEADER")]
+    trusted_groups_header: Option<String>,
+    /// Prefix of usernames, as the API server's authenticator adds it (e.g. `oidc:`), so the
+    /// SubjectAccessReview names the person as RBAC does.
+    #[arg(long, env = "CUBICLE_USERNAME_PREFIX", default_value = "oidc:")]
+    username_prefix: String,
+    /// Prefix of group names.
+    #[arg(long, env = "CUBICLE_GROUPS_PREFIX", default_value = "oidc:")]
+    groups_prefix: String,
+    /// The master key's Secret, `namespace/name` (the operator creates it).
+    #[arg(long, env = "CUBICLE_KEY_SECRET")]
+    key_secret: Option<String>,
+    /// Log format.
+    #[arg(long, env = "CUBICLE_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: cubicle::telemetry::LogFormat,
 }
 
 #[derive(clap::Args)]
@@ -286,11 +326,13 @@ fn main() -> ExitCode {
 async fn run_command(cli: Cli) -> ExitCode {
     let format = match &cli.command {
         Command::Run(args) => args.log_format,
+        Command::Gateway(args) => args.log_format,
         _ => cubicle::telemetry::LogFormat::Text,
     };
     cubicle::telemetry::init(format);
     match cli.command {
         Command::Run(args) => run(*args).await,
+        Command::Gateway(args) => gateway(*args).await,
         Command::Keepalive { session, namespace } => keepalive(&session, namespace).await,
         Command::Bench(args) => cubicle::bench::main(*args).await,
         Command::BenchExpiry(args) => cubicle::bench::expiry::main(*args).await,
@@ -656,6 +698,137 @@ async fn run(args: RunArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn gateway(args: GatewayArgs) -> ExitCode {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use cubicle::gateway::{self, AuthMode, GatewayConfig, core::PublicUrl};
+
+    let public = match PublicUrl::parse(&args.public_url) {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("cubicle gateway: --public-url: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let header = |flag: &str, v: &str| {
+        http::HeaderName::from_bytes(v.to_ascii_lowercase().as_bytes())
+            .map_err(|_| format!("cubicle gateway: {flag}: {v:?} is not a header name"))
+    };
+    let auth = match &args.trusted_user_header {
+        Some(u) => {
+            let user = match header("--trusted-user-header", u) {
+                Ok(h) => h,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let groups = match args
+                .trusted_groups_header
+                .as_deref()
+                .map(|g| header("--trusted-groups-header", g))
+            {
+                None => None,
+                Some(Ok(h)) => Some(h),
+                Some(Err(e)) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            AuthMode::TrustedHeader { user, groups }
+        }
+        None => {
+            eprintln!("cubicle gateway: no way to identify people: set --trusted-user-header");
+            return ExitCode::from(2);
+        }
+    };
+    let client = match kube::Client::try_default().await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "cubicle gateway: no Kubernetes configuration (in-cluster or KUBECONFIG): {e}"
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let key_secret = args.key_secret.clone().unwrap_or_else(|| {
+        format!(
+            "{}/{}",
+            std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".into()),
+            cubicle::credentials::DEFAULT_KEY_SECRET
+        )
+    });
+    let Some((key_ns, key_name)) = key_secret.split_once('/') else {
+        eprintln!("cubicle gateway: --key-secret {key_secret:?}: expected namespace/name");
+        return ExitCode::from(2);
+    };
+    // The operator creates the key: wait for it.
+    let key = loop {
+        match cubicle::credentials::load(client.clone(), key_ns, key_name).await {
+            Ok(k) => break k,
+            Err(e) => {
+                tracing::warn!(error = %e, "waiting for the master key");
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(args.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("cubicle gateway: cannot listen on {}: {e}", args.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = GatewayConfig {
+        public,
+        namespaces: args.namespaces.clone(),
+        auth,
+        username_prefix: args.username_prefix.clone(),
+        groups_prefix: args.groups_prefix.clone(),
+        key,
+    };
+    let gw = gateway::start(client, config, listener);
+    let ready = Arc::new(AtomicBool::new(false));
+    let http_state = cubicle::http::HttpState {
+        metrics: Arc::new(cubicle::metrics::Metrics::default()),
+        ready: ready.clone(),
+    };
+    let metrics_listener = match tokio::net::TcpListener::bind(args.metrics_addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!(
+                "cubicle gateway: cannot listen on {}: {e}",
+                args.metrics_addr
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let http_task = tokio::spawn(cubicle::http::serve(
+        metrics_listener,
+        http_state,
+        async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+        },
+    ));
+    let readiness = {
+        let state = gw.state.clone();
+        tokio::spawn(async move {
+            while !state.cache.synced() {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            ready.store(true, Ordering::Release);
+        })
+    };
+    interrupted(false).await;
+    readiness.abort();
+    drop(gw);
+    let _ = stop_tx.send(true);
+    let _ = http_task.await;
+    ExitCode::SUCCESS
 }
 
 fn validate(dir: &std::path::Path, strict: bool) -> ExitCode {
