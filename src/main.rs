@@ -140,6 +140,22 @@ struct GatewayArgs {
     /// With --trusted-user-header: the groups header (comma-separated).
     #[arg(long, env = "CUBICLE_TRUSTED_GROUPS_HEADER")]
     trusted_groups_header: Option<String>,
+    /// OpenID Connect login: the issuer URL (authorization code with PKCE on the portal).
+    #[arg(long, env = "CUBICLE_OIDC_ISSUER")]
+    oidc_issuer: Option<String>,
+    /// OIDC client id.
+    #[arg(long, env = "CUBICLE_OIDC_CLIENT_ID", default_value = "cubicle")]
+    oidc_client_id: String,
+    /// OIDC client secret (better: from the environment, out of the process list).
+    #[arg(long, env = "CUBICLE_OIDC_CLIENT_SECRET", hide_env_values = true)]
+    oidc_client_secret: Option<String>,
+    /// The ID token claim naming the person: `sub` (stable), `email` or `preferred_username`;
+    /// it must match the API server's `--oidc-username-claim`.
+    #[arg(long, env = "CUBICLE_OIDC_USERNAME_CLAIM", default_value = "sub")]
+    oidc_username_claim: String,
+    /// Extra CA certificates (PEM) to trust for an https issuer.
+    #[arg(long, env = "CUBICLE_OIDC_CA_FILE")]
+    oidc_ca_file: Option<PathBuf>,
     /// Prefix of usernames, as the API server's authenticator adds it (e.g. `oidc:`), so the
     /// SubjectAccessReview names the person as RBAC does.
     #[arg(long, env = "CUBICLE_USERNAME_PREFIX", default_value = "oidc:")]
@@ -150,6 +166,9 @@ struct GatewayArgs {
     /// The master key's Secret, `namespace/name` (the operator creates it).
     #[arg(long, env = "CUBICLE_KEY_SECRET")]
     key_secret: Option<String>,
+    /// Also shut down when standard input closes (used by `cubicle dev up --demo`).
+    #[arg(long, hide = true)]
+    exit_on_stdin_eof: bool,
     /// Log format.
     #[arg(long, env = "CUBICLE_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: cubicle::telemetry::LogFormat,
@@ -717,8 +736,43 @@ async fn gateway(args: GatewayArgs) -> ExitCode {
         http::HeaderName::from_bytes(v.to_ascii_lowercase().as_bytes())
             .map_err(|_| format!("cubicle gateway: {flag}: {v:?} is not a header name"))
     };
-    let auth = match &args.trusted_user_header {
-        Some(u) => {
+    let auth = match (&args.trusted_user_header, &args.oidc_issuer) {
+        (Some(_), Some(_)) => {
+            eprintln!(
+                "cubicle gateway: --trusted-user-header and --oidc-issuer exclude each other"
+            );
+            return ExitCode::from(2);
+        }
+        (None, Some(issuer)) => {
+            let Some(secret) = args.oidc_client_secret.clone() else {
+                eprintln!(
+                    "cubicle gateway: --oidc-issuer needs --oidc-client-secret (or CUBICLE_OIDC_CLIENT_SECRET)"
+                );
+                return ExitCode::from(2);
+            };
+            if !["sub", "email", "preferred_username"].contains(&args.oidc_username_claim.as_str())
+            {
+                eprintln!(
+                    "cubicle gateway: --oidc-username-claim {:?}: expected sub, email or preferred_username",
+                    args.oidc_username_claim
+                );
+                return ExitCode::from(2);
+            }
+            match gateway::oidc::Oidc::new(gateway::oidc::OidcSettings {
+                issuer: issuer.clone(),
+                client_id: args.oidc_client_id.clone(),
+                client_secret: secret,
+                username_claim: args.oidc_username_claim.clone(),
+                ca_file: args.oidc_ca_file.clone(),
+            }) {
+                Ok(o) => AuthMode::Oidc(Arc::new(o)),
+                Err(e) => {
+                    eprintln!("cubicle gateway: --oidc-ca-file: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        (Some(u), None) => {
             let user = match header("--trusted-user-header", u) {
                 Ok(h) => h,
                 Err(e) => {
@@ -740,8 +794,10 @@ async fn gateway(args: GatewayArgs) -> ExitCode {
             };
             AuthMode::TrustedHeader { user, groups }
         }
-        None => {
-            eprintln!("cubicle gateway: no way to identify people: set --trusted-user-header");
+        (None, None) => {
+            eprintln!(
+                "cubicle gateway: no way to identify people: set --oidc-issuer or --trusted-user-header"
+            );
             return ExitCode::from(2);
         }
     };
@@ -823,7 +879,7 @@ async fn gateway(args: GatewayArgs) -> ExitCode {
             ready.store(true, Ordering::Release);
         })
     };
-    interrupted(false).await;
+    interrupted(args.exit_on_stdin_eof).await;
     readiness.abort();
     drop(gw);
     let _ = stop_tx.send(true);

@@ -9,6 +9,7 @@
 pub mod controlplane;
 pub mod demo;
 pub mod kubelet;
+pub mod oidc;
 pub mod provisioner;
 pub mod standin;
 

@@ -16,6 +16,7 @@ pub mod authz;
 pub mod cache;
 pub mod conns;
 pub mod core;
+pub mod oidc;
 pub mod pages;
 pub mod proxy;
 
@@ -55,6 +56,8 @@ pub enum AuthMode {
         /// The groups header (comma-separated), e.g. `X-Forwarded-Groups`.
         groups: Option<HeaderName>,
     },
+    /// OpenID Connect login on the portal, tickets into each session's origin.
+    Oidc(Arc<oidc::Oidc>),
 }
 
 /// The gateway's configuration.
@@ -88,6 +91,7 @@ pub struct Stats {
 /// State shared by every connection.
 pub struct State {
     config: GatewayConfig,
+    signing: crate::credentials::SigningKey,
     client: Client,
     /// The caches.
     pub cache: Arc<cache::Cache>,
@@ -137,6 +141,7 @@ pub fn start(client: Client, config: GatewayConfig, listener: TcpListener) -> Ga
     let (cache, mut tasks) = cache::start(client.clone(), &config.namespaces);
     let state = Arc::new(State {
         authz: authz::Authorizer::new(client.clone()),
+        signing: config.key.signing_key(),
         config,
         client: client.clone(),
         cache,
@@ -203,13 +208,15 @@ pub async fn handle(
     let host = host_of(&req);
     match core::route(&host, &state.config.public.domain) {
         Route::Unknown => pages::not_found(),
-        Route::Portal => portal(&state, &req),
+        Route::Portal => portal(&state, &req).await,
         Route::Session(label) => session(state, req, &label, &host, peer).await,
     }
 }
 
-fn identify(state: &State, req: &Request<Incoming>) -> Option<Identity> {
+/// The person making `req` to origin `label` (`""`: the portal).
+fn identify(state: &State, req: &Request<Incoming>, label: &str) -> Option<Identity> {
     match &state.config.auth {
+        AuthMode::Oidc(o) => o.identity(req, &state.config.public, &state.signing, label),
         AuthMode::TrustedHeader { user, groups } => {
             let name = req.headers().get(user)?.to_str().ok()?.trim();
             if name.is_empty() {
@@ -235,13 +242,29 @@ fn identify(state: &State, req: &Request<Incoming>) -> Option<Identity> {
     }
 }
 
-fn portal(state: &State, req: &Request<Incoming>) -> Response<proxy::Body> {
-    let who = identify(state, req);
+async fn portal(state: &State, req: &Request<Incoming>) -> Response<proxy::Body> {
+    if let AuthMode::Oidc(o) = &state.config.auth {
+        let (public, key) = (&state.config.public, &state.signing);
+        match req.uri().path() {
+            "/.cubicle/login" => return o.login(req, public, key).await,
+            "/.cubicle/callback" => {
+                return o
+                    .callback(req, public, key, &state.config.username_prefix)
+                    .await;
+            }
+            "/.cubicle/go" => return o.go(req, public, key),
+            _ => {}
+        }
+    }
+    let who = identify(state, req, "");
     let body = match who {
         Some(w) => format!(
             "<p>Signed in as <b>{}</b>. Open a session at the address in its <code>status.url</code>.</p>",
             w.username.replace('<', "&lt;")
         ),
+        None if matches!(state.config.auth, AuthMode::Oidc(_)) => {
+            "<p>Not signed in. <a href=\"/.cubicle/login\">Sign in</a>.</p>".into()
+        }
         None => "<p>Not signed in.</p>".into(),
     };
     pages::page(StatusCode::OK, "Cubicle", &body, None)
@@ -254,6 +277,7 @@ fn strip_headers(state: &State) -> Vec<HeaderName> {
             v.extend(groups.clone());
             v
         }
+        AuthMode::Oidc(_) => Vec::new(),
     }
 }
 
@@ -267,7 +291,19 @@ async fn session(
     if !state.cache.synced() {
         return pages::not_ready();
     }
-    let Some(who) = identify(&state, &req) else {
+    if let AuthMode::Oidc(o) = &state.config.auth
+        && req.uri().path() == "/.cubicle/ticket"
+    {
+        return o.redeem(&req, &state.config.public, &state.signing, label);
+    }
+    let Some(who) = identify(&state, &req, label) else {
+        if matches!(state.config.auth, AuthMode::Oidc(_)) {
+            // Sign in on the portal, which hands a ticket back to this origin.
+            return pages::redirect(&format!(
+                "{}/.cubicle/go?s={label}",
+                state.config.public.portal()
+            ));
+        }
         return pages::page(
             StatusCode::UNAUTHORIZED,
             "Not signed in",

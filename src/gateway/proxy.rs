@@ -149,7 +149,9 @@ fn foreign_cookies(v: &HeaderValue) -> Option<HeaderValue> {
     let kept: Vec<&str> = s
         .split(';')
         .map(str::trim)
-        .filter(|c| !c.is_empty() && !c.starts_with(super::COOKIE_PREFIX))
+        .filter(|c| {
+            !c.is_empty() && !c.starts_with(super::COOKIE_PREFIX) && !c.starts_with("cubicle-")
+        })
         .collect();
     (!kept.is_empty())
         .then(|| HeaderValue::from_str(&kept.join("; ")).ok())
@@ -330,7 +332,9 @@ mod tests {
 
     #[test]
     fn the_gateways_cookies_never_reach_the_session() {
-        let v = HeaderValue::from_static("__Host-cubicle-s=abc; theme=dark; __Host-cubicle-x=1");
+        let v = HeaderValue::from_static(
+            "__Host-cubicle-s=abc; theme=dark; __Host-cubicle-x=1; cubicle-signin=z",
+        );
         assert_eq!(
             foreign_cookies(&v),
             Some(HeaderValue::from_static("theme=dark"))

@@ -606,3 +606,325 @@ async fn a_deleted_credentials_secret_changes_nothing_and_comes_back_the_same() 
     echo(&mut w, "back").await;
     env.stop().await;
 }
+
+/// One HTTP request to `url` (sent to `via` when given: the gateway for `*.cubicle.localhost`).
+async fn fetch(
+    via: Option<SocketAddr>,
+    method: &str,
+    url: &str,
+    cookie: Option<&str>,
+    form: Option<String>,
+) -> (u16, http::HeaderMap, String) {
+    let uri: http::Uri = url.parse().unwrap();
+    let authority = uri.authority().unwrap().to_string();
+    let addr = match via {
+        Some(a) => a,
+        None => tokio::net::lookup_host(&authority)
+            .await
+            .unwrap()
+            .next()
+            .unwrap(),
+    };
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(uri.path_and_query().unwrap().as_str())
+        .header("host", authority);
+    if let Some(c) = cookie {
+        req = req.header("cookie", c);
+    }
+    let body = match form {
+        Some(f) => {
+            req = req.header("content-type", "application/x-www-form-urlencoded");
+            http_body_util::Full::new(Bytes::from(f))
+        }
+        None => http_body_util::Full::new(Bytes::new()),
+    };
+    let resp = sender.send_request(req.body(body).unwrap()).await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn location(h: &http::HeaderMap, base: &str) -> String {
+    let l = h.get("location").expect("a redirect").to_str().unwrap();
+    if l.starts_with('/') {
+        format!("{base}{l}")
+    } else {
+        l.to_string()
+    }
+}
+
+/// `name=value` of the cookie `h` sets.
+fn set_cookie(h: &http::HeaderMap, name: &str) -> String {
+    h.get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with(&format!("{name}=")))
+        .map(|v| v.split(';').next().unwrap().to_string())
+        .unwrap_or_else(|| panic!("no {name} cookie in {h:?}"))
+}
+
+/// Signs `person` in through the provider's login form; returns the portal's sign-in cookie.
+async fn sign_in(
+    gw: SocketAddr,
+    portal: &str,
+    label: &str,
+    person: &str,
+    password: &str,
+) -> String {
+    let (c, h, _) = fetch(
+        Some(gw),
+        "GET",
+        &format!("{portal}/.cubicle/login?s={label}"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(c, 303);
+    let login_cookie = set_cookie(&h, "cubicle-login");
+    let mut url = location(&h, portal);
+    // At the provider: follow redirects to its login form, post the password.
+    let issuer_base = |u: &str| {
+        let uri: http::Uri = u.parse().unwrap();
+        format!("http://{}", uri.authority().unwrap())
+    };
+    let (c, h, _) = fetch(None, "GET", &url, None, None).await;
+    assert_eq!(c, 302, "authorize");
+    url = location(&h, &issuer_base(&url));
+    let id = url
+        .split("authRequestID=")
+        .nth(1)
+        .expect("a login page")
+        .to_string();
+    let form = format!("id={id}&username={person}&password={password}");
+    let (c, h, body) = fetch(
+        None,
+        "POST",
+        &format!("{}/login/username", issuer_base(&url)),
+        None,
+        Some(form),
+    )
+    .await;
+    assert_eq!(c, 302, "login form: {body}");
+    url = location(&h, &issuer_base(&url));
+    // Back through the provider's callback to the gateway's.
+    while !url.starts_with(portal) {
+        let (c, h, body) = fetch(None, "GET", &url, None, None).await;
+        assert!(c == 302 || c == 303, "{c} {body}");
+        url = location(&h, &issuer_base(&url));
+    }
+    let (c, h, body) = fetch(Some(gw), "GET", &url, Some(&login_cookie), None).await;
+    assert_eq!(c, 303, "callback: {body}");
+    set_cookie(&h, "cubicle-signin")
+}
+
+#[tokio::test]
+async fn oidc_login_and_tickets_open_a_session_only_for_its_owner() {
+    let env = setup("gw-oidc").await;
+    let portal = env.public.portal();
+    let issuer = cubicle::devenv::oidc::start(
+        &crate::support::run_dir().join(format!("oidc-{}", env.ns.name)),
+        &["alice", "bob"],
+        &[format!("{portal}/.cubicle/callback")],
+    )
+    .await
+    .unwrap();
+    grant(&env.ns, "alice", "oidc:alice").await;
+    let oidc = cubicle::gateway::oidc::Oidc::new(cubicle::gateway::oidc::OidcSettings {
+        issuer: issuer.url.clone(),
+        client_id: issuer.client_id.clone(),
+        client_secret: issuer.client_secret.clone(),
+        username_claim: "sub".into(),
+        ca_file: None,
+    })
+    .unwrap();
+    let listener = TcpListener::bind(("127.0.0.1", env.port)).await.unwrap();
+    let gw = gateway::start(
+        env.ns.client.clone(),
+        GatewayConfig {
+            public: env.public.clone(),
+            namespaces: vec![env.ns.name.clone()],
+            auth: AuthMode::Oidc(std::sync::Arc::new(oidc)),
+            username_prefix: "oidc:".into(),
+            groups_prefix: "oidc:".into(),
+            key: env.key.clone(),
+        },
+        listener,
+    );
+    wait_for("gateway synced", Duration::from_secs(30), || async {
+        gw.ready().then_some(())
+    })
+    .await;
+    let s = env.running("od", "alice").await;
+    let label = s.uid().unwrap();
+    let origin = format!("http://{}", env.host(&s));
+
+    // No cookie: off to sign in (through the portal's hand-off).
+    let (c, h, _) = fetch(Some(gw.addr), "GET", &format!("{origin}/"), None, None).await;
+    assert_eq!(c, 303);
+    assert_eq!(
+        location(&h, &origin),
+        format!("{portal}/.cubicle/go?s={label}")
+    );
+    let (c, h, _) = fetch(
+        Some(gw.addr),
+        "GET",
+        &format!("{portal}/.cubicle/go?s={label}"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(c, 303);
+    assert_eq!(
+        location(&h, &portal),
+        format!("{portal}/.cubicle/login?s={label}")
+    );
+
+    // The owner signs in at the provider and gets a ticket for the session's origin.
+    let alice = issuer.people.iter().find(|p| p.name == "alice").unwrap();
+    let signin = sign_in(gw.addr, &portal, &label, "alice", &alice.password).await;
+    let (c, h, _) = fetch(
+        Some(gw.addr),
+        "GET",
+        &format!("{portal}/.cubicle/go?s={label}"),
+        Some(&signin),
+        None,
+    )
+    .await;
+    assert_eq!(c, 303);
+    let ticket_url = location(&h, &portal);
+    assert!(
+        ticket_url.starts_with(&format!("{origin}/.cubicle/ticket?t=")),
+        "{ticket_url}"
+    );
+    // The portal's cookie means nothing on the session's origin.
+    let (c, _, _) = fetch(
+        Some(gw.addr),
+        "GET",
+        &format!("{origin}/"),
+        Some(&signin),
+        None,
+    )
+    .await;
+    assert_eq!(c, 303, "a portal cookie is not a session cookie");
+    let (c, h, _) = fetch(Some(gw.addr), "GET", &ticket_url, None, None).await;
+    assert_eq!(c, 303);
+    let session_cookie = set_cookie(&h, "cubicle-signin");
+    // Replayed: refused.
+    let (c, _, body) = fetch(Some(gw.addr), "GET", &ticket_url, None, None).await;
+    assert_eq!(c, 403);
+    assert!(body.contains("used"), "{body}");
+    // Forged: refused.
+    let forged = ticket_url
+        .replacen("t=e", "t=f", 1)
+        .replacen("t=", "t=A", 1);
+    let (c, _, _) = fetch(Some(gw.addr), "GET", &forged, None, None).await;
+    assert_eq!(c, 403);
+    // Expired, and for another origin: refused.
+    let who = cubicle::gateway::core::Identity {
+        username: "oidc:alice".into(),
+        groups: vec![],
+    };
+    let key = env.key.signing_key();
+    let expired = cubicle::gateway::oidc::seal(&key, &who, &label, 't', -1);
+    let (c, _, body) = fetch(
+        Some(gw.addr),
+        "GET",
+        &format!("{origin}/.cubicle/ticket?t={expired}"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(c, 403);
+    assert!(body.contains("expired"), "{body}");
+    let elsewhere = cubicle::gateway::oidc::seal(&key, &who, "another-session", 't', 30);
+    let (c, _, _) = fetch(
+        Some(gw.addr),
+        "GET",
+        &format!("{origin}/.cubicle/ticket?t={elsewhere}"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(c, 403);
+
+    // With the origin's cookie: the desktop, over a WebSocket.
+    let mut req = format!("ws://{}/websockify", env.host(&s))
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("cookie", session_cookie.parse().unwrap());
+    let (mut w, _) =
+        tokio_tungstenite::client_async(req, TcpStream::connect(gw.addr).await.unwrap())
+            .await
+            .expect("the owner's cookie opens the desktop");
+    echo(&mut w, "signed in").await;
+    let (c, _, body) = fetch(
+        Some(gw.addr),
+        "GET",
+        &format!("{origin}/headers"),
+        Some(&session_cookie),
+        None,
+    )
+    .await;
+    assert_eq!(c, 200);
+    assert!(!body.contains("cubicle-signin"), "{body}");
+
+    // Another person, signed in just as well: 404.
+    let bob = issuer.people.iter().find(|p| p.name == "bob").unwrap();
+    let bob_signin = sign_in(gw.addr, &portal, &label, "bob", &bob.password).await;
+    let (_, h, _) = fetch(
+        Some(gw.addr),
+        "GET",
+        &format!("{portal}/.cubicle/go?s={label}"),
+        Some(&bob_signin),
+        None,
+    )
+    .await;
+    let (_, h, _) = fetch(Some(gw.addr), "GET", &location(&h, &portal), None, None).await;
+    let bob_cookie = set_cookie(&h, "cubicle-signin");
+    let (c, _, _) = fetch(
+        Some(gw.addr),
+        "GET",
+        &format!("{origin}/"),
+        Some(&bob_cookie),
+        None,
+    )
+    .await;
+    assert_eq!(c, 404);
+    // A wrong password gets no sign-in.
+    let (_, h, _) = fetch(
+        Some(gw.addr),
+        "GET",
+        &format!("{portal}/.cubicle/login?s={label}"),
+        None,
+        None,
+    )
+    .await;
+    let url = location(&h, &portal);
+    let (_, h, _) = fetch(None, "GET", &url, None, None).await;
+    let u: http::Uri = url.parse().unwrap();
+    let base = format!("http://{}", u.authority().unwrap());
+    let id = location(&h, &base)
+        .split("authRequestID=")
+        .nth(1)
+        .unwrap()
+        .to_string();
+    let (c, _, _) = fetch(
+        None,
+        "POST",
+        &format!("{base}/login/username"),
+        None,
+        Some(format!("id={id}&username=alice&password=wrong")),
+    )
+    .await;
+    assert_ne!(c, 302, "a wrong password is not a login");
+    drop(w);
+    env.stop().await;
+}
