@@ -78,6 +78,11 @@ enum Command {
     /// the local control plane, the operator as a child process; prints the lateness of the
     /// action's start (its log) and of the deletion landing (a watch), p50/p99/max, per N.
     BenchExpiry(Box<cubicle::bench::expiry::ExpiryArgs>),
+    /// Measure the gateway on the local control plane against going straight to the desktop:
+    /// WebSocket round trips (p50/p99 added), a large stream's throughput, N open connections
+    /// (the gateway's memory, idle CPU, keepalive writes per interval), Running to URL
+    /// answering. Prints a table.
+    BenchGateway(Box<cubicle::bench::gateway::GatewayBenchArgs>),
     /// Print the CustomResourceDefinitions of the Cubicle API as one multi-document YAML stream,
     /// or write one file per CRD (`<plural>.cubicle.dev.yaml`) into a directory.
     Crds {
@@ -355,6 +360,7 @@ async fn run_command(cli: Cli) -> ExitCode {
         Command::Keepalive { session, namespace } => keepalive(&session, namespace).await,
         Command::Bench(args) => cubicle::bench::main(*args).await,
         Command::BenchExpiry(args) => cubicle::bench::expiry::main(*args).await,
+        Command::BenchGateway(args) => cubicle::bench::gateway::main(*args).await,
         Command::Dev(DevCommand::Up {
             dir,
             nodes,

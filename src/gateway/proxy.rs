@@ -62,7 +62,9 @@ pub fn is_upgrade(req: &Request<Incoming>) -> bool {
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-fn tls_config() -> Arc<rustls::ClientConfig> {
+/// The TLS client configuration for session desktops (their self-signed certificates are not
+/// verified; see [`AnyCertificate`]).
+pub fn tls_config() -> Arc<rustls::ClientConfig> {
     static CONFIG: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
     CONFIG
         .get_or_init(|| {
