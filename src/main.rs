@@ -330,6 +330,10 @@ struct DemoArgs {
     /// The demo operator's /metrics, /healthz and /readyz address (port 0: a free port).
     #[arg(long, default_value = "127.0.0.1:0")]
     operator_metrics_addr: std::net::SocketAddr,
+    /// Also run a local OpenID Provider (demo people, passwords printed) and the gateway on
+    /// http://cubicle.localhost:PORT (browsers resolve *.localhost to this machine).
+    #[arg(long)]
+    gateway_port: Option<u16>,
 }
 
 fn main() -> ExitCode {
@@ -515,6 +519,7 @@ fn demo_options(
         metrics_addr: args.operator_metrics_addr,
         operator_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("cubicle")),
         stub_classes,
+        gateway_port: args.gateway_port,
     }
 }
 

@@ -150,7 +150,7 @@ fn serve(
     }
     seen.authorized.fetch_add(1, Ordering::Relaxed);
     match req.uri().path() {
-        "/websockify" => {
+        p if p == "/websockify" || p.ends_with("/websockify") => {
             let websocket = req
                 .headers()
                 .get(header::UPGRADE)
