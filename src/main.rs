@@ -58,6 +58,9 @@ enum Command {
     Dev(DevCommand),
     /// Run the operator (in a cluster, or against the cluster of the current kubeconfig).
     Run(Box<RunArgs>),
+    /// Run the gateway: the way from a browser to a session (a reverse proxy routing by host
+    /// name, authorizing every connection, keeping sessions alive while connected).
+    Gateway(Box<GatewayArgs>),
     /// Mark a session as active (one small API call: sets its `cubicle.dev/keepalive`
     /// annotation to now). Clients send this every keepaliveInterval while a user is connected.
     Keepalive {
@@ -129,6 +132,11 @@ enum Command {
     /// the local control plane, the operator as a child process; prints the lateness of the
     /// action's start (its log) and of the deletion landing (a watch), p50/p99/max, per N.
     BenchExpiry(Box<cubicle::bench::expiry::ExpiryArgs>),
+    /// Measure the gateway on the local control plane against going straight to the desktop:
+    /// WebSocket round trips (p50/p99 added), a large stream's throughput, N open connections
+    /// (the gateway's memory, idle CPU, keepalive writes per interval), Running to URL
+    /// answering. Prints a table.
+    BenchGateway(Box<cubicle::bench::gateway::GatewayBenchArgs>),
     /// Print the CustomResourceDefinitions of the Cubicle API as one multi-document YAML stream,
     /// or write one file per CRD (`<plural>.cubicle.dev.yaml`) into a directory.
     Crds {
@@ -182,6 +190,62 @@ enum DocsCommand {
 }
 
 #[derive(clap::Args)]
+struct GatewayArgs {
+    /// The public address: scheme, base domain and port, e.g. `https://cubicle.example.com`.
+    /// The portal is on the base domain, each session on `<session uid>.<base domain>`.
+    #[arg(long, env = "CUBICLE_PUBLIC_URL")]
+    public_url: String,
+    /// Address to listen on (HTTP/1.1; TLS is terminated in front, by the Ingress or Gateway).
+    #[arg(long, env = "CUBICLE_GATEWAY_LISTEN", default_value = "0.0.0.0:8000")]
+    listen: std::net::SocketAddr,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "CUBICLE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: std::net::SocketAddr,
+    /// Namespace whose sessions are served; repeat for several. None: every namespace.
+    #[arg(long = "namespace", env = "CUBICLE_NAMESPACES", value_delimiter = ',')]
+    namespaces: Vec<String>,
+    /// Trust this request header for the username (behind oauth2-proxy, e.g.
+    /// `X-Auth-Request-User`). Only that proxy may reach the gateway.
+    #[arg(long, env = "CUBICLE_TRUSTED_USER_HEADER")]
+    trusted_user_header: Option<String>,
+    /// With --trusted-user-header: the groups header (comma-separated).
+    #[arg(long, env = "CUBICLE_TRUSTED_GROUPS_HEADER")]
+    trusted_groups_header: Option<String>,
+    /// OpenID Connect login: the issuer URL (authorization code with PKCE on the portal).
+    #[arg(long, env = "CUBICLE_OIDC_ISSUER")]
+    oidc_issuer: Option<String>,
+    /// OIDC client id.
+    #[arg(long, env = "CUBICLE_OIDC_CLIENT_ID", default_value = "cubicle")]
+    oidc_client_id: String,
+    /// OIDC client secret (better: from the environment, out of the process list).
+    #[arg(long, env = "CUBICLE_OIDC_CLIENT_SECRET", hide_env_values = true)]
+    oidc_client_secret: Option<String>,
+    /// The ID token claim naming the person: `sub` (stable), `email` or `preferred_username`;
+    /// it must match the API server's `--oidc-username-claim`.
+    #[arg(long, env = "CUBICLE_OIDC_USERNAME_CLAIM", default_value = "sub")]
+    oidc_username_claim: String,
+    /// Extra CA certificates (PEM) to trust for an https issuer.
+    #[arg(long, env = "CUBICLE_OIDC_CA_FILE")]
+    oidc_ca_file: Option<PathBuf>,
+    /// Prefix of usernames, as the API server's authenticator adds it (e.g. `oidc:`), so the
+    /// SubjectAccessReview names the person as RBAC does.
+    #[arg(long, env = "CUBICLE_USERNAME_PREFIX", default_value = "oidc:")]
+    username_prefix: String,
+    /// Prefix of group names.
+    #[arg(long, env = "CUBICLE_GROUPS_PREFIX", default_value = "oidc:")]
+    groups_prefix: String,
+    /// The master key's Secret, `namespace/name` (the operator creates it).
+    #[arg(long, env = "CUBICLE_KEY_SECRET")]
+    key_secret: Option<String>,
+    /// Also shut down when standard input closes (used by `cubicle dev up --demo`).
+    #[arg(long, hide = true)]
+    exit_on_stdin_eof: bool,
+    /// Log format.
+    #[arg(long, env = "CUBICLE_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: cubicle::telemetry::LogFormat,
+}
+
+#[derive(clap::Args)]
 struct RunArgs {
     /// Namespace to watch; repeat for several. None: every namespace.
     #[arg(long = "namespace", env = "CUBICLE_NAMESPACES", value_delimiter = ',')]
@@ -231,6 +295,17 @@ struct RunArgs {
     /// operator never outlives the process that started it).
     #[arg(long, hide = true)]
     exit_on_stdin_eof: bool,
+    /// Give each session a desktop password (Kasm's `VNC_PW`) in a Secret of its own, derived
+    /// from a master key the operator keeps in the Secret `--key-secret` (created if absent).
+    #[arg(long, env = "CUBICLE_SESSION_CREDENTIALS")]
+    session_credentials: bool,
+    /// The master key's Secret (in the operator's namespace, `POD_NAMESPACE`).
+    #[arg(long, env = "CUBICLE_KEY_SECRET", default_value = cubicle::credentials::DEFAULT_KEY_SECRET)]
+    key_secret: String,
+    /// The gateway's public address (e.g. `https://cubicle.example.com`): Running sessions get
+    /// `status.url` on it.
+    #[arg(long, env = "CUBICLE_PUBLIC_URL")]
+    public_url: Option<String>,
 }
 
 /// A resync interval: 0 (none), or at least a minute (a shorter one is a polling loop).
@@ -331,6 +406,10 @@ struct DemoArgs {
     /// The demo operator's /metrics, /healthz and /readyz address (port 0: a free port).
     #[arg(long, default_value = "127.0.0.1:0")]
     operator_metrics_addr: std::net::SocketAddr,
+    /// Also run a local OpenID Provider (demo people, passwords printed) and the gateway on
+    /// http://cubicle.localhost:PORT (browsers resolve *.localhost to this machine).
+    #[arg(long)]
+    gateway_port: Option<u16>,
 }
 
 /// Installed as `kubectl-cubicle` (a copy or a symlink of this binary), it is the kubectl
@@ -368,11 +447,13 @@ fn main() -> ExitCode {
 async fn run_command(cli: Cli) -> ExitCode {
     let format = match &cli.command {
         Command::Run(args) => args.log_format,
+        Command::Gateway(args) => args.log_format,
         _ => cubicle::telemetry::LogFormat::Text,
     };
     cubicle::telemetry::init(format);
     match cli.command {
         Command::Run(args) => run(*args).await,
+        Command::Gateway(args) => gateway(*args).await,
         Command::Keepalive { session, namespace } => keepalive(&session, namespace).await,
         Command::Launch {
             workspace,
@@ -400,6 +481,7 @@ async fn run_command(cli: Cli) -> ExitCode {
         }
         Command::Bench(args) => cubicle::bench::main(*args).await,
         Command::BenchExpiry(args) => cubicle::bench::expiry::main(*args).await,
+        Command::BenchGateway(args) => cubicle::bench::gateway::main(*args).await,
         Command::Dev(DevCommand::Up {
             dir,
             nodes,
@@ -581,6 +663,7 @@ fn demo_options(
         metrics_addr: args.operator_metrics_addr,
         operator_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("cubicle")),
         stub_classes,
+        gateway_port: args.gateway_port,
     }
 }
 
@@ -723,11 +806,42 @@ async fn run(args: RunArgs) -> ExitCode {
             timings,
         )
     });
+    let gateway_url = match args
+        .public_url
+        .as_deref()
+        .map(cubicle::gateway::core::PublicUrl::parse)
+    {
+        None => None,
+        Some(Ok(u)) => Some(u),
+        Some(Err(e)) => {
+            eprintln!("cubicle run: --public-url: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let credentials = if args.session_credentials {
+        match cubicle::credentials::ensure(
+            client.clone(),
+            &args.leader_election_namespace,
+            &args.key_secret,
+        )
+        .await
+        {
+            Ok(k) => Some(k),
+            Err(e) => {
+                eprintln!("cubicle run: session credentials: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
     let config = OperatorConfig {
         namespaces: args.namespaces.clone(),
         concurrency: args.concurrency,
         resync: args.resync,
         identity,
+        credentials,
+        gateway_url,
     };
     let shutdown = async {
         interrupted(args.exit_on_stdin_eof).await;
@@ -758,6 +872,174 @@ async fn run(args: RunArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn gateway(args: GatewayArgs) -> ExitCode {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use cubicle::gateway::{self, AuthMode, GatewayConfig, core::PublicUrl};
+
+    let public = match PublicUrl::parse(&args.public_url) {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("cubicle gateway: --public-url: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let header = |flag: &str, v: &str| {
+        http::HeaderName::from_bytes(v.to_ascii_lowercase().as_bytes())
+            .map_err(|_| format!("cubicle gateway: {flag}: {v:?} is not a header name"))
+    };
+    let auth = match (&args.trusted_user_header, &args.oidc_issuer) {
+        (Some(_), Some(_)) => {
+            eprintln!(
+                "cubicle gateway: --trusted-user-header and --oidc-issuer exclude each other"
+            );
+            return ExitCode::from(2);
+        }
+        (None, Some(issuer)) => {
+            let Some(secret) = args.oidc_client_secret.clone() else {
+                eprintln!(
+                    "cubicle gateway: --oidc-issuer needs --oidc-client-secret (or CUBICLE_OIDC_CLIENT_SECRET)"
+                );
+                return ExitCode::from(2);
+            };
+            if !["sub", "email", "preferred_username"].contains(&args.oidc_username_claim.as_str())
+            {
+                eprintln!(
+                    "cubicle gateway: --oidc-username-claim {:?}: expected sub, email or preferred_username",
+                    args.oidc_username_claim
+                );
+                return ExitCode::from(2);
+            }
+            match gateway::oidc::Oidc::new(gateway::oidc::OidcSettings {
+                issuer: issuer.clone(),
+                client_id: args.oidc_client_id.clone(),
+                client_secret: secret,
+                username_claim: args.oidc_username_claim.clone(),
+                ca_file: args.oidc_ca_file.clone(),
+            }) {
+                Ok(o) => AuthMode::Oidc(Arc::new(o)),
+                Err(e) => {
+                    eprintln!("cubicle gateway: --oidc-ca-file: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        (Some(u), None) => {
+            let user = match header("--trusted-user-header", u) {
+                Ok(h) => h,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let groups = match args
+                .trusted_groups_header
+                .as_deref()
+                .map(|g| header("--trusted-groups-header", g))
+            {
+                None => None,
+                Some(Ok(h)) => Some(h),
+                Some(Err(e)) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            AuthMode::TrustedHeader { user, groups }
+        }
+        (None, None) => {
+            eprintln!(
+                "cubicle gateway: no way to identify people: set --oidc-issuer or --trusted-user-header"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let client = match kube::Client::try_default().await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "cubicle gateway: no Kubernetes configuration (in-cluster or KUBECONFIG): {e}"
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let key_secret = args.key_secret.clone().unwrap_or_else(|| {
+        format!(
+            "{}/{}",
+            std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".into()),
+            cubicle::credentials::DEFAULT_KEY_SECRET
+        )
+    });
+    let Some((key_ns, key_name)) = key_secret.split_once('/') else {
+        eprintln!("cubicle gateway: --key-secret {key_secret:?}: expected namespace/name");
+        return ExitCode::from(2);
+    };
+    // The operator creates the key: wait for it.
+    let key = loop {
+        match cubicle::credentials::load(client.clone(), key_ns, key_name).await {
+            Ok(k) => break k,
+            Err(e) => {
+                tracing::warn!(error = %e, "waiting for the master key");
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(args.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("cubicle gateway: cannot listen on {}: {e}", args.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = GatewayConfig {
+        public,
+        namespaces: args.namespaces.clone(),
+        auth,
+        username_prefix: args.username_prefix.clone(),
+        groups_prefix: args.groups_prefix.clone(),
+        key,
+    };
+    let gw = gateway::start(client, config, listener);
+    let ready = Arc::new(AtomicBool::new(false));
+    let http_state = cubicle::http::HttpState {
+        metrics: Arc::new(cubicle::metrics::Metrics::default()),
+        ready: ready.clone(),
+    };
+    let metrics_listener = match tokio::net::TcpListener::bind(args.metrics_addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!(
+                "cubicle gateway: cannot listen on {}: {e}",
+                args.metrics_addr
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let http_task = tokio::spawn(cubicle::http::serve(
+        metrics_listener,
+        http_state,
+        async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+        },
+    ));
+    let readiness = {
+        let state = gw.state.clone();
+        tokio::spawn(async move {
+            while !state.cache.synced() {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            ready.store(true, Ordering::Release);
+        })
+    };
+    interrupted(args.exit_on_stdin_eof).await;
+    readiness.abort();
+    drop(gw);
+    let _ = stop_tx.send(true);
+    let _ = http_task.await;
+    ExitCode::SUCCESS
 }
 
 fn validate(dir: &std::path::Path, strict: bool) -> ExitCode {

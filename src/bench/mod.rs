@@ -24,6 +24,7 @@
 
 pub mod cluster;
 pub mod expiry;
+pub mod gateway;
 pub mod operator;
 pub mod report;
 pub mod sys;

@@ -79,6 +79,11 @@ pub struct OperatorConfig {
     pub resync: Duration,
     /// This replica's identity (pod name).
     pub identity: String,
+    /// The master key of session credentials: with it, each session gets a desktop password
+    /// in a Secret of its own, injected as `VNC_PW` ([`session::credentials`]).
+    pub credentials: Option<crate::credentials::MasterKey>,
+    /// The gateway's public address: Running sessions get `status.url` on it.
+    pub gateway_url: Option<crate::gateway::core::PublicUrl>,
 }
 
 impl Default for OperatorConfig {
@@ -88,6 +93,8 @@ impl Default for OperatorConfig {
             concurrency: 16,
             resync: DEFAULT_RESYNC,
             identity: "cubicle".into(),
+            credentials: None,
+            gateway_url: None,
         }
     }
 }

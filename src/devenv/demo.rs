@@ -374,6 +374,31 @@ impl OperatorProcess {
         metrics_addr: SocketAddr,
         log: &Path,
     ) -> Result<Self, DemoError> {
+        Self::spawn_command(
+            exe,
+            "run",
+            kubeconfig,
+            namespaces,
+            metrics_addr,
+            log,
+            &[],
+            &[],
+        )
+        .await
+    }
+
+    /// `cubicle <command>` with `args` and `env` added (the operator, or the gateway).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn spawn_command(
+        exe: &Path,
+        command: &str,
+        kubeconfig: &Path,
+        namespaces: &[String],
+        metrics_addr: SocketAddr,
+        log: &Path,
+        args: &[String],
+        env: &[(String, String)],
+    ) -> Result<Self, DemoError> {
         let io = |what: String| move |source| DemoError::Io { what, source };
         if let Some(dir) = log.parent() {
             std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
@@ -381,9 +406,11 @@ impl OperatorProcess {
         let file = std::fs::File::create(log).map_err(io(format!("create {}", log.display())))?;
         let file2 = file.try_clone().map_err(io("clone the log file".into()))?;
         let mut cmd = Command::new(exe);
-        cmd.arg("run")
+        cmd.arg(command)
             .arg(format!("--metrics-addr={metrics_addr}"))
-            .arg("--exit-on-stdin-eof");
+            .arg("--exit-on-stdin-eof")
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)));
         for ns in namespaces {
             cmd.arg(format!("--namespace={ns}"));
         }
@@ -557,6 +584,8 @@ pub struct DemoOptions {
     /// Create the PriorityClasses and RuntimeClasses the examples refer to and the cluster
     /// lacks (only for a cluster whose nodes are the fake kubelet).
     pub stub_classes: bool,
+    /// Also run the local OpenID Provider and the gateway on `*.cubicle.localhost:<port>`.
+    pub gateway_port: Option<u16>,
 }
 
 /// Installs the CRDs, applies the examples, starts the operator on their namespaces and prints
@@ -610,12 +639,31 @@ pub async fn run(
     }
     let namespaces: Vec<String> = applied.namespaces.iter().cloned().collect();
     let log = opts.log_dir.join("operator.log");
-    let mut operator = OperatorProcess::spawn(
+    let public = opts
+        .gateway_port
+        .map(|p| format!("http://cubicle.localhost:{p}"));
+    let key_ns = namespaces
+        .first()
+        .cloned()
+        .unwrap_or_else(|| "default".into());
+    let mut operator_args = Vec::new();
+    let mut operator_env = Vec::new();
+    if let Some(public) = &public {
+        operator_args.extend([
+            "--session-credentials".to_string(),
+            format!("--public-url={public}"),
+        ]);
+        operator_env.push(("POD_NAMESPACE".to_string(), key_ns.clone()));
+    }
+    let mut operator = OperatorProcess::spawn_command(
         &opts.operator_exe,
+        "run",
         &opts.kubeconfig,
         &namespaces,
         addr,
         &log,
+        &operator_args,
+        &operator_env,
     )
     .await?;
     let took = operator.wait_ready(Duration::from_secs(60)).await?;
@@ -625,6 +673,14 @@ pub async fn run(
         took.as_secs_f64(),
         log.display()
     );
+    // The way in: a local OpenID Provider with the examples' people, and the gateway.
+    let mut _gateway = None;
+    let mut _issuer = None;
+    if let (Some(port), Some(public)) = (opts.gateway_port, &public) {
+        let (gw, issuer) = start_gateway(client, opts, &namespaces, &key_ns, port, public).await?;
+        _gateway = Some(gw);
+        _issuer = Some(issuer);
+    }
     println!("watching sessions (Ctrl-C stops everything)");
     println!("{}", format_line("TIME", &SESSION_HEADER));
     let watch = watch_sessions(client, &applied.namespaces, |line| println!("{line}"));
@@ -646,6 +702,111 @@ pub async fn run(
         }
     }
     result
+}
+
+/// Starts the OpenID Provider (one demo person per User, with the User's name and a printed
+/// password), grants each person `use` on their own User (what per-User RBAC renders), and runs
+/// `cubicle gateway` on `public`.
+async fn start_gateway(
+    client: &Client,
+    opts: &DemoOptions,
+    namespaces: &[String],
+    key_ns: &str,
+    port: u16,
+    public: &str,
+) -> Result<(OperatorProcess, super::oidc::Issuer), DemoError> {
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    use kube::api::{ListParams, Patch, PatchParams};
+    let kube_err = |what: &str| {
+        let what = what.to_string();
+        move |e: kube::Error| DemoError::Operator(format!("{what}: {e}"))
+    };
+    let mut people: Vec<(String, String)> = Vec::new();
+    for ns in namespaces {
+        let users: Api<crate::crd::v1alpha1::User> = Api::namespaced(client.clone(), ns);
+        for u in users
+            .list(&ListParams::default())
+            .await
+            .map_err(kube_err("list Users"))?
+        {
+            people.push((ns.clone(), u.name_any()));
+        }
+    }
+    let names: Vec<&str> = people.iter().map(|(_, n)| n.as_str()).collect();
+    let issuer = super::oidc::start(
+        &opts.log_dir.join("oidc"),
+        &names,
+        &[format!("{public}/.cubicle/callback")],
+    )
+    .await
+    .map_err(|e| DemoError::Operator(format!("the OpenID Provider: {e}")))?;
+    let ssa = PatchParams::apply("cubicle-demo").force();
+    for (ns, user) in &people {
+        let name = format!("cubicle-demo-use-{user}");
+        let role: Role = serde_json::from_value(serde_json::json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": name, "namespace": ns},
+            "rules": [{"apiGroups": ["cubicle.dev"], "resources": ["users"], "verbs": ["use"],
+                       "resourceNames": [user]}]
+        }))
+        .expect("static role");
+        Api::<Role>::namespaced(client.clone(), ns)
+            .patch(&name, &ssa, &Patch::Apply(&role))
+            .await
+            .map_err(kube_err("grant use"))?;
+        let rb: RoleBinding = serde_json::from_value(serde_json::json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": name, "namespace": ns},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
+                          "name": format!("oidc:{user}")}]
+        }))
+        .expect("static binding");
+        Api::<RoleBinding>::namespaced(client.clone(), ns)
+            .patch(&name, &ssa, &Patch::Apply(&rb))
+            .await
+            .map_err(kube_err("grant use"))?;
+    }
+    let addr = free_local_addr().map_err(|source| DemoError::Io {
+        what: "find a free port".into(),
+        source,
+    })?;
+    let log = opts.log_dir.join("gateway.log");
+    let mut gw = OperatorProcess::spawn_command(
+        &opts.operator_exe,
+        "gateway",
+        &opts.kubeconfig,
+        namespaces,
+        addr,
+        &log,
+        &[
+            format!("--public-url={public}"),
+            format!("--listen=127.0.0.1:{port}"),
+            format!("--oidc-issuer={}", issuer.url),
+            format!("--oidc-client-id={}", issuer.client_id),
+            format!(
+                "--key-secret={key_ns}/{}",
+                crate::credentials::DEFAULT_KEY_SECRET
+            ),
+        ],
+        &[(
+            "CUBICLE_OIDC_CLIENT_SECRET".to_string(),
+            issuer.client_secret.clone(),
+        )],
+    )
+    .await?;
+    gw.wait_ready(Duration::from_secs(60)).await?;
+    println!(
+        "gateway `cubicle gateway` (pid {}): {public} (sessions on <uid>.cubicle.localhost:{port}, \
+         each session's status.url); OpenID Provider {}; logs {}",
+        gw.id().unwrap_or_default(),
+        issuer.url,
+        log.display()
+    );
+    for p in &issuer.people {
+        println!("  sign in as {} with password {}", p.name, p.password);
+    }
+    Ok((gw, issuer))
 }
 
 #[cfg(test)]

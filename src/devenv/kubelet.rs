@@ -215,10 +215,21 @@ async fn heartbeat(client: Client, nodes: Vec<NodeSpec>) {
     }
 }
 
+/// Stand-ins for the desktops of running session pods, by pod uid.
+type StandIns = Arc<std::sync::Mutex<std::collections::HashMap<String, super::standin::StandIn>>>;
+
+/// The second octet of this process's pod IPs: pod IPs come from 127.0.0.0/8 (so a stand-in
+/// desktop can listen on a pod's own IP without touching any other address), one /16 per
+/// process so that two local control planes on one machine do not hand out the same IPs.
+fn pod_ip_octet() -> u32 {
+    10 + std::process::id() % 240
+}
+
 /// Watches every pod; pods bound to one of our nodes are made Running, terminating ones deleted.
 async fn run_pods(client: Client, nodes: Arc<HashSet<String>>) {
     let pods: Api<Pod> = Api::all(client.clone());
     let ip = Arc::new(AtomicU32::new(2));
+    let standins: StandIns = Arc::default();
     let limit = Arc::new(Semaphore::new(16));
     let stream = watcher(pods, watcher::Config::default())
         .default_backoff()
@@ -241,13 +252,14 @@ async fn run_pods(client: Client, nodes: Arc<HashSet<String>>) {
         }
         let client = client.clone();
         let ip = ip.clone();
+        let standins = standins.clone();
         let permit = limit
             .clone()
             .acquire_owned()
             .await
             .expect("semaphore never closed");
         tokio::spawn(async move {
-            if let Err(e) = handle_pod(client, pod, &ip).await {
+            if let Err(e) = handle_pod(client, pod, &ip, &standins).await {
                 warn!(error = %e, "fake kubelet failed to handle a pod");
             }
             drop(permit);
@@ -255,11 +267,21 @@ async fn run_pods(client: Client, nodes: Arc<HashSet<String>>) {
     }
 }
 
-async fn handle_pod(client: Client, pod: Pod, ip: &AtomicU32) -> Result<(), kube::Error> {
+async fn handle_pod(
+    client: Client,
+    pod: Pod,
+    ip: &AtomicU32,
+    standins: &StandIns,
+) -> Result<(), kube::Error> {
     let ns = pod.namespace().unwrap_or_default();
     let name = pod.name_any();
-    let api: Api<Pod> = Api::namespaced(client, &ns);
+    let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
     if pod.metadata.deletion_timestamp.is_some() {
+        // The container stops: so does its desktop, and every connection to it.
+        standins
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&pod.uid().unwrap_or_default());
         if !pod.finalizers().is_empty() {
             return Ok(()); // whoever set the finalizer finishes it; then we see the pod again
         }
@@ -285,7 +307,23 @@ async fn handle_pod(client: Client, pod: Pod, ip: &AtomicU32) -> Result<(), kube
     let spec = pod.spec.as_ref().expect("pod has spec");
     let now = Time(jiff::Timestamp::now());
     let n = ip.fetch_add(1, Ordering::Relaxed);
-    let pod_ip = format!("10.244.{}.{}", (n >> 8) & 0xff, n & 0xff);
+    let pod_ip = format!("127.{}.{}.{}", pod_ip_octet(), (n >> 8) & 0xff, n & 0xff);
+    if let Some((port, password)) = desktop(&client, &ns, spec).await {
+        match pod_ip.parse() {
+            Ok(ip) => {
+                match super::standin::start(std::net::SocketAddr::new(ip, port), &password).await {
+                    Ok(s) => {
+                        standins
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(pod.uid().unwrap_or_default(), s);
+                    }
+                    Err(e) => warn!(pod = %name, error = %e, "stand-in desktop not started"),
+                }
+            }
+            Err(_) => warn!(pod = %name, "bad pod IP"),
+        }
+    }
     let containers: Vec<_> = spec
         .containers
         .iter()
@@ -344,6 +382,45 @@ async fn handle_pod(client: Client, pod: Pod, ip: &AtomicU32) -> Result<(), kube
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// The desktop a session container would serve: its port (the container port named `desktop`,
+/// else KasmVNC's 6901) and password (`VNC_PW`, from its Secret). `None` for other pods.
+async fn desktop(
+    client: &Client,
+    ns: &str,
+    spec: &k8s_openapi::api::core::v1::PodSpec,
+) -> Option<(u16, String)> {
+    use k8s_openapi::api::core::v1::Secret;
+    for c in &spec.containers {
+        let Some(env) = c.env.iter().flatten().find(|e| e.name == "VNC_PW") else {
+            continue;
+        };
+        let password = match (
+            &env.value,
+            env.value_from
+                .as_ref()
+                .and_then(|v| v.secret_key_ref.as_ref()),
+        ) {
+            (Some(v), _) => v.clone(),
+            (None, Some(r)) => {
+                let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+                let s = secrets.get(&r.name).await.ok()?;
+                let b = s.data?.remove(&r.key)?;
+                String::from_utf8(b.0).ok()?
+            }
+            _ => continue,
+        };
+        let port = c
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some("desktop"))
+            .map(|p| p.container_port as u16)
+            .unwrap_or(6901);
+        return Some((port, password));
+    }
+    None
 }
 
 /// Creates the `kube-node-lease` namespace if it is missing (the API server usually makes it).

@@ -10,9 +10,11 @@
 pub mod controlplane;
 pub mod demo;
 pub mod kubelet;
+pub mod oidc;
 pub mod people;
 pub mod provisioner;
 pub mod realnode;
+pub mod standin;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -526,6 +526,7 @@ async fn kubectl_explains_fields_and_prints_columns() {
             "WORKSPACE",
             "EXPIRES",
             "NODE",
+            "URL",
             "READY",
             "AGE"
         ],

@@ -8,6 +8,7 @@ mod binary;
 mod demo;
 mod expiry;
 mod foundation;
+mod gateway;
 mod ha;
 mod helm;
 mod identity;

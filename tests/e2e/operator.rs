@@ -29,6 +29,11 @@ pub struct Operator {
 impl Operator {
     /// Starts every controller for `namespace`.
     pub async fn start(namespace: &str) -> Self {
+        Self::start_with(namespace, |_| {}).await
+    }
+
+    /// Starts every controller for `namespace`, with `configure` applied to its configuration.
+    pub async fn start_with(namespace: &str, configure: impl FnOnce(&mut OperatorConfig)) -> Self {
         // Operator logs go to the test output (shown for failing tests); RUST_LOG filters them.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
@@ -44,11 +49,12 @@ impl Operator {
         let counter = ApiCounter::default();
         let client = client::build(config, counter.clone(), ApiBudget::UNLIMITED).expect("client");
         let metrics = Arc::new(Metrics::default());
-        let cfg = OperatorConfig {
+        let mut cfg = OperatorConfig {
             namespaces: vec![namespace.to_string()],
             identity: format!("e2e-{namespace}"),
             ..OperatorConfig::default()
         };
+        configure(&mut cfg);
         let (tx, rx) = oneshot::channel::<()>();
         let ready = Arc::new(AtomicBool::new(false));
         let m = metrics.clone();

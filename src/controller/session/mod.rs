@@ -10,6 +10,7 @@
 //! slot. With leader election, only one replica ever launches.
 
 pub mod build;
+pub mod credentials;
 pub mod decide;
 pub mod expiry;
 pub mod plan;
@@ -622,6 +623,7 @@ impl Pass<'_> {
             .forget(&session_key(&self.sh.ns, &self.sh.name));
         if admitted_before || self.old.phase == Some(SessionPhase::Stopped) {
             self.status.phase = Some(SessionPhase::Stopped);
+            self.status.url = None;
             self.status.node = None;
             self.status.pod = None;
             self.condition(
@@ -666,7 +668,21 @@ impl Pass<'_> {
             self.publish_events().await;
             return Ok(Some(Action::requeue(wait.min(self.requeue))));
         }
+        // The desktop's credentials Secret, restored if deleted (same value: the pod keeps it).
+        let session = self.sh.session;
+        if let Some(key) = &ctx.config.credentials
+            && credentials::missing(plan::observe(Some(p), paused).problem.as_deref(), session)
+        {
+            credentials::ensure(ctx, &self.sh.ns, session, key).await?;
+        }
+        let uid = session.uid().unwrap_or_default();
         let status = &mut self.status;
+        status.url = ctx
+            .config
+            .gateway_url
+            .as_ref()
+            .filter(|_| told.phase == SessionPhase::Running)
+            .map(|g| g.session(&uid));
         status.phase = Some(told.phase);
         status.node = told.node;
         status.pod = Some(p.name_any());
@@ -1311,7 +1327,11 @@ async fn launch(
         paused,
         launch: &record,
     };
-    let pod = build::pod(&inputs);
+    let mut pod = build::pod(&inputs);
+    if let Some(key) = &ctx.config.credentials {
+        credentials::inject(&mut pod, session, workspace);
+        credentials::ensure(ctx, ns, session, key).await?;
+    }
     if budget.is_some() {
         // Usage-limited: the session must be accounted before it can disappear.
         expiry::add_finalizer(ctx, ns, session).await?;

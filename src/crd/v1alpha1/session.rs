@@ -34,6 +34,12 @@ pub const KEEPALIVE_ANNOTATION: &str = "cubicle.dev/keepalive";
     ),
     printcolumn(name = "Node", type_ = "string", json_path = ".status.node"),
     printcolumn(
+        name = "URL",
+        type_ = "string",
+        json_path = ".status.url",
+        description = "Where a browser opens the session, while it runs"
+    ),
+    printcolumn(
         name = "Rule",
         type_ = "string",
         json_path = ".status.expiryRule",
@@ -118,6 +124,9 @@ pub struct SessionStatus {
     /// The session pod's name.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pod: Option<String>,
+    /// Where a browser opens the session (through the gateway), while it runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
     /// When the session was admitted and started.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub started_at: Option<MicroTime>,

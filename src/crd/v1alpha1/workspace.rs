@@ -114,6 +114,58 @@ pub struct WorkspaceSpec {
     /// Kasm: Web Filter Policy "Force Disabled".
     #[serde(skip_serializing_if = "Option::is_none")]
     pub web_filter_force_disabled: Option<bool>,
+    /// How the gateway reaches the session's desktop: port, scheme and path. Unset: Kasm's
+    /// (KasmVNC on 6901 over https with the image's self-signed certificate, path `/`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connection: Option<WorkspaceConnection>,
+}
+
+impl WorkspaceSpec {
+    /// Kasm's desktop: port 6901, https, path `/`.
+    pub fn default_desktop() -> (u16, bool, String) {
+        (6901, true, "/".into())
+    }
+
+    /// Port, scheme (`true`: https) and path of the desktop, defaults filled in.
+    pub fn desktop(&self) -> (u16, bool, String) {
+        let (port, tls, path) = Self::default_desktop();
+        let c = self.connection.as_ref();
+        (
+            c.and_then(|c| c.port).unwrap_or(port),
+            c.and_then(|c| c.scheme)
+                .map_or(tls, |s| s == WorkspaceScheme::Https),
+            c.and_then(|c| c.path.clone()).unwrap_or(path),
+        )
+    }
+}
+
+/// How the gateway reaches a session's desktop inside the cluster.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkspaceConnection {
+    /// The desktop's port in the session container (default 6901, KasmVNC's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<u16>,
+    /// `https` (default: KasmVNC with the image's self-signed certificate, not verified; the
+    /// chart's NetworkPolicy lets only the gateway reach the port) or `http`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<WorkspaceScheme>,
+    /// Path prefix of the desktop (default `/`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024), regex(pattern = "^/"))]
+    pub path: Option<String>,
+}
+
+/// Scheme of a session's desktop.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+#[schemars(transform = crate::crd::drop_description)]
+pub enum WorkspaceScheme {
+    /// TLS (the certificate is not verified).
+    Https,
+    /// Plain HTTP.
+    Http,
 }
 
 /// When the node pulls the image.

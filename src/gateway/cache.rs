@@ -1,0 +1,364 @@
+//! The gateway's own caches: Sessions (indexed by uid, the host label), a small view of their
+//! pods, and the Users, Groups and Workspaces that settings resolve from. Fed by watches; a
+//! change to a Session or a pod wakes the connection sweeper.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
+use tracing::debug;
+
+use super::core::PodView;
+use crate::controller::contract::ACCESS_LABEL;
+use crate::crd::v1alpha1::{Group, Session, User, Workspace};
+use crate::resolve::Directory;
+
+type Key = (String, String);
+
+/// One kind's objects, keyed by namespace and name.
+pub struct Table<T> {
+    map: RwLock<HashMap<Key, Arc<T>>>,
+    uids: RwLock<HashMap<String, Key>>,
+    synced: AtomicUsize,
+    scopes: usize,
+}
+
+impl<T> Table<T> {
+    fn new(scopes: usize) -> Self {
+        Self {
+            map: RwLock::default(),
+            uids: RwLock::default(),
+            synced: AtomicUsize::new(0),
+            scopes,
+        }
+    }
+
+    /// The object `ns/name`.
+    pub fn get(&self, ns: &str, name: &str) -> Option<Arc<T>> {
+        self.map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(ns.to_string(), name.to_string()))
+            .cloned()
+    }
+
+    /// The object with this uid.
+    pub fn by_uid(&self, uid: &str) -> Option<Arc<T>> {
+        let key = self
+            .uids
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(uid)
+            .cloned()?;
+        self.map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned()
+    }
+
+    /// Every object of namespace `ns`.
+    pub fn in_namespace(&self, ns: &str) -> Vec<Arc<T>> {
+        self.map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|((n, _), _)| n == ns)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// Number of objects.
+    pub fn len(&self) -> usize {
+        self.map.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire) >= self.scopes
+    }
+
+    fn put(&self, key: Key, uid: Option<String>, v: T) {
+        if let Some(uid) = uid {
+            self.uids
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(uid, key.clone());
+        }
+        self.map
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, Arc::new(v));
+    }
+
+    fn remove(&self, key: &Key, uid: Option<&str>) {
+        if let Some(uid) = uid {
+            let mut uids = self.uids.write().unwrap_or_else(|p| p.into_inner());
+            if uids.get(uid) == Some(key) {
+                uids.remove(uid);
+            }
+        }
+        self.map
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+
+    /// After a (re)list of `scope` (a namespace, or every one): drops what the list did not
+    /// have.
+    fn replace_scope(&self, scope: Option<&str>, listed: HashMap<Key, (Option<String>, T)>) {
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        let mut uids = self.uids.write().unwrap_or_else(|p| p.into_inner());
+        let in_scope = |k: &Key| scope.is_none_or(|s| k.0 == s);
+        map.retain(|k, _| !in_scope(k));
+        uids.retain(|_, k| !in_scope(k));
+        for (k, (uid, v)) in listed {
+            if let Some(uid) = uid {
+                uids.insert(uid, k.clone());
+            }
+            map.insert(k, Arc::new(v));
+        }
+    }
+}
+
+/// The gateway's caches.
+pub struct Cache {
+    /// Sessions.
+    pub sessions: Table<Session>,
+    /// Session pods (what the gateway needs of them).
+    pub pods: Table<PodView>,
+    /// Users.
+    pub users: Table<User>,
+    /// Groups.
+    pub groups: Table<Group>,
+    /// Workspaces.
+    pub workspaces: Table<Workspace>,
+    /// Woken on every Session or pod change.
+    pub changed: Notify,
+}
+
+impl Cache {
+    /// Whether every watch has listed at least once (before that, nothing is decided).
+    pub fn synced(&self) -> bool {
+        self.sessions.synced()
+            && self.pods.synced()
+            && self.users.synced()
+            && self.groups.synced()
+            && self.workspaces.synced()
+    }
+
+    /// The directory settings resolve from in `ns`.
+    pub fn directory(&self, ns: &str) -> Directory {
+        Directory {
+            namespace: ns.to_string(),
+            groups: self.groups.in_namespace(ns),
+            workspaces: self.workspaces.in_namespace(ns),
+            pools: Vec::new(),
+            servers: Vec::new(),
+            assignments: Vec::new(),
+        }
+    }
+
+    /// The session's pod view.
+    pub fn pod_of(&self, s: &Session) -> Option<Arc<PodView>> {
+        self.pods.get(
+            &s.namespace().unwrap_or_default(),
+            &crate::controller::session::build::pod_name(s),
+        )
+    }
+}
+
+fn pod_view(p: &Pod) -> PodView {
+    let status = p.status.as_ref();
+    let ready = status.and_then(|s| s.phase.as_deref()) == Some("Running")
+        && status
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    PodView {
+        owner_uid: p
+            .owner_references()
+            .iter()
+            .find(|o| o.kind == "Session" && o.controller == Some(true))
+            .map(|o| o.uid.clone())
+            .unwrap_or_default(),
+        ip: status
+            .and_then(|s| s.pod_ip.as_deref())
+            .and_then(|ip| ip.parse().ok()),
+        ready,
+        paused: p.labels().get(ACCESS_LABEL).is_some_and(|v| v == "paused"),
+        deleting: p.metadata.deletion_timestamp.is_some(),
+    }
+}
+
+/// Starts the watches; returns the cache and the tasks feeding it.
+pub fn start(
+    client: Client,
+    namespaces: &[String],
+) -> (Arc<Cache>, Vec<tokio::task::JoinHandle<()>>) {
+    let scopes: Vec<Option<String>> = if namespaces.is_empty() {
+        vec![None]
+    } else {
+        namespaces.iter().cloned().map(Some).collect()
+    };
+    let n = scopes.len();
+    let cache = Arc::new(Cache {
+        sessions: Table::new(n),
+        pods: Table::new(n),
+        users: Table::new(n),
+        groups: Table::new(n),
+        workspaces: Table::new(n),
+        changed: Notify::new(),
+    });
+    let mut tasks = Vec::new();
+    for scope in scopes {
+        let c = cache.clone();
+        tasks.push(tokio::spawn(feed(
+            api::<Session>(&client, &scope),
+            watcher::Config::default(),
+            scope.clone(),
+            move |cache: &Cache| &cache.sessions,
+            |s: Session| s,
+            true,
+            c,
+        )));
+        let c = cache.clone();
+        tasks.push(tokio::spawn(feed(
+            api::<Pod>(&client, &scope),
+            watcher::Config::default().labels("app.kubernetes.io/name=cubicle-session"),
+            scope.clone(),
+            move |cache: &Cache| &cache.pods,
+            |p: Pod| pod_view(&p),
+            true,
+            c,
+        )));
+        let c = cache.clone();
+        tasks.push(tokio::spawn(feed(
+            api::<User>(&client, &scope),
+            watcher::Config::default(),
+            scope.clone(),
+            move |cache: &Cache| &cache.users,
+            |u: User| u,
+            false,
+            c,
+        )));
+        let c = cache.clone();
+        tasks.push(tokio::spawn(feed(
+            api::<Group>(&client, &scope),
+            watcher::Config::default(),
+            scope.clone(),
+            move |cache: &Cache| &cache.groups,
+            |g: Group| g,
+            false,
+            c,
+        )));
+        let c = cache.clone();
+        tasks.push(tokio::spawn(feed(
+            api::<Workspace>(&client, &scope),
+            watcher::Config::default(),
+            scope.clone(),
+            move |cache: &Cache| &cache.workspaces,
+            |w: Workspace| w,
+            false,
+            c,
+        )));
+    }
+    (cache, tasks)
+}
+
+fn api<K>(client: &Client, scope: &Option<String>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    <K as Resource>::DynamicType: Default,
+{
+    match scope {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+async fn feed<K, T>(
+    api: Api<K>,
+    config: watcher::Config,
+    scope: Option<String>,
+    table: impl Fn(&Cache) -> &Table<T> + Send + 'static,
+    project: impl Fn(K) -> T + Send + 'static,
+    notify: bool,
+    cache: Arc<Cache>,
+) where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+    T: Send + Sync + 'static,
+{
+    let stream = watcher::watcher(api, config).default_backoff();
+    run_events(stream, scope, table, project, notify, cache).await;
+}
+
+async fn run_events<K, T>(
+    stream: impl Stream<Item = Result<Event<K>, watcher::Error>>,
+    scope: Option<String>,
+    table: impl Fn(&Cache) -> &Table<T>,
+    project: impl Fn(K) -> T,
+    notify: bool,
+    cache: Arc<Cache>,
+) where
+    K: Resource,
+    T: Send + Sync,
+{
+    futures::pin_mut!(stream);
+    let key = |o: &K| {
+        (
+            o.meta().namespace.clone().unwrap_or_default(),
+            o.meta().name.clone().unwrap_or_default(),
+        )
+    };
+    let mut listing: Option<HashMap<Key, (Option<String>, T)>> = None;
+    let mut first = true;
+    while let Some(ev) = stream.next().await {
+        let t = table(&cache);
+        match ev {
+            Ok(Event::Init) => listing = Some(HashMap::new()),
+            Ok(Event::InitApply(o)) => {
+                let k = key(&o);
+                let uid = o.meta().uid.clone();
+                listing
+                    .get_or_insert_with(HashMap::new)
+                    .insert(k, (uid, project(o)));
+            }
+            Ok(Event::InitDone) => {
+                t.replace_scope(scope.as_deref(), listing.take().unwrap_or_default());
+                if first {
+                    t.synced.fetch_add(1, Ordering::AcqRel);
+                    first = false;
+                }
+                if notify {
+                    cache.changed.notify_one();
+                }
+            }
+            Ok(Event::Apply(o)) => {
+                let k = key(&o);
+                let uid = o.meta().uid.clone();
+                t.put(k, uid, project(o));
+                if notify {
+                    cache.changed.notify_one();
+                }
+            }
+            Ok(Event::Delete(o)) => {
+                t.remove(&key(&o), o.meta().uid.as_deref());
+                if notify {
+                    cache.changed.notify_one();
+                }
+            }
+            Err(e) => debug!(error = %e, "gateway watch error (retrying)"),
+        }
+    }
+}
