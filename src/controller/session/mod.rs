@@ -699,7 +699,7 @@ impl Pass<'_> {
     /// What a launch that did not create a pod means for the status.
     fn launch_failed(&mut self, outcome: Launched) {
         match outcome {
-            Launched::Created => {}
+            Launched::Created | Launched::Waiting => {}
             Launched::Failed(r) => {
                 self.status.phase = Some(SessionPhase::Failed);
                 self.refuse(Cond::Ready, &r, "Launch");
@@ -868,6 +868,9 @@ async fn reconcile(
                 paused,
             )
             .await?;
+            if let Launched::Waiting = outcome {
+                return Ok(Action::requeue(Duration::from_secs(1).min(pass.requeue)));
+            }
             if let Launched::Created = outcome {
                 // The status is written when the pod's own event says it runs (what the launch
                 // decided travels on the pod: LAUNCH_ANNOTATION); the requeue is only a safety
@@ -1130,6 +1133,8 @@ async fn delete_pod(ctx: &Context, ns: &str, p: &CachedPod) -> Result<(), Error>
 
 enum Launched {
     Created,
+    /// Not yet: the profile claim's holder is not placed (see [`plan::waits_for_holder`]).
+    Waiting,
     Refused(Refusal),
     Failed(Refusal),
 }
@@ -1263,6 +1268,9 @@ async fn launch(
         }
         _ => None,
     };
+    if plan::waits_for_holder(holder.as_ref()) {
+        return Ok(Launched::Waiting);
+    }
     let placement = match plan::place_with_claim(
         &pool_kind,
         session.spec.zone.as_deref(),

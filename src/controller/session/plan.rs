@@ -426,6 +426,14 @@ pub enum ClaimReach {
     OnePod,
 }
 
+/// Whether the launch must wait for the claim's holder to be placed: a claim one node mounts,
+/// held by a session whose pod has no node yet (two sessions of one user created together).
+/// Not a refusal, since refusals are final: the launch looks again once the holder is placed,
+/// and [`place_with_claim`] then follows it to its node.
+pub fn waits_for_holder(holder: Option<&ClaimHolder>) -> bool {
+    holder.is_some_and(|h| h.reach == ClaimReach::OneNode && h.node.is_none())
+}
+
 /// The placement rule of a profile claim another session holds: with [`ClaimReach::OneNode`]
 /// the session goes to the holder's node (a server on that node for a pool of servers), or is
 /// refused with [`reasons::PROFILE_IN_USE`] saying why; with [`ClaimReach::OnePod`] it is refused.
@@ -649,6 +657,30 @@ pub fn observe(pod: Option<&CachedPod>, paused: bool) -> Observed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_launch_waits_for_an_unplaced_holder_of_a_one_node_claim_instead_of_refusing() {
+        let holder = |reach, node: Option<&str>| ClaimHolder {
+            claim: "profile-bob".into(),
+            session: "bob-1".into(),
+            node: node.map(str::to_owned),
+            reach,
+        };
+        assert!(waits_for_holder(Some(&holder(ClaimReach::OneNode, None))));
+        assert!(!waits_for_holder(Some(&holder(
+            ClaimReach::OneNode,
+            Some("n1")
+        ))));
+        assert!(
+            !waits_for_holder(Some(&holder(ClaimReach::OnePod, None))),
+            "refused instead"
+        );
+        assert!(!waits_for_holder(Some(&holder(
+            ClaimReach::ManyNodes,
+            None
+        ))));
+        assert!(!waits_for_holder(None));
+    }
 
     fn ok_inputs() -> AdmissionInputs {
         AdmissionInputs {
