@@ -38,12 +38,17 @@ pub fn source_dir() -> PathBuf {
 /// Path of the control plane binary: `$CUBICLE_CONTROLPLANE_BIN`, or built (once per source hash,
 /// cached outside the repository) by `tests/controlplane/build.sh`.
 pub async fn binary() -> Result<PathBuf, DevError> {
-    if let Some(p) = std::env::var_os("CUBICLE_CONTROLPLANE_BIN") {
+    built_binary("CUBICLE_CONTROLPLANE_BIN", &source_dir().join("build.sh")).await
+}
+
+/// A binary of the project's own: the path in `$env`, or the last line printed by `script`, a
+/// build script that builds once per source hash and prints the cached binary's path.
+pub async fn built_binary(env: &str, script: &Path) -> Result<PathBuf, DevError> {
+    if let Some(p) = std::env::var_os(env) {
         return Ok(PathBuf::from(p));
     }
-    let script = source_dir().join("build.sh");
     let out = Command::new("bash")
-        .arg(&script)
+        .arg(script)
         .stderr(Stdio::inherit())
         .output()
         .await

@@ -46,32 +46,11 @@ fn random_token(n: usize) -> String {
 
 /// The provider binary: `$CUBICLE_OIDC_BIN`, or built by `tests/oidc/build.sh`.
 pub async fn binary() -> Result<PathBuf, DevError> {
-    if let Some(p) = std::env::var_os("CUBICLE_OIDC_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oidc/build.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .stderr(Stdio::inherit())
-        .output()
-        .await
-        .map_err(|source| DevError::Io {
-            what: format!("run {}", script.display()),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(DevError::Build(format!(
-            "{} exited with {}",
-            script.display(),
-            out.status
-        )));
-    }
-    Ok(PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .unwrap_or_default(),
-    ))
+    super::controlplane::built_binary(
+        "CUBICLE_OIDC_BIN",
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oidc/build.sh"),
+    )
+    .await
 }
 
 /// Starts the provider in `dir` for `names`, accepting `redirect_uris`.
