@@ -5,6 +5,8 @@
 
 mod api;
 mod binary;
+mod browser;
+mod browser_harness;
 mod demo;
 mod expiry;
 mod foundation;
