@@ -10,6 +10,12 @@
 #[path = "../e2e/support.rs"]
 mod support;
 
+#[path = "../e2e/browser.rs"]
+mod browser;
+mod desktop;
+#[path = "../e2e/operator.rs"]
+mod operator;
+
 /// The harness's `cubicle dev up` also starts the real node with both images.
 pub const DEV_UP_ARGS: &[&str] = &["--real-node", "--node-images", "operator,desktop"];
 
