@@ -224,6 +224,8 @@ func up(args []string) error {
 		// A real node (tests/node) is reached at its InternalIP: the default tries its name first,
 		// which would go out to DNS.
 		"--kubelet-preferred-address-types=InternalIP",
+		"--kubelet-client-certificate="+pki.kubeletClientCert,
+		"--kubelet-client-key="+pki.kubeletClientKey,
 		"--profiling=false", "--v=1"); err != nil {
 		return err
 	}
@@ -449,6 +451,9 @@ func randomHex(n int) string {
 
 type pkiFiles struct {
 	caCert, caKey, serverCert, serverKey, saKey, saPub string
+	// The API server's client certificate for kubelets (logs, exec, port-forward): the real
+	// node's kubelet refuses anonymous callers and checks this against the CA.
+	kubeletClientCert, kubeletClientKey string
 }
 
 func writePKI(dir string) (*pkiFiles, error) {
@@ -456,6 +461,8 @@ func writePKI(dir string) (*pkiFiles, error) {
 		caCert: filepath.Join(dir, "ca.crt"), caKey: filepath.Join(dir, "ca.key"),
 		serverCert: filepath.Join(dir, "apiserver.crt"), serverKey: filepath.Join(dir, "apiserver.key"),
 		saKey: filepath.Join(dir, "sa.key"), saPub: filepath.Join(dir, "sa.pub"),
+		kubeletClientCert: filepath.Join(dir, "apiserver-kubelet-client.crt"),
+		kubeletClientKey:  filepath.Join(dir, "apiserver-kubelet-client.key"),
 	}
 	now := time.Now().Add(-time.Hour)
 	caKey, err := rsa.GenerateKey(rand.Reader, 2048)
@@ -495,6 +502,24 @@ func writePKI(dir string) (*pkiFiles, error) {
 	if err != nil {
 		return nil, err
 	}
+	kcKey, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		return nil, err
+	}
+	// As kubeadm's apiserver-kubelet-client, but in system:masters: the kubelet's webhook
+	// authorization (a SubjectAccessReview) then allows it without a ClusterRoleBinding.
+	kcTmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(3),
+		Subject:      pkix.Name{CommonName: "kube-apiserver-kubelet-client", Organization: []string{"system:masters"}},
+		NotBefore:    now,
+		NotAfter:     now.Add(10 * 365 * 24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}
+	kcDER, err := x509.CreateCertificate(rand.Reader, kcTmpl, ca, &kcKey.PublicKey, caKey)
+	if err != nil {
+		return nil, err
+	}
 	saKey, err := rsa.GenerateKey(rand.Reader, 2048)
 	if err != nil {
 		return nil, err
@@ -511,6 +536,8 @@ func writePKI(dir string) (*pkiFiles, error) {
 		{f.caKey, "RSA PRIVATE KEY", x509.MarshalPKCS1PrivateKey(caKey)},
 		{f.serverCert, "CERTIFICATE", srvDER},
 		{f.serverKey, "RSA PRIVATE KEY", x509.MarshalPKCS1PrivateKey(srvKey)},
+		{f.kubeletClientCert, "CERTIFICATE", kcDER},
+		{f.kubeletClientKey, "RSA PRIVATE KEY", x509.MarshalPKCS1PrivateKey(kcKey)},
 		{f.saKey, "RSA PRIVATE KEY", x509.MarshalPKCS1PrivateKey(saKey)},
 		{f.saPub, "PUBLIC KEY", saPubDER},
 	}

@@ -137,6 +137,10 @@ TOML
   hostport=${server#https://}
   setsid "$cp" relay --listen "$SERVICE_IP:443" --to "$hostport" </dev/null >"$dir/logs/relay.log" 2>&1 &
   echo $! >"$dir/relay.pid"
+  # The cluster CA (from the kubeconfig): it signs the API server's kubelet client certificate.
+  kubectl --kubeconfig "$kubeconfig" config view --raw --minify \
+    -o jsonpath='{.clusters[0].cluster.certificate-authority-data}' | base64 -d >"$dir/kubelet/ca.crt"
+  grep -q "BEGIN CERTIFICATE" "$dir/kubelet/ca.crt" || { log "no CA in $kubeconfig"; exit 1; }
   kport=$(python3 -c 'import socket,sys;s=socket.socket();s.bind((sys.argv[1],0));print(s.getsockname()[1])' "$GATEWAY")
   cat >"$dir/kubelet/config.yaml" <<YAML
 apiVersion: kubelet.config.k8s.io/v1beta1
@@ -146,12 +150,11 @@ port: $kport
 readOnlyPort: 0
 healthzPort: 0
 # The node's address is the bridge's (the API server refuses to proxy to a loopback node IP).
-# The API server has no kubelet client certificate, so the kubelet lets anonymous callers in:
-# logs, exec and port-forward through the API server work, but so could a pod on this node's
-# bridge. A test node only; the fix is a kubelet client certificate for the API server and
-# webhook authentication and authorization here.
-authentication: {anonymous: {enabled: true}, webhook: {enabled: false}}
-authorization: {mode: AlwaysAllow}
+# No anonymous callers: the API server presents its kubelet client certificate (signed by the
+# cluster CA) for logs, exec and port-forward, bearer tokens are checked with a TokenReview and
+# every request is authorized with a SubjectAccessReview, so a pod on the bridge gets 401.
+authentication: {anonymous: {enabled: false}, webhook: {enabled: true}, x509: {clientCAFile: $dir/kubelet/ca.crt}}
+authorization: {mode: Webhook}
 cgroupDriver: cgroupfs
 cgroupRoot: /$CGROUP
 failSwapOn: false

@@ -294,6 +294,15 @@ async fn the_helm_installed_operator_runs_restricted_sessions_with_lasting_profi
     ]));
     assert!(metrics.contains("cubicle_"), "metrics: {metrics:.300}");
 
+    // The kubelet refuses anonymous callers (a pod on the node's bridge could reach it); the API
+    // server, with its kubelet client certificate, still gets logs (and exec, below).
+    kubelet_refuses_anonymous(&ns).await;
+    let logs = kubectl(&["logs", "-n", &system.name, &operator.name_any()]);
+    assert!(
+        logs.contains("caches synced") || logs.lines().count() > 2,
+        "kubectl logs of the operator pod on the real node: {logs:.500}"
+    );
+
     // A session becomes a real container, admitted under "restricted", running as uid 1000.
     let t = Instant::now();
     create_session(&ns, "s1", json!({})).await;
@@ -428,6 +437,44 @@ async fn the_helm_installed_operator_runs_restricted_sessions_with_lasting_profi
         "[realnode] operator, sessions, profiles and desktop on the real node: {} ms",
         started.elapsed().as_millis()
     );
+}
+
+/// Requests to the real node's kubelet without credentials get 401, on the read-write port and
+/// for the paths logs and exec use.
+async fn kubelet_refuses_anonymous(ns: &TestNs) {
+    let node = Api::<k8s_openapi::api::core::v1::Node>::all(ns.client.clone())
+        .get(NODE_NAME)
+        .await
+        .unwrap();
+    let status = node.status.unwrap();
+    let port = status
+        .daemon_endpoints
+        .and_then(|d| d.kubelet_endpoint)
+        .map(|e| e.port)
+        .expect("the node reports its kubelet port");
+    let ip = status
+        .addresses
+        .unwrap_or_default()
+        .into_iter()
+        .find(|a| a.type_ == "InternalIP")
+        .expect("the node has an InternalIP")
+        .address;
+    for path in ["/pods", "/containerLogs/kube-system/x/c", "/healthz"] {
+        let code = run(Command::new("curl").args([
+            "-sk",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "10",
+            &format!("https://{ip}:{port}{path}"),
+        ]));
+        assert_eq!(
+            code, "401",
+            "an anonymous request to the kubelet at {ip}:{port}{path}"
+        );
+    }
 }
 
 /// Kasm's contract, checked from the host against the pod IP: right password 200, wrong 401,
