@@ -15,6 +15,7 @@ pub mod server;
 pub mod session;
 pub mod status;
 pub mod user;
+pub mod workspace;
 pub use runtime::{cached, events, gate, index, stores};
 
 use std::collections::HashMap;
@@ -246,9 +247,10 @@ pub const ALL: &[ControllerFactory] = &[
     pool::controller,
     assignment::controller,
     identity::controller,
+    workspace::controller,
 ];
 
-/// The status controllers of the directory kinds (User, Group, Server, ServerPool,
+/// The status controllers of the directory kinds (User, Group, Server, ServerPool, Workspace,
 /// ServerAssignment).
 pub const STATUS: &[ControllerFactory] = &[
     user::controller,
@@ -256,6 +258,7 @@ pub const STATUS: &[ControllerFactory] = &[
     server::controller,
     pool::controller,
     assignment::controller,
+    workspace::controller,
 ];
 
 /// Runs `controllers` over every configured scope until `shutdown` resolves or leadership is lost.

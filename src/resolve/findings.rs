@@ -13,7 +13,7 @@ use serde::Serialize;
 use super::settings::{Conflict, describe_source, resolve_user};
 use super::{Directory, username, views};
 use crate::crd::Duration;
-use crate::crd::v1alpha1::{GroupSettings, Session, User};
+use crate::crd::v1alpha1::{GroupSettings, Session, User, Workspace};
 
 /// How serious a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -387,6 +387,56 @@ fn list_users(users: &BTreeSet<String>) -> String {
     }
 }
 
+/// The findings of one Workspace: the Groups and the ServerPool it names.
+pub fn workspace_findings(dir: &Directory, w: &Workspace) -> Vec<Finding> {
+    let ns = dir.namespace.as_str();
+    let mut out = Vec::new();
+    let wname = w.name_any();
+    for (i, g) in w.spec.groups.iter().enumerate() {
+        if dir.group(g).is_none() {
+            out.push(finding(
+                Severity::Error,
+                Code::UnknownGroup,
+                "Workspace",
+                ns,
+                &wname,
+                format!("spec.groups[{i}]"),
+                format!("Group/{g} does not exist in namespace {ns}"),
+            ));
+        }
+    }
+    if let Some(p) = &w.spec.server_pool {
+        match dir.pool(p) {
+            None => out.push(finding(
+                Severity::Error,
+                Code::UnknownPool,
+                "Workspace",
+                ns,
+                &wname,
+                "spec.serverPool",
+                format!("ServerPool/{p} does not exist in namespace {ns}"),
+            )),
+            Some(pool) => {
+                if pool.spec.autoscale.is_none() && dir.servers_of_pool(p).is_empty() {
+                    out.push(finding(
+                        Severity::Warning,
+                        Code::PoolWithoutServers,
+                        "Workspace",
+                        ns,
+                        &wname,
+                        "spec.serverPool",
+                        format!(
+                            "ServerPool/{p} has no Servers and no autoscale configuration: \
+                             sessions of this workspace cannot be placed"
+                        ),
+                    ))
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Every finding of one namespace: its directory, its users and its sessions. Sorted by kind,
 /// name, field and code.
 pub fn findings(dir: &Directory, users: &[Arc<User>], sessions: &[Arc<Session>]) -> Vec<Finding> {
@@ -534,49 +584,7 @@ pub fn findings(dir: &Directory, users: &[Arc<User>], sessions: &[Arc<Session>])
 
     // Workspaces.
     for w in &dir.workspaces {
-        let wname = w.name_any();
-        for (i, g) in w.spec.groups.iter().enumerate() {
-            if dir.group(g).is_none() {
-                out.push(finding(
-                    Severity::Error,
-                    Code::UnknownGroup,
-                    "Workspace",
-                    ns,
-                    &wname,
-                    format!("spec.groups[{i}]"),
-                    format!("Group/{g} does not exist in namespace {ns}"),
-                ));
-            }
-        }
-        if let Some(p) = &w.spec.server_pool {
-            match dir.pool(p) {
-                None => out.push(finding(
-                    Severity::Error,
-                    Code::UnknownPool,
-                    "Workspace",
-                    ns,
-                    &wname,
-                    "spec.serverPool",
-                    format!("ServerPool/{p} does not exist in namespace {ns}"),
-                )),
-                Some(pool) => {
-                    if pool.spec.autoscale.is_none() && dir.servers_of_pool(p).is_empty() {
-                        out.push(finding(
-                            Severity::Warning,
-                            Code::PoolWithoutServers,
-                            "Workspace",
-                            ns,
-                            &wname,
-                            "spec.serverPool",
-                            format!(
-                                "ServerPool/{p} has no Servers and no autoscale configuration: \
-                                 sessions of this workspace cannot be placed"
-                            ),
-                        ))
-                    }
-                }
-            }
-        }
+        out.extend(workspace_findings(dir, w));
     }
 
     // Servers.

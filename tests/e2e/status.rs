@@ -1,4 +1,4 @@
-//! The status controllers (User, Group, Server, ServerPool, ServerAssignment) on the real
+//! The status controllers (User, Group, Workspace, Server, ServerPool, ServerAssignment) on the real
 //! control plane: provenance in User status, precise updates when one Group changes, deletions,
 //! assignment views, foreign status fields left alone, and no writes in a steady state.
 
@@ -128,6 +128,11 @@ async fn apply(ns: &TestNs, doc: Value) {
             .map(|_| ()),
         "ServerAssignment" => ns
             .api::<ServerAssignment>()
+            .patch(&name, &pp, &Patch::Apply(&doc))
+            .await
+            .map(|_| ()),
+        "Workspace" => ns
+            .api::<Workspace>()
             .patch(&name, &pp, &Patch::Apply(&doc))
             .await
             .map(|_| ()),
@@ -589,5 +594,87 @@ async fn assignment_views_follow_the_pool_setting() {
             .then_some(())
     })
     .await;
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn a_workspace_is_ready_once_the_groups_and_pool_it_names_exist() {
+    install_crds().await;
+    let ns = TestNs::new("status-ws").await;
+    let op = StatusOperator::start(&ns.name).await;
+    apply(
+        &ns,
+        json!({"apiVersion": "cubicle.dev/v1alpha1", "kind": "Workspace",
+               "metadata": {"name": "desk"},
+               "spec": {"image": "example.invalid/desktop:1", "groups": ["everyone"], "serverPool": "gpu"}}),
+    )
+    .await;
+    let api = ns.api::<Workspace>();
+    let ready_until = |want: &'static str, reason: &'static str| {
+        let api = api.clone();
+        async move {
+            wait_for(
+                &format!("Workspace/desk Ready={want} ({reason})"),
+                LONG,
+                || async {
+                    let w = api.get("desk").await.ok()?;
+                    let st = w.status?;
+                    let c = condition(&st.conditions, "Ready")?;
+                    (c.status == want && c.reason == reason).then(|| c.clone())
+                },
+            )
+            .await
+        }
+    };
+    let c = ready_until("False", "UnknownGroup").await;
+    assert!(
+        c.message
+            .contains("spec.groups[0]: Group/everyone does not exist"),
+        "{}",
+        c.message
+    );
+    apply(&ns, group("everyone", 10, json!({}))).await;
+    let c = ready_until("False", "UnknownPool").await;
+    assert!(c.message.contains("spec.serverPool"), "{}", c.message);
+    apply(
+        &ns,
+        json!({"apiVersion": "cubicle.dev/v1alpha1", "kind": "ServerPool",
+               "metadata": {"name": "gpu"}, "spec": {"assignmentEnabled": false}}),
+    )
+    .await;
+    ready_until("True", "Resolved").await;
+    // The printer column shows it.
+    let out = std::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(support::kubeconfig())
+        .args(["get", "workspaces.cubicle.dev", "-n", &ns.name, "desk"])
+        .output()
+        .expect("run kubectl");
+    let table = String::from_utf8_lossy(&out.stdout);
+    let mut lines = table.lines();
+    let head: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    let row: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    let col = head
+        .iter()
+        .position(|h| *h == "READY")
+        .unwrap_or_else(|| panic!("no READY column: {table}"));
+    assert_eq!(row.get(col), Some(&"True"), "{table}");
+    // A steady state writes nothing.
+    let after = op.settle(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        op.counter.writes(),
+        after,
+        "steady state wrote: {:?}",
+        op.counter.snapshot()
+    );
     op.stop().await;
 }

@@ -3,6 +3,7 @@
 
 use k8s_openapi::api::core::v1::EnvVar;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -28,6 +29,12 @@ use crate::crd::{FileMapping, RunConfig, VolumeMapping};
         type_ = "string",
         json_path = ".spec.serverPool",
         description = "Server pool sessions are placed in"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "The Ready condition's status"
     ),
     printcolumn(
         name = "Display Name",
@@ -284,6 +291,11 @@ pub struct WorkspaceStatus {
     /// Sessions of this workspace that have not ended.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sessions: Option<u32>,
+    /// Conditions: `Ready` when the Groups and the ServerPool the workspace names exist (its
+    /// reason names the first problem otherwise).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "crate::crd::conditions_schema")]
+    pub conditions: Vec<Condition>,
     /// The `.metadata.generation` this status describes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
