@@ -17,11 +17,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::{Resource, ResourceExt};
 
 // `pod_name` stays reachable here for the bench (src/bench), which names pods through it.
+use super::children::pod_meta;
 pub use crate::controller::contract::pod_name;
 use crate::controller::contract::{
-    ACCESS_LABEL, ACCESS_PAUSED, FILE_ANNOTATION_PREFIX, HOSTNAME_LABEL, LAUNCH_ANNOTATION,
-    MANAGED_BY, MANAGED_BY_LABEL, PROFILE_LABEL, RESET_BY_ANNOTATION, SERVER_LABEL, SESSION_LABEL,
-    SETTINGS_ANNOTATION, USER_LABEL, WORKSPACE_LABEL, ZONE_LABEL, label_value, stable_hash,
+    FILE_ANNOTATION_PREFIX, HOSTNAME_LABEL, LAUNCH_ANNOTATION, OWNED_POD_LABELS, PROFILE_LABEL,
+    RESET_BY_ANNOTATION, SETTINGS_ANNOTATION, ZONE_LABEL, stable_hash,
 };
 use crate::crd::v1alpha1::{ProfileClaimTemplate, Session, Workspace};
 use crate::crd::{FileMapping, RunConfig, VolumeMapping};
@@ -158,19 +158,6 @@ fn owner_ref(session: &Session) -> OwnerReference {
         .expect("a stored Session has a name and uid")
 }
 
-/// Labels shared by the pod and claim.
-fn base_labels(user: &str, workspace: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
-        (
-            "app.kubernetes.io/name".to_string(),
-            "cubicle-session".to_string(),
-        ),
-        (USER_LABEL.to_string(), label_value(user)),
-        (WORKSPACE_LABEL.to_string(), label_value(workspace)),
-    ])
-}
-
 /// Replaces `{username}` and `{user_id}` in a template.
 pub fn render_template(template: &str, username: &str, user_id: &str) -> String {
     template
@@ -246,7 +233,7 @@ pub fn profile_claim(
     namespace: &str,
     reset_by: Option<&str>,
 ) -> PersistentVolumeClaim {
-    let mut labels = base_labels(user, workspace);
+    let mut labels = super::children::base_labels(user, workspace);
     labels.insert(PROFILE_LABEL.into(), profile_key(base));
     let annotations =
         reset_by.map(|uid| BTreeMap::from([(RESET_BY_ANNOTATION.to_string(), uid.to_string())]));
@@ -337,15 +324,13 @@ fn file_mode(m: &FileMapping) -> i32 {
 pub fn pod(i: &PodInputs<'_>) -> Pod {
     let s = i.session;
     let ws = &i.workspace.spec;
-    let ws_name = i.workspace.name_any();
-    let mut labels = base_labels(i.user, &ws_name);
-    labels.insert(SESSION_LABEL.into(), label_value(&s.name_any()));
-    if let Placement::Server { server, .. } = i.placement {
-        labels.insert(SERVER_LABEL.into(), label_value(server));
-    }
-    if i.paused {
-        labels.insert(ACCESS_LABEL.into(), ACCESS_PAUSED.into());
-    }
+    let server = match i.placement {
+        Placement::Server { server, .. } => Some(server.as_str()),
+        _ => None,
+    };
+    // The labels and annotations the executor keeps in shape (children::pod_meta).
+    let owned = pod_meta(s, server, i.paused);
+    let mut labels = owned.labels.clone();
     let mut annotations = BTreeMap::from([
         (SETTINGS_ANNOTATION.to_string(), i.settings_json.to_string()),
         (
@@ -722,9 +707,10 @@ pub fn pod(i: &PodInputs<'_>) -> Pod {
             ..Default::default()
         });
     }
-    // Identity labels always win over run-config labels.
-    labels.extend(base_labels(i.user, &ws_name));
-    labels.insert(SESSION_LABEL.into(), label_value(&s.name_any()));
+    // The owned labels and annotations always win over run-config ones.
+    labels.retain(|k, _| !OWNED_POD_LABELS.contains(&k.as_str()));
+    labels.extend(owned.labels);
+    annotations.extend(owned.annotations);
 
     // Placement.
     let mut required: Vec<NodeSelectorRequirement> = Vec::new();
@@ -840,6 +826,7 @@ fn claim_volume(name: &str, claim: &str, read_only: bool) -> Volume {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::contract::label_value;
     use crate::crd::FileMappingContent;
 
     fn session() -> Session {

@@ -10,12 +10,11 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{
     ContainerPort, EnvVar, EnvVarSource, Pod, Secret, SecretKeySelector,
 };
-use kube::api::{ObjectMeta, PostParams};
-use kube::{Api, Resource, ResourceExt};
+use kube::api::ObjectMeta;
+use kube::{Resource, ResourceExt};
 
 use crate::controller::contract::{SESSION_LABEL, label_value};
 use crate::controller::stores::{MANAGED_BY, MANAGED_BY_LABEL};
-use crate::controller::{Context, Error};
 use crate::crd::v1alpha1::{Session, Workspace};
 use crate::credentials::{MasterKey, PASSWORD_FIELD};
 
@@ -100,29 +99,6 @@ pub fn inject(pod: &mut Pod, session: &Session, workspace: &Workspace) {
 /// it: the kubelet says `secret "<name>" not found`).
 pub fn missing(problem: Option<&str>, session: &Session) -> bool {
     problem.is_some_and(|p| p.contains(&format!("\"{}\"", secret_name(session))))
-}
-
-/// Creates the Secret if it is absent (one request; an existing Secret is left as it is).
-pub async fn ensure(
-    ctx: &Context,
-    ns: &str,
-    session: &Session,
-    key: &MasterKey,
-) -> Result<(), Error> {
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    match api
-        .create(&PostParams::default(), &secret(session, key))
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
-        Err(source) => Err(Error::Child {
-            verb: "create",
-            kind: "Secret",
-            name: secret_name(session),
-            source,
-        }),
-    }
 }
 
 #[cfg(test)]

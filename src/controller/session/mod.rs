@@ -10,6 +10,7 @@
 //! slot. With leader election, only one replica ever launches.
 
 pub mod build;
+pub mod children;
 pub mod credentials;
 pub mod decide;
 pub mod expiry;
@@ -20,9 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt, future::BoxFuture};
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
@@ -35,7 +35,7 @@ use self::decide::condition;
 use self::plan::{AdmissionInputs, Cond, PoolKind, Refusal, ServerCandidate, reasons};
 use super::cached::{CachedClaim, CachedPod, volume_zone};
 use super::contract::{
-    self, ACCESS_LABEL, ACCESS_PAUSED, ARCHIVED_LABEL, FIELD_MANAGER, SERVER_LABEL, SET_BY_EXPIRY,
+    self, ACCESS_LABEL, ACCESS_PAUSED, FIELD_MANAGER, SERVER_LABEL, SET_BY_EXPIRY,
     STATE_SET_BY_ANNOTATION, ZONE_LABEL,
 };
 use super::gate::Inputs;
@@ -611,7 +611,7 @@ impl Pass<'_> {
         admitted_before: bool,
     ) -> Result<(), Error> {
         if let Some(p) = pod {
-            delete_pod(ctx, &self.sh.ns, p).await?;
+            children::delete_pod(ctx, &self.sh.ns, p).await?;
             self.events.push((
                 EventType::Normal,
                 "Stopped",
@@ -645,16 +645,32 @@ impl Pass<'_> {
         paused: bool,
         state_refused: bool,
     ) -> Result<Option<Action>, Error> {
-        // Pause keeps the pod and cuts access (label); resume restores it; a hand edit of the
-        // label is undone.
+        // The executor brings the pod's owned metadata (pause cuts access with a label, resume
+        // restores it, a hand edit is undone) and the other children to their desired form.
         let target = if paused {
             SessionPhase::Paused
         } else {
             SessionPhase::Running
         };
         let transition = self.old.phase != Some(target);
-        let ev = ensure_access(ctx, &self.sh.ns, p, paused, transition).await?;
-        self.events.extend(ev);
+        let session = self.sh.session;
+        let record = build::parse_launch_record(p.launch_annotation());
+        let desired = children::pod_meta(session, record.server.as_deref(), paused);
+        let problem = plan::observe(Some(p), paused).problem;
+        let was_paused = p
+            .labels()
+            .get(ACCESS_LABEL)
+            .is_some_and(|v| v == ACCESS_PAUSED);
+        let repaired =
+            children::ensure_running(ctx, &self.sh.ns, session, p, &desired, problem.as_deref())
+                .await?;
+        if repaired.pod {
+            if was_paused != paused && transition {
+                self.events.push(access_event(paused));
+            } else {
+                warn!(pod = %p.name_any(), paused, "owned labels or annotations restored on a session pod (edited by hand, or of an older build)");
+            }
+        }
         let told = decide::pod_status(
             p,
             paused,
@@ -668,13 +684,6 @@ impl Pass<'_> {
             self.publish_events().await;
             return Ok(Some(Action::requeue(wait.min(self.requeue))));
         }
-        // The desktop's credentials Secret, restored if deleted (same value: the pod keeps it).
-        let session = self.sh.session;
-        if let Some(key) = &ctx.config.credentials
-            && credentials::missing(plan::observe(Some(p), paused).problem.as_deref(), session)
-        {
-            credentials::ensure(ctx, &self.sh.ns, session, key).await?;
-        }
         let uid = session.uid().unwrap_or_default();
         let status = &mut self.status;
         status.url = ctx
@@ -687,7 +696,6 @@ impl Pass<'_> {
         status.node = told.node;
         status.pod = Some(p.name_any());
         status.started_at = told.started_at;
-        let record = build::parse_launch_record(p.launch_annotation());
         status.server = record.server.or(status.server.clone());
         if record.profile.is_some() {
             status.profile = record.profile;
@@ -968,49 +976,8 @@ async fn finalize(ctx: &Context, ns: &str, session: &Session) -> Result<(), Erro
     expiry::remove_finalizer(ctx, ns, session).await
 }
 
-/// Executor rule for the pod's access label (the only field of a running pod the operator
-/// changes): labels and annotations are metadata the API server lets a controller change on a
-/// live pod, so they are patched in place (a JSON merge patch of the one key), never by
-/// replacing the pod; anything of the pod's spec (image, resources, volumes, placement) cannot
-/// change on a running pod and is only ever set when the pod is created (a launch or a resume).
-/// Brings the label to its desired value whatever moved it (pause and resume, or a hand edit);
-/// returns the Event of a pause or resume it carried out.
-async fn ensure_access(
-    ctx: &Context,
-    ns: &str,
-    p: &CachedPod,
-    paused: bool,
-    transition: bool,
-) -> Result<Option<(EventType, &'static str, String, &'static str)>, Error> {
-    let is_paused = p
-        .labels()
-        .get(ACCESS_LABEL)
-        .is_some_and(|v| v == ACCESS_PAUSED);
-    if is_paused == paused {
-        return Ok(None);
-    }
-    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    let value = if paused {
-        json!(ACCESS_PAUSED)
-    } else {
-        serde_json::Value::Null
-    };
-    api.patch(
-        &p.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {"labels": {ACCESS_LABEL: value}}})),
-    )
-    .await
-    .map_err(|source| Error::Child {
-        verb: "patch",
-        kind: "Pod",
-        name: p.name_any(),
-        source,
-    })?;
-    if !transition {
-        warn!(pod = %p.name_any(), paused, "access label restored on a session pod edited by hand");
-        return Ok(None);
-    }
+/// The Event of a pause or resume the executor carried out.
+fn access_event(paused: bool) -> (EventType, &'static str, String, &'static str) {
     let (reason, note) = if paused {
         (
             "Paused",
@@ -1019,7 +986,7 @@ async fn ensure_access(
     } else {
         ("Resumed", "session resumed from pause")
     };
-    Ok(Some((EventType::Normal, reason, note.into(), "Pause")))
+    (EventType::Normal, reason, note.into(), "Pause")
 }
 
 /// How far ahead a reconcile looks for its next requeue: the resync, or with none (zero) no
@@ -1107,27 +1074,6 @@ async fn run_timers(
             _ = ctx.expiries.sleep(wait) => {}
             _ = &mut stopped => return,
         }
-    }
-}
-
-async fn delete_pod(ctx: &Context, ns: &str, p: &CachedPod) -> Result<(), Error> {
-    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    let dp = DeleteParams {
-        preconditions: Some(Preconditions {
-            uid: p.uid(),
-            resource_version: None,
-        }),
-        ..Default::default()
-    };
-    match api.delete(&p.name_any(), &dp).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
-        Err(source) => Err(Error::Child {
-            verb: "delete",
-            kind: "Pod",
-            name: p.name_any(),
-            source,
-        }),
     }
 }
 
@@ -1298,7 +1244,8 @@ async fn launch(
             ns,
             cp.reset_by.as_deref(),
         );
-        ensure_claim(ctx, ns, cp.archive.as_deref(), &claim, sh.now.0.as_second()).await?;
+        children::ensure_claim(ctx, ns, cp.archive.as_deref(), &claim, sh.now.0.as_second())
+            .await?;
     }
     let record = build::LaunchRecord {
         server: server.clone(),
@@ -1338,73 +1285,17 @@ async fn launch(
     let mut pod = build::pod(&inputs);
     if let Some(key) = &ctx.config.credentials {
         credentials::inject(&mut pod, session, workspace);
-        credentials::ensure(ctx, ns, session, key).await?;
+        children::ensure_secret(ctx, ns, &credentials::secret(session, key)).await?;
     }
     if budget.is_some() {
         // Usage-limited: the session must be accounted before it can disappear.
         expiry::add_finalizer(ctx, ns, session).await?;
     }
-    if let Some(rejected) = create_pod(ctx, ns, &pod).await? {
+    if let Some(rejected) = children::create_pod(ctx, ns, &pod).await? {
         return Ok(Launched::Failed(rejected));
     }
     ctx.launches.remember(key, server);
     Ok(Launched::Created)
-}
-
-/// Executor for the profile claim: archives `archive` (a label, never a deletion) and creates
-/// `claim` if absent. Created once, not applied each pass: a claim's spec is immutable once
-/// bound, and its labels are only read by this operator.
-async fn ensure_claim(
-    ctx: &Context,
-    ns: &str,
-    archive: Option<&str>,
-    claim: &PersistentVolumeClaim,
-    now_second: i64,
-) -> Result<(), Error> {
-    let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
-    if let Some(old) = archive {
-        let patch = json!({"metadata": {"labels": {ARCHIVED_LABEL: now_second.to_string()}}});
-        api.patch(old, &PatchParams::default(), &Patch::Merge(patch))
-            .await
-            .map_err(|source| Error::Child {
-                verb: "patch",
-                kind: "PersistentVolumeClaim",
-                name: old.to_string(),
-                source,
-            })?;
-    }
-    match api.create(&PostParams::default(), claim).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
-        Err(source) => Err(Error::Child {
-            verb: "create",
-            kind: "PersistentVolumeClaim",
-            name: claim.name_any(),
-            source,
-        }),
-    }
-}
-
-/// Executor for the session pod: created if absent (a pod's spec cannot change once it runs,
-/// so it is never applied over; see [`ensure_access`] for what is patched in place). The API
-/// server's refusal of the pod itself (invalid, or refused by admission such as Pod Security)
-/// is returned as the reason the session fails, instead of retrying forever.
-async fn create_pod(ctx: &Context, ns: &str, pod: &Pod) -> Result<Option<Refusal>, Error> {
-    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    match api.create(&PostParams::default(), pod).await {
-        Ok(_) => Ok(None),
-        Err(kube::Error::Api(s)) if s.code == 409 => Ok(None),
-        Err(kube::Error::Api(s)) if matches!(s.code, 400 | 403 | 422) => Ok(Some(Refusal::new(
-            reasons::POD_REJECTED,
-            format!("the API server rejected the session pod: {}", s.message),
-        ))),
-        Err(source) => Err(Error::Child {
-            verb: "create",
-            kind: "Pod",
-            name: pod.name_any(),
-            source,
-        }),
-    }
 }
 
 /// How the workspace places sessions, as the caches show it: the scheduler (the zones that have
