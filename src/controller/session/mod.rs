@@ -762,6 +762,76 @@ impl Pass<'_> {
     }
 }
 
+impl Pass<'_> {
+    /// A pod was created: the status is written when the pod's own event says it runs.
+    async fn launched(&mut self, resuming: bool) -> Result<(), Error> {
+        // The status is written when the pod's own event says it runs (what the launch
+        // decided travels on the pod: LAUNCH_ANNOTATION); the requeue is only a safety
+        // net should the pod never show up. A resume records its keepalive at once, so
+        // the old one cannot expire it.
+        if resuming && self.status.last_keepalive != self.old.last_keepalive {
+            let s = SessionStatus {
+                last_keepalive: self.status.last_keepalive.clone(),
+                expires_at: self.status.expires_at.clone(),
+                expiry_rule: self.status.expiry_rule,
+                expiry_action: self.status.expiry_action,
+                ..self.old.clone()
+            };
+            self.sh.patch_status(&s).await?;
+        }
+        Ok(())
+    }
+
+    /// The usage view (User or Group status.usage) shows the current window with the running
+    /// sessions: refreshed when this session starts and when a new window has begun.
+    async fn refresh_usage(
+        &self,
+        b: &expiry::Budget,
+        u: &User,
+        l: &resolve::ResolvedUsageLimit,
+        wrote: bool,
+    ) -> Result<(), Error> {
+        let started = (wrote && self.old.started_at.is_none())
+            .then_some(self.status.started_at.as_ref())
+            .flatten()
+            .map(|t| crate::expiry::Open {
+                uid: self.sh.session.uid().unwrap_or_default(),
+                start: expiry::ceil_ms(t.0),
+            });
+        if started.is_some() || b.stale_window {
+            expiry::refresh_view(self.sh.ctx, &self.sh.ns, u, l, b, started, self.sh.now.0).await?;
+        }
+        Ok(())
+    }
+
+    /// A running or paused session with nothing else to do: its deadline goes to the fast path
+    /// (enforced at the instant without resolving settings again, as long as nothing it was
+    /// computed from has changed), and the controller's own requeue, a moment later, is only
+    /// the safety net. Returns the requeue.
+    fn arm_expiry(&self, read: &Read, version: Option<String>, resync: Duration) -> Duration {
+        let ctx = self.sh.ctx;
+        let key = session_key(&self.sh.ns, &self.sh.name);
+        let (Some(d), Some(version), Some(SessionPhase::Running | SessionPhase::Paused)) =
+            (self.armable, version, self.status.phase)
+        else {
+            return self.requeue;
+        };
+        ctx.expiries.arm(
+            &key,
+            expiry::Arm {
+                at: d.at,
+                rule: d.rule,
+                action: d.action,
+                uid: self.sh.session.uid().unwrap_or_default(),
+                session_version: version,
+                user_generation: read.user.as_ref().and_then(|u| u.metadata.generation),
+                groups: expiry::groups_digest(&ctx.stores, &self.sh.ns),
+            },
+        );
+        horizon(resync).min(expiry::until(d.at, self.sh.now.0) + FAST_PATH_GRACE)
+    }
+}
+
 async fn reconcile(
     session: Arc<Session>,
     ctx: Arc<Context>,
@@ -880,20 +950,7 @@ async fn reconcile(
                 return Ok(Action::requeue(Duration::from_secs(1).min(pass.requeue)));
             }
             if let Launched::Created = outcome {
-                // The status is written when the pod's own event says it runs (what the launch
-                // decided travels on the pod: LAUNCH_ANNOTATION); the requeue is only a safety
-                // net should the pod never show up. A resume records its keepalive at once, so
-                // the old one cannot expire it.
-                if resuming && pass.status.last_keepalive != pass.old.last_keepalive {
-                    let s = SessionStatus {
-                        last_keepalive: pass.status.last_keepalive.clone(),
-                        expires_at: pass.status.expires_at.clone(),
-                        expiry_rule: pass.status.expiry_rule,
-                        expiry_action: pass.status.expiry_action,
-                        ..pass.old.clone()
-                    };
-                    pass.sh.patch_status(&s).await?;
-                }
+                pass.launched(resuming).await?;
                 return Ok(Action::requeue(PENDING_REPORT_AFTER.min(pass.requeue)));
             }
             pass.launch_failed(outcome);
@@ -913,42 +970,10 @@ async fn reconcile(
         );
     }
     let (wrote, version) = pass.write_status(&ctx).await?;
-    // The usage view (User or Group status.usage) shows the current window with the running
-    // sessions: refreshed when this session starts and when a new window has begun.
     if let (Some(b), Some(u), Some(l)) = (&budget, &read.user, limit) {
-        let started = (wrote && pass.old.started_at.is_none())
-            .then_some(pass.status.started_at.as_ref())
-            .flatten()
-            .map(|t| crate::expiry::Open {
-                uid: session.uid().unwrap_or_default(),
-                start: expiry::ceil_ms(t.0),
-            });
-        if started.is_some() || b.stale_window {
-            expiry::refresh_view(&ctx, &ns, u, l, b, started, now_ts).await?;
-        }
+        pass.refresh_usage(b, u, l, wrote).await?;
     }
-    // A running or paused session with nothing else to do: its deadline goes to the fast path
-    // (enforced at the instant without resolving settings again, as long as nothing it was
-    // computed from has changed), and the controller's own requeue, a moment later, is only the
-    // safety net.
-    let mut requeue = pass.requeue;
-    if let (Some(d), Some(version), Some(SessionPhase::Running | SessionPhase::Paused)) =
-        (pass.armable, version, pass.status.phase)
-    {
-        ctx.expiries.arm(
-            &key,
-            expiry::Arm {
-                at: d.at,
-                rule: d.rule,
-                action: d.action,
-                uid: session.uid().unwrap_or_default(),
-                session_version: version,
-                user_generation: read.user.as_ref().and_then(|u| u.metadata.generation),
-                groups: expiry::groups_digest(stores, &ns),
-            },
-        );
-        requeue = horizon(resync).min(expiry::until(d.at, now_ts) + FAST_PATH_GRACE);
-    }
+    let requeue = pass.arm_expiry(&read, version, resync);
     Ok(requeue_within(requeue, resync))
 }
 
@@ -1101,30 +1126,7 @@ async fn launch(
     let session = sh.session;
     let ns = &sh.ns;
     let key = session_key(ns, &sh.name);
-    let settings = resolved.map(|r| &r.settings);
-    let mut inputs = AdmissionInputs {
-        user: session.spec.user.clone(),
-        workspace: session.spec.workspace.clone(),
-        user_found: user.is_some(),
-        user_disabled: user.is_some_and(|u| u.spec.disabled.unwrap_or(false)),
-        workspace_found: workspace.is_some(),
-        access_denial: access
-            .and_then(|a| a.allowed.as_ref().err())
-            .map(|d| Refusal::new(d.reason(), d.to_string())),
-        max_sessions: settings.and_then(|s| s.max_kasms_per_user),
-        earlier_active: 0,
-        usage_exhausted: budget.filter(|b| b.spent(sh.now.0)).map(|b| {
-            format!(
-                "{}: new sessions are refused until the window resets",
-                b.describe(sh.now.0)
-            )
-        }),
-        requested_zone: session.spec.zone.clone(),
-        allow_zone_selection: settings.is_some_and(|s| s.allow_zone_selection),
-        requested_profile: session.spec.persistent_profile,
-        allow_persistent_profile: settings.is_some_and(|s| s.allow_persistent_profile),
-        workspace_has_profile: workspace.is_some_and(|w| w.spec.persistent_profile.is_some()),
-    };
+    let mut inputs = admission(sh, budget, user, workspace, resolved, access);
     let (Some(user), Some(workspace), Some(resolved), Some(access)) =
         (user, workspace, resolved, access)
     else {
@@ -1173,35 +1175,7 @@ async fn launch(
         .persistent_profile
         .as_ref()
         .filter(|_| mode != ProfileMode::Disabled);
-    let uid = session.uid().unwrap_or_default();
-    let base = profile_cfg
-        .and_then(|c| c.claim_template.as_ref())
-        .map(|t| decide::claim_base(&t.name, &username, &user_id));
-    let active = base.as_ref().and_then(|b| active_claim(stores, ns, b));
-    let marks = active.as_ref().map(|c| c.marks().into_owned());
-    let active_name = active.as_ref().map(|c| c.name_any());
-    let next_name = base
-        .as_ref()
-        .map(|b| next_claim_name(stores, ns, b, sh.now.0.as_second()))
-        .unwrap_or_default();
-    let profile = decide::profile(&decide::ProfileInputs {
-        cfg: profile_cfg,
-        mode,
-        username: &username,
-        user_id: &user_id,
-        uid: &uid,
-        old: session.status.as_ref().and_then(|s| s.profile.as_ref()),
-        active: active_name
-            .as_deref()
-            .map(|n| (n, marks.as_ref().and_then(|m| m.reset_by.as_deref()))),
-        next_name: &next_name,
-        now_second: sh.now.0.as_second(),
-    });
-    let profile_zone = profile
-        .zone_of
-        .as_ref()
-        .and_then(|c| stores.claims.get(&ObjectRef::new(c).within(ns)))
-        .and_then(|c| bound_zone(stores, &c));
+    let (profile, profile_zone) = plan_profile(sh, profile_cfg, mode, &username, &user_id);
     let (profile_status, claim_plan, mount) = (profile.status, profile.claim, profile.mount);
 
     // Placement.
@@ -1251,6 +1225,131 @@ async fn launch(
         server: server.clone(),
         profile: Some(profile_status),
     };
+    let mut pod = launch_pod(
+        session,
+        user,
+        workspace,
+        resolved,
+        &placement,
+        mount.as_ref(),
+        &record,
+        paused,
+    );
+    if let Some(key) = &ctx.config.credentials {
+        credentials::inject(&mut pod, session, workspace);
+        children::ensure_secret(ctx, ns, &credentials::secret(session, key)).await?;
+    }
+    if budget.is_some() {
+        // Usage-limited: the session must be accounted before it can disappear.
+        expiry::add_finalizer(ctx, ns, session).await?;
+    }
+    if let Some(rejected) = children::create_pod(ctx, ns, &pod).await? {
+        return Ok(Launched::Failed(rejected));
+    }
+    ctx.launches.remember(key, server);
+    Ok(Launched::Created)
+}
+
+/// What admission decides from, before the slots are counted (`earlier_active` 0).
+fn admission(
+    sh: &Shell<'_>,
+    budget: Option<&expiry::Budget>,
+    user: Option<&User>,
+    workspace: Option<&Workspace>,
+    resolved: Option<&resolve::Resolved>,
+    access: Option<&resolve::Access>,
+) -> AdmissionInputs {
+    let session = sh.session;
+    let settings = resolved.map(|r| &r.settings);
+    AdmissionInputs {
+        user: session.spec.user.clone(),
+        workspace: session.spec.workspace.clone(),
+        user_found: user.is_some(),
+        user_disabled: user.is_some_and(|u| u.spec.disabled.unwrap_or(false)),
+        workspace_found: workspace.is_some(),
+        access_denial: access
+            .and_then(|a| a.allowed.as_ref().err())
+            .map(|d| Refusal::new(d.reason(), d.to_string())),
+        max_sessions: settings.and_then(|s| s.max_kasms_per_user),
+        earlier_active: 0,
+        usage_exhausted: budget.filter(|b| b.spent(sh.now.0)).map(|b| {
+            format!(
+                "{}: new sessions are refused until the window resets",
+                b.describe(sh.now.0)
+            )
+        }),
+        requested_zone: session.spec.zone.clone(),
+        allow_zone_selection: settings.is_some_and(|s| s.allow_zone_selection),
+        requested_profile: session.spec.persistent_profile,
+        allow_persistent_profile: settings.is_some_and(|s| s.allow_persistent_profile),
+        workspace_has_profile: workspace.is_some_and(|w| w.spec.persistent_profile.is_some()),
+    }
+}
+
+/// The profile a launch uses (its claim, existing or to create), and the zone its bound volume
+/// is in.
+fn plan_profile(
+    sh: &Shell<'_>,
+    profile_cfg: Option<&crate::crd::v1alpha1::PersistentProfile>,
+    mode: ProfileMode,
+    username: &str,
+    user_id: &str,
+) -> (decide::ProfilePlan, Option<String>) {
+    let stores = &sh.ctx.stores;
+    let session = sh.session;
+    let ns = &sh.ns;
+    let uid = session.uid().unwrap_or_default();
+    let base = profile_cfg
+        .and_then(|c| c.claim_template.as_ref())
+        .map(|t| decide::claim_base(&t.name, username, user_id));
+    let active = base.as_ref().and_then(|b| active_claim(stores, ns, b));
+    let marks = active.as_ref().map(|c| c.marks().into_owned());
+    let active_name = active.as_ref().map(|c| c.name_any());
+    let next_name = base
+        .as_ref()
+        .map(|b| next_claim_name(stores, ns, b, sh.now.0.as_second()))
+        .unwrap_or_default();
+    let profile = decide::profile(&decide::ProfileInputs {
+        cfg: profile_cfg,
+        mode,
+        username,
+        user_id,
+        uid: &uid,
+        old: session.status.as_ref().and_then(|s| s.profile.as_ref()),
+        active: active_name
+            .as_deref()
+            .map(|n| (n, marks.as_ref().and_then(|m| m.reset_by.as_deref()))),
+        next_name: &next_name,
+        now_second: sh.now.0.as_second(),
+    });
+    let profile_zone = profile
+        .zone_of
+        .as_ref()
+        .and_then(|c| stores.claims.get(&ObjectRef::new(c).within(ns)))
+        .and_then(|c| bound_zone(stores, &c));
+    (profile, profile_zone)
+}
+
+/// The pod a launch creates.
+#[allow(clippy::too_many_arguments)]
+fn launch_pod(
+    session: &Session,
+    user: &User,
+    workspace: &Workspace,
+    resolved: &resolve::Resolved,
+    placement: &Placement,
+    mount: Option<&ProfileMount>,
+    record: &build::LaunchRecord,
+    paused: bool,
+) -> k8s_openapi::api::core::v1::Pod {
+    let settings = &resolved.settings;
+    let ns = session.namespace().unwrap_or_default();
+    let username = user
+        .spec
+        .username
+        .clone()
+        .unwrap_or_else(|| user.name_any());
+    let user_id = resolve::user_id(&ns, user);
     let settings_json = serde_json::to_string(&settings.raw).unwrap_or_else(|_| "{}".into());
     let file_mappings: Vec<_> = resolve::file_mappings_for(resolved, workspace)
         .into_iter()
@@ -1271,8 +1370,8 @@ async fn launch(
         username: &username,
         user_id: &user_id,
         workspace,
-        placement: &placement,
-        profile: mount.as_ref(),
+        placement,
+        profile: mount,
         expose_user_env: settings.expose_user_env,
         ssh_keys_secret: ssh_secret.as_deref(),
         group_volume_mappings: &settings.volume_mappings,
@@ -1280,22 +1379,9 @@ async fn launch(
         group_run_config: settings.run_config.as_ref(),
         settings_json: &settings_json,
         paused,
-        launch: &record,
+        launch: record,
     };
-    let mut pod = build::pod(&inputs);
-    if let Some(key) = &ctx.config.credentials {
-        credentials::inject(&mut pod, session, workspace);
-        children::ensure_secret(ctx, ns, &credentials::secret(session, key)).await?;
-    }
-    if budget.is_some() {
-        // Usage-limited: the session must be accounted before it can disappear.
-        expiry::add_finalizer(ctx, ns, session).await?;
-    }
-    if let Some(rejected) = children::create_pod(ctx, ns, &pod).await? {
-        return Ok(Launched::Failed(rejected));
-    }
-    ctx.launches.remember(key, server);
-    Ok(Launched::Created)
+    build::pod(&inputs)
 }
 
 /// How the workspace places sessions, as the caches show it: the scheduler (the zones that have
