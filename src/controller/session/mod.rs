@@ -408,20 +408,15 @@ struct Shell<'a> {
 
 impl Shell<'_> {
     async fn patch_status(&self, status: &SessionStatus) -> Result<Session, Error> {
-        let api: Api<Session> = Api::namespaced(self.ctx.client.clone(), &self.ns);
-        let body =
-            json!({"apiVersion": "cubicle.dev/v1alpha1", "kind": "Session", "status": status});
-        api.patch_status(
+        super::status::apply::<Session>(
+            &self.ctx.client,
+            &self.ns,
             &self.name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(body),
+            FIELD_MANAGER,
+            status,
+            None,
         )
         .await
-        .map_err(|source| Error::Status {
-            kind: KIND,
-            name: self.name.clone(),
-            source,
-        })
     }
 
     async fn event(&self, type_: EventType, reason: &str, note: String, action: &str) {
