@@ -27,6 +27,7 @@
 //! older children version, the next pass creates the child and records the new version, and the
 //! pod (its uid, its containers) is left as it is.
 
+use crate::controller::error::Verb;
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
@@ -145,7 +146,7 @@ pub async fn ensure_running(
         )
         .await
         .map_err(|source| Error::Child {
-            verb: "patch",
+            verb: Verb::Patch,
             kind: "Pod",
             name: pod.name_any(),
             source,
@@ -175,7 +176,7 @@ where
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
         Err(source) => Err(Error::Child {
-            verb: "create",
+            verb: Verb::Create,
             kind,
             name: obj.name_any(),
             source,
@@ -203,7 +204,7 @@ pub async fn ensure_claim(
         api.patch(old, &PatchParams::default(), &Patch::Merge(patch))
             .await
             .map_err(|source| Error::Child {
-                verb: "patch",
+                verb: Verb::Patch,
                 kind: "PersistentVolumeClaim",
                 name: old.to_string(),
                 source,
@@ -225,7 +226,7 @@ pub async fn create_pod(ctx: &Context, ns: &str, pod: &Pod) -> Result<Option<Ref
             format!("the API server rejected the session pod: {}", s.message),
         ))),
         Err(source) => Err(Error::Child {
-            verb: "create",
+            verb: Verb::Create,
             kind: "Pod",
             name: pod.name_any(),
             source,
@@ -247,7 +248,7 @@ pub async fn delete_pod(ctx: &Context, ns: &str, p: &CachedPod) -> Result<(), Er
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
         Err(source) => Err(Error::Child {
-            verb: "delete",
+            verb: Verb::Delete,
             kind: "Pod",
             name: p.name_any(),
             source,

@@ -38,6 +38,7 @@ use super::contract::{
     self, ACCESS_LABEL, ACCESS_PAUSED, FIELD_MANAGER, SERVER_LABEL, SET_BY_EXPIRY,
     STATE_SET_BY_ANNOTATION, ZONE_LABEL,
 };
+use super::error::Verb;
 use super::gate::Inputs;
 use super::status::directory;
 use super::stores::{Reflectors, Stores, digest, in_namespace, sweep, when_changed};
@@ -1663,7 +1664,7 @@ impl Expiring {
                 match api.delete(&name, &dp).await {
                     Ok(_) => Ok(()),
                     Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
-                    Err(e) => Err(("delete", e)),
+                    Err(e) => Err((Verb::Delete, e)),
                 }
             }
             KeepaliveExpirationAction::Stop | KeepaliveExpirationAction::Pause => {
@@ -1679,7 +1680,7 @@ impl Expiring {
                 api.patch(&name, &PatchParams::default(), &Patch::Merge(patch))
                     .await
                     .map(|_| ())
-                    .map_err(|e| ("patch", e))
+                    .map_err(|e| (Verb::Patch, e))
             }
         };
         ctx.expiries.end(&key, at, result.is_ok());
