@@ -409,16 +409,13 @@ mod tests {
     use super::*;
 
     fn user(name: &str, identity: Option<&str>) -> User {
-        let mut spec = serde_json::json!({});
-        if let Some(i) = identity {
-            spec["identity"] = serde_json::json!({ "username": i });
-        }
-        serde_json::from_value(serde_json::json!({
-            "apiVersion": "cubicle.dev/v1alpha1", "kind": "User",
-            "metadata": {"name": name, "namespace": "team", "uid": format!("uid-{name}")},
-            "spec": spec
-        }))
-        .unwrap()
+        let extra = match identity {
+            Some(i) => serde_json::json!({"identity": {"username": i}}),
+            None => serde_json::json!({}),
+        };
+        let mut u = crate::controller::fixtures::user(name, &[], extra);
+        u.metadata.namespace = Some("team".into());
+        u
     }
 
     #[test]

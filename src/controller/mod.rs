@@ -7,6 +7,8 @@
 pub mod assignment;
 pub mod contract;
 pub mod error;
+#[cfg(test)]
+pub(crate) mod fixtures;
 pub mod group;
 pub mod identity;
 pub mod pool;

@@ -908,12 +908,7 @@ mod tests {
     use crate::crd::FileMappingContent;
 
     fn session() -> Session {
-        serde_json::from_value(serde_json::json!({
-            "apiVersion": "cubicle.dev/v1alpha1", "kind": "Session",
-            "metadata": {"name": "s1", "namespace": "ns", "uid": "u-1"},
-            "spec": {"user": "alice", "workspace": "desktop"}
-        }))
-        .unwrap()
+        crate::controller::fixtures::session("s1", "alice", "desktop")
     }
 
     fn workspace(extra: serde_json::Value) -> Workspace {

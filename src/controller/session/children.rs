@@ -260,22 +260,9 @@ pub async fn delete_pod(ctx: &Context, ns: &str, p: &CachedPod) -> Result<(), Er
 mod tests {
     use super::*;
     use crate::controller::runtime::stores::trim_pod;
-    use crate::crd::v1alpha1::SessionSpec;
 
     fn session() -> Session {
-        let mut s = Session::new(
-            "desk",
-            SessionSpec {
-                user: "alice".into(),
-                workspace: "w".into(),
-                persistent_profile: None,
-                zone: None,
-                state: None,
-            },
-        );
-        s.metadata.namespace = Some("ns".into());
-        s.metadata.uid = Some("uid-1".into());
-        s
+        crate::controller::fixtures::session("desk", "alice", "w")
     }
 
     /// A pod as the cache holds it, with these labels and annotations.

@@ -104,22 +104,9 @@ pub fn missing(problem: Option<&str>, session: &Session) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::v1alpha1::SessionSpec;
 
     fn session() -> Session {
-        let mut s = Session::new(
-            "desk",
-            SessionSpec {
-                user: "alice".into(),
-                workspace: "w".into(),
-                persistent_profile: None,
-                zone: None,
-                state: None,
-            },
-        );
-        s.metadata.namespace = Some("ns".into());
-        s.metadata.uid = Some("uid-1".into());
-        s
+        crate::controller::fixtures::session("desk", "alice", "w")
     }
 
     #[test]
@@ -130,11 +117,11 @@ mod tests {
         let owner = &s.metadata.owner_references.as_ref().unwrap()[0];
         assert_eq!(
             (owner.kind.as_str(), owner.uid.as_str()),
-            ("Session", "uid-1")
+            ("Session", "uid-desk")
         );
         assert_eq!(owner.controller, Some(true));
         let pw = &s.data.as_ref().unwrap()[PASSWORD_FIELD];
-        assert_eq!(pw.0, key.session_password("uid-1").into_bytes());
+        assert_eq!(pw.0, key.session_password("uid-desk").into_bytes());
         // The same Secret again after a deletion: the same password.
         assert_eq!(secret(&session(), &key), s);
     }
