@@ -382,6 +382,8 @@ impl Tally {
 /// counts in the stage it was last seen in).
 pub struct Tracker {
     tally: Arc<Mutex<Tally>>,
+    /// When each object was first seen done (by name), on this process's clock.
+    done_at: Arc<Mutex<HashMap<String, std::time::Instant>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -394,8 +396,9 @@ impl Tracker {
         F: Fn(&K) -> Stage + Send + 'static,
     {
         let tally = Arc::new(Mutex::new(Tally::default()));
+        let done_at = Arc::new(Mutex::new(HashMap::new()));
         let synced = Arc::new(tokio::sync::Notify::new());
-        let (t, s) = (tally.clone(), synced.clone());
+        let (t, s, d) = (tally.clone(), synced.clone(), done_at.clone());
         let task = tokio::spawn(async move {
             let mut stages: HashMap<String, Stage> = HashMap::new();
             let mut c = Tally::default();
@@ -417,12 +420,31 @@ impl Tracker {
                         continue;
                     }
                 };
-                c.observe(&mut stages, o.name_any(), stage(&o));
+                let st = stage(&o);
+                if matches!(st, Stage::Done) {
+                    d.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .entry(o.name_any())
+                        .or_insert_with(std::time::Instant::now);
+                }
+                c.observe(&mut stages, o.name_any(), st);
                 *t.lock().unwrap_or_else(|p| p.into_inner()) = c;
             }
         });
         synced.notified().await;
-        Self { tally, task }
+        Self {
+            tally,
+            done_at,
+            task,
+        }
+    }
+
+    /// When each object was first seen done, by name.
+    pub fn done_at(&self) -> HashMap<String, std::time::Instant> {
+        self.done_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The counts now.
@@ -866,5 +888,42 @@ apiserver_watch_events_total{group="cubicle.dev",resource="sessions",version="v1
         let watch = sum_series(METRICS, "apiserver_watch_events_total", watch_key);
         assert_eq!(watch["pods"], 40.0);
         assert_eq!(watch["sessions"], 7.0);
+    }
+}
+
+/// Milliseconds from each pod's first sighting Running to its Session's first sighting Running
+/// (both watched by the same process; a session's pod has the session's name). Sessions or pods
+/// never seen Running are left out.
+pub fn status_lags_ms(
+    pods: &HashMap<String, std::time::Instant>,
+    sessions: &HashMap<String, std::time::Instant>,
+) -> Vec<f64> {
+    sessions
+        .iter()
+        .filter_map(|(name, s)| {
+            let p = pods.get(name)?;
+            Some(s.saturating_duration_since(*p).as_secs_f64() * 1000.0)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod status_lag_tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_status_lag_pairs_each_session_with_its_pod_by_name() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let pods = HashMap::from([("a".to_string(), ms(100)), ("b".to_string(), ms(200))]);
+        let sessions = HashMap::from([
+            ("a".to_string(), ms(150)),
+            ("b".to_string(), ms(180)), // seen before its pod: no lag, never negative
+            ("c".to_string(), ms(300)), // its pod never seen Running: left out
+        ]);
+        let mut lags = status_lags_ms(&pods, &sessions);
+        lags.sort_by(f64::total_cmp);
+        assert_eq!(lags, vec![0.0, 50.0]);
     }
 }

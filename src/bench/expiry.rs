@@ -93,7 +93,8 @@ pub struct Stats {
 }
 
 impl Stats {
-    fn of(mut ms: Vec<f64>) -> Self {
+    /// The figures of `ms` (NaN when empty).
+    pub fn of(mut ms: Vec<f64>) -> Self {
         if ms.is_empty() {
             return Self {
                 p50: f64::NAN,
@@ -109,7 +110,8 @@ impl Stats {
         }
     }
 
-    fn median(runs: &[Stats]) -> Self {
+    /// The median of each figure over runs.
+    pub fn median(runs: &[Stats]) -> Self {
         let m = |f: fn(&Stats) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
         Self {
             p50: m(|s| s.p50),

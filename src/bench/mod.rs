@@ -323,6 +323,8 @@ struct BurstRun {
     per_launch: Requests,
     phases: BTreeMap<String, f64>,
     cpu: BTreeMap<String, f64>,
+    /// From each pod Running to its Session Running (as the bench's watches saw them), ms.
+    status_lag: expiry::Stats,
     /// Only on the first run of the first budget of each size:
     footprint: Option<Footprint>,
 }
@@ -530,6 +532,9 @@ impl Bench {
                     api_seconds: median_map(runs.iter().map(|r| &r.api_work.seconds)),
                     floor_api_seconds: median_map(floors.iter().map(|f| &f.api_work.seconds)),
                     watch_events: median_map(runs.iter().map(|r| &r.api_work.watch_events)),
+                    status_lag_ms: expiry::Stats::median(
+                        &runs.iter().map(|r| r.status_lag).collect::<Vec<_>>(),
+                    ),
                     floor_watch_events: median_map(floors.iter().map(|f| &f.api_work.watch_events)),
                 };
                 cpu.push(CpuRow {
@@ -907,8 +912,16 @@ impl Bench {
         let wall = listed_end.unwrap_or_else(|| t0.elapsed().as_secs_f64());
         let cpu = self.cpu_since(&cpu0, Some(op.pid));
         let api_work = work_delta(&cluster::apiserver_work(&self.client).await, &work0);
+        let status_lag = expiry::Stats::of(cluster::status_lags_ms(
+            &pods.done_at(),
+            &sessions.done_at(),
+        ));
         drop(pods);
         drop(sessions);
+        progress(format!(
+            "operator burst of {n}: status after the pod ran p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+            status_lag.p50, status_lag.p99, status_lag.max
+        ));
         progress(format!(
             "operator burst of {n}: {running} Running at {wall:.1} s; waiting for the operator to settle"
         ));
@@ -975,6 +988,7 @@ impl Bench {
             per_launch,
             phases,
             cpu,
+            status_lag,
             footprint,
         })
     }

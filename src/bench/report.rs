@@ -274,6 +274,9 @@ pub struct Burst {
     pub watch_events: BTreeMap<String, f64>,
     /// The same during the floor's burst.
     pub floor_watch_events: BTreeMap<String, f64>,
+    /// From each pod Running (Ready) to its Session's status Running, as the bench's watches
+    /// saw them: p50 / p99 / max over the burst's sessions, ms (median of the runs).
+    pub status_lag_ms: super::expiry::Stats,
 }
 
 /// A memory reading of the operator.
@@ -519,6 +522,13 @@ impl Report {
                 b.peak_rps,
                 b.floor_peak_rps,
                 b.cpu_ms_per_launch
+            );
+        }
+        for b in &self.bursts {
+            let _ = writeln!(
+                o,
+                "  N={} {}: status after the pod ran p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+                b.sessions, b.budget, b.status_lag_ms.p50, b.status_lag_ms.p99, b.status_lag_ms.max
             );
         }
         for b in &self.bursts {

@@ -61,6 +61,63 @@ pub const STATE_SET_BY_ANNOTATION: &str = "cubicle.dev/state-set-by";
 /// projected into the container as a file).
 pub const FILE_ANNOTATION_PREFIX: &str = "cubicle.dev/file-";
 
+/// Annotation on a session pod: the version of the set of children (objects besides the pod) the
+/// operator had brought into being for its session when it last checked them. A pod of an older
+/// build carries an older value (or none), so a newer build sees which running sessions lack a
+/// child it adds and creates it, without touching the pod's spec.
+pub const CHILDREN_ANNOTATION: &str = "cubicle.dev/children";
+
+/// This build's children version: `1` = the pod, its profile claim and the credentials Secret.
+/// Raise it when a new child kind is added, so sessions already running receive it.
+pub const CHILDREN_VERSION: &str = "1";
+
+/// The `app.kubernetes.io/name` label.
+pub const NAME_LABEL: &str = "app.kubernetes.io/name";
+/// Its value on session pods and profile claims.
+pub const SESSION_APP: &str = "cubicle-session";
+
+/// The labels the operator owns on a session pod: each is brought back to its desired value (or
+/// removed, when it has none) whenever it differs.
+pub const OWNED_POD_LABELS: [&str; 7] = [
+    MANAGED_BY_LABEL,
+    NAME_LABEL,
+    SESSION_LABEL,
+    USER_LABEL,
+    WORKSPACE_LABEL,
+    SERVER_LABEL,
+    ACCESS_LABEL,
+];
+
+/// The annotations the operator owns on a session pod and keeps at their desired value. (The
+/// settings, launch record and file annotations are inputs of the pod's spec, set when it is
+/// created, like the spec itself.)
+pub const OWNED_POD_ANNOTATIONS: [&str; 1] = [CHILDREN_ANNOTATION];
+
+/// A digest of a pod's owned labels and annotations ([`OWNED_POD_LABELS`],
+/// [`OWNED_POD_ANNOTATIONS`]): equal digests mean nothing owned differs. Stable across processes.
+pub fn owned_digest(
+    labels: Option<&std::collections::BTreeMap<String, String>>,
+    annotations: Option<&std::collections::BTreeMap<String, String>>,
+) -> u64 {
+    let mut text = String::new();
+    let keys = OWNED_POD_LABELS
+        .iter()
+        .map(|k| (k, labels))
+        .chain(OWNED_POD_ANNOTATIONS.iter().map(|k| (k, annotations)));
+    for (k, map) in keys {
+        text.push_str(k);
+        match map.and_then(|m| m.get(*k)) {
+            Some(v) => {
+                text.push('=');
+                text.push_str(v);
+            }
+            None => text.push('!'),
+        }
+        text.push('\n');
+    }
+    stable_hash(&text)
+}
+
 /// The value of [`STATE_SET_BY_ANNOTATION`] when the expiry set `spec.state`.
 pub const SET_BY_EXPIRY: &str = "expiry";
 

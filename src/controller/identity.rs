@@ -14,6 +14,7 @@
 //! operator writes nothing, and one that was down catches up on Users deleted or re-identified
 //! meanwhile, and on bindings edited by hand.
 
+use crate::controller::error::Verb;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -261,7 +262,7 @@ impl Runner {
                 self.applied.remove(&key);
             }
             Err(e) => {
-                self.ctx.metrics.error("UserAccess", e.category());
+                self.ctx.metrics.error("UserAccess", e.category().as_str());
                 let wait = self.ctx.backoff.failed(&grant);
                 warn!(user = %id, error = %super::error::chain(&e), retry_in = ?wait, "identity RBAC not in step");
                 let tx = self.retry.clone();
@@ -285,7 +286,7 @@ impl Runner {
             .patch(&name, &pp, &Patch::Apply(&role))
             .await
             .map_err(|source| Error::Child {
-                verb: "apply",
+                verb: Verb::Apply,
                 kind: "Role",
                 name: name.clone(),
                 source,
@@ -294,7 +295,7 @@ impl Runner {
             .patch(&name, &pp, &Patch::Apply(&binding))
             .await
             .map_err(|source| Error::Child {
-                verb: "apply",
+                verb: Verb::Apply,
                 kind: "RoleBinding",
                 name: name.clone(),
                 source,
@@ -312,7 +313,7 @@ impl Runner {
             Err(kube::Error::Api(s)) if s.code == 404 => {}
             Err(source) => {
                 return Err(Error::Child {
-                    verb: "delete",
+                    verb: Verb::Delete,
                     kind: "RoleBinding",
                     name,
                     source,
@@ -324,7 +325,7 @@ impl Runner {
             Err(kube::Error::Api(s)) if s.code == 404 => {}
             Err(source) => {
                 return Err(Error::Child {
-                    verb: "delete",
+                    verb: Verb::Delete,
                     kind: "Role",
                     name,
                     source,
@@ -408,16 +409,13 @@ mod tests {
     use super::*;
 
     fn user(name: &str, identity: Option<&str>) -> User {
-        let mut spec = serde_json::json!({});
-        if let Some(i) = identity {
-            spec["identity"] = serde_json::json!({ "username": i });
-        }
-        serde_json::from_value(serde_json::json!({
-            "apiVersion": "cubicle.dev/v1alpha1", "kind": "User",
-            "metadata": {"name": name, "namespace": "team", "uid": format!("uid-{name}")},
-            "spec": spec
-        }))
-        .unwrap()
+        let extra = match identity {
+            Some(i) => serde_json::json!({"identity": {"username": i}}),
+            None => serde_json::json!({}),
+        };
+        let mut u = crate::controller::fixtures::user(name, &[], extra);
+        u.metadata.namespace = Some("team".into());
+        u
     }
 
     #[test]

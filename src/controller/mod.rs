@@ -7,6 +7,8 @@
 pub mod assignment;
 pub mod contract;
 pub mod error;
+#[cfg(test)]
+pub(crate) mod fixtures;
 pub mod group;
 pub mod identity;
 pub mod pool;
@@ -225,8 +227,8 @@ impl Context {
         K: kube::Resource,
         K::DynamicType: Eq + std::hash::Hash + Clone,
     {
-        self.metrics.error(kind, err.category());
-        warn!(kind, object = %obj, error = %error::chain(err), category = err.category(), "reconcile failed");
+        self.metrics.error(kind, err.category().as_str());
+        warn!(kind, object = %obj, error = %error::chain(err), category = err.category().as_str(), "reconcile failed");
         if err.is_transient() {
             Action::requeue(self.backoff.failed(obj))
         } else {

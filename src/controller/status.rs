@@ -96,7 +96,7 @@ pub async fn reconcile<K: StatusView>(
     let desired = K::desired(&ctx, &dir, &obj, &now);
     written.seen(obj.as_ref());
     if obj.needs_write(&desired) && !written.already(obj.as_ref(), &desired) {
-        apply::<K>(&ctx.client, &ns, &name, K::MANAGER, &desired).await?;
+        apply::<K>(&ctx.client, &ns, &name, K::MANAGER, &desired, None).await?;
         written.record(obj.as_ref(), &desired);
     }
     ctx.backoff.succeeded(&ObjectRef::from_obj(obj.as_ref()));
@@ -393,14 +393,18 @@ pub fn hash_value(v: &Value, h: &mut impl std::hash::Hasher) {
 }
 
 /// Applies `status` (with server-side apply, as `manager`, forced) to the status subresource of
-/// `name`. The body carries only the fields the caller owns.
+/// `name`, and returns the object as written. The body carries only the fields the caller owns.
+/// The one status path of every kind: the status controllers, the Session controller and the
+/// usage ledger all write through it. With `resource_version`, the write is guarded: it fails
+/// with a conflict (409) when the object has changed since that version.
 pub async fn apply<K>(
     client: &Client,
     ns: &str,
     name: &str,
     manager: &str,
     status: &impl Serialize,
-) -> Result<(), Error>
+    resource_version: Option<&str>,
+) -> Result<K, Error>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
         + Clone
@@ -410,11 +414,14 @@ where
     let api: Api<K> = Api::namespaced(client.clone(), ns);
     let mut status = serde_json::to_value(status).unwrap_or(Value::Null);
     normalize_numbers(&mut status);
-    let body = json!({
+    let mut body = json!({
         "apiVersion": K::api_version(&()),
         "kind": K::kind(&()),
         "status": status,
     });
+    if let Some(v) = resource_version {
+        body["metadata"] = json!({"resourceVersion": v});
+    }
     api.patch_status(
         name,
         &PatchParams::apply(manager).force(),
@@ -425,8 +432,12 @@ where
         kind: kind_name::<K>(),
         name: name.to_string(),
         source,
-    })?;
-    Ok(())
+    })
+}
+
+/// Whether `e` is a guarded write's conflict: the object changed since the version it carried.
+pub fn is_conflict(e: &Error) -> bool {
+    matches!(e, Error::Status { source: kube::Error::Api(s), .. } if s.code == 409)
 }
 
 fn kind_name<K: Resource<DynamicType = ()>>() -> &'static str {

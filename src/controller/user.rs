@@ -355,30 +355,17 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::fixtures;
     use crate::crd::Duration;
-    use crate::crd::v1alpha1::{GroupSettings, GroupSpec, SessionPhase};
+    use crate::crd::v1alpha1::{GroupSettings, SessionPhase};
 
     fn group(name: &str, priority: u32, settings: GroupSettings) -> Arc<Group> {
-        let mut g = Group::new(
-            name,
-            GroupSpec {
-                priority,
-                description: None,
-                settings,
-            },
-        );
-        g.metadata.namespace = Some("ns".into());
-        Arc::new(g)
+        Arc::new(fixtures::group(name, priority, settings))
     }
 
     fn user(name: &str, groups: &[&str]) -> User {
-        let mut u: User = serde_json::from_value(serde_json::json!({
-            "apiVersion": "cubicle.dev/v1alpha1", "kind": "User",
-            "metadata": {"name": name, "namespace": "ns", "generation": 3},
-            "spec": {"groups": groups}
-        }))
-        .unwrap();
-        u.status = None;
+        let mut u = fixtures::user(name, groups, serde_json::json!({}));
+        u.metadata.generation = Some(3);
         u
     }
 
@@ -438,8 +425,9 @@ mod tests {
         assert_eq!(types, CONDITIONS);
         assert_eq!(s.conditions[0].status, "True");
         assert_eq!(s.conditions[1].status, "False");
-        // Steady: nothing to write; the same computation later keeps the times.
-        assert!(!User::changed(Some(&s), &s));
+        // Steady: written, read back and recomputed an hour later, nothing to write.
+        let again = desired_status(&d, &u, &sessions, &[], None, &t("2026-02-01T01:00:00Z"));
+        assert!(!User::changed(Some(&fixtures::round_trip(&s)), &again));
         let later = desired_status(&d, &u, &sessions, &[], Some(&s), &t("2026-03-01T00:00:00Z"));
         assert!(!User::changed(Some(&s), &later));
         assert_eq!(later.conditions[0].last_transition_time, now);

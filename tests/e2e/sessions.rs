@@ -935,3 +935,153 @@ spec:
     assert_eq!(pod_node(&ns, "p3").await, "fake-node-1");
     op.stop().await;
 }
+
+/// The pod's labels and annotations, for a failure's message.
+async fn pod_meta_text(ns: &TestNs, name: &str) -> String {
+    match ns.api::<Pod>().get_opt(name).await {
+        Ok(Some(p)) => format!(
+            "pod {name} uid {:?} labels {:?} annotations {:?} phase {:?}",
+            p.uid(),
+            p.labels(),
+            p.annotations()
+                .iter()
+                .filter(|(k, _)| !k.starts_with("cubicle.dev/file-"))
+                .collect::<BTreeMap<_, _>>(),
+            p.status.as_ref().and_then(|s| s.phase.clone())
+        ),
+        other => format!("pod {name}: {other:?}"),
+    }
+}
+
+/// Waits (generously) until the pod satisfies `ok`; on a timeout, fails with what it shows.
+async fn wait_pod(ns: &TestNs, name: &str, what: &str, ok: impl Fn(&Pod) -> bool) -> Pod {
+    let pods = ns.api::<Pod>();
+    let start = std::time::Instant::now();
+    loop {
+        if let Ok(Some(p)) = pods.get_opt(name).await
+            && ok(&p)
+        {
+            return p;
+        }
+        if start.elapsed() > LONG {
+            panic!(
+                "timed out after {LONG:?} waiting for {what}: {}",
+                pod_meta_text(ns, name).await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The executor keeps every child of a running session in shape: owned labels and annotations
+/// edited by hand come back (others' are left alone), and a child missing from a running session
+/// (as under an older build: no credentials Secret, and a pod without the children version) is
+/// created, while the pod runs on (same uid, same start).
+#[tokio::test]
+async fn the_executor_restores_owned_metadata_and_missing_children_without_a_restart() {
+    use cubicle::controller::contract::{CHILDREN_ANNOTATION, CHILDREN_VERSION};
+    use k8s_openapi::api::core::v1::Secret;
+    install_crds().await;
+    let ns = TestNs::new("children").await;
+    tenant(&ns).await;
+    let key = cubicle::credentials::ensure(ns.client.clone(), &ns.name, "cubicle-session-key")
+        .await
+        .unwrap();
+    let op = Operator::start_with(&ns.name, move |c| c.credentials = Some(key)).await;
+    create(&ns, &session("kept", "erin", "desktop", json!({}))).await;
+    let started = wait_phase(&ns, "kept", SessionPhase::Running)
+        .await
+        .status
+        .unwrap()
+        .started_at;
+    let pods = ns.api::<Pod>();
+    let uid = pods.get("kept").await.unwrap().uid();
+    let owned = |p: &Pod, label: &str| p.labels().get(label).cloned();
+    let children = |p: &Pod| p.annotations().get(CHILDREN_ANNOTATION).cloned();
+    let current = Some(CHILDREN_VERSION.to_string());
+
+    // Hand edits: an owned label changed, another removed, the owned annotation changed; a
+    // label the operator does not own added.
+    pods.patch(
+        "kept",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {
+            "labels": {"cubicle.dev/user": "mallory", "app.kubernetes.io/name": null, "team": "a"},
+            "annotations": {CHILDREN_ANNOTATION: "0"},
+        }})),
+    )
+    .await
+    .unwrap();
+    let p = wait_pod(
+        &ns,
+        "kept",
+        "the owned labels and annotation restored",
+        |p| {
+            owned(p, "cubicle.dev/user").as_deref() == Some("erin")
+                && owned(p, "app.kubernetes.io/name").as_deref() == Some("cubicle-session")
+                && children(p) == current
+        },
+    )
+    .await;
+    assert_eq!(
+        owned(&p, "team").as_deref(),
+        Some("a"),
+        "a label the operator does not own is left alone: {}",
+        pod_meta_text(&ns, "kept").await
+    );
+
+    // An older build's session: no credentials Secret, no children version on its pod.
+    let secrets = ns.api::<Secret>();
+    let before = secrets.get("kept-vnc").await.unwrap().data;
+    secrets
+        .delete("kept-vnc", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("the Secret gone", LONG, || async {
+        secrets
+            .get_opt("kept-vnc")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    pods.patch(
+        "kept",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {CHILDREN_ANNOTATION: null}}})),
+    )
+    .await
+    .unwrap();
+    let back = wait_for("the missing Secret created again", LONG, || async {
+        secrets.get_opt("kept-vnc").await.unwrap()
+    })
+    .await;
+    assert_eq!(back.data, before, "the same derived password");
+    let p = wait_pod(&ns, "kept", "the children version recorded", |p| {
+        children(p) == current
+    })
+    .await;
+    assert_eq!(
+        p.uid(),
+        uid,
+        "the session was not restarted: {}",
+        pod_meta_text(&ns, "kept").await
+    );
+    let s = ns.api::<Session>().get("kept").await.unwrap();
+    let status = s.status.unwrap();
+    assert_eq!(status.phase, Some(SessionPhase::Running));
+    assert_eq!(status.started_at, started, "the same start");
+
+    // Once in shape, a quiet period writes nothing.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let quiet_before = op.counter.writes();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        op.counter.writes() - quiet_before,
+        0,
+        "writes once in shape: {:?}",
+        op.counter.snapshot()
+    );
+    op.stop().await;
+}

@@ -64,6 +64,11 @@ pub struct CachedPod {
     /// server; read it through [`CachedPod::launch_annotation`].
     #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
     pub launch: Option<String>,
+    /// Cache-only: the digest of the labels and annotations the operator owns
+    /// ([`crate::controller::contract::owned_digest`]), taken before the pod is trimmed for the
+    /// cache. Read it through [`CachedPod::owned_digest`].
+    #[serde(skip)]
+    pub owned: Option<u64>,
 }
 same_resource_as!(CachedPod, k8s_openapi::api::core::v1::Pod);
 
@@ -77,6 +82,17 @@ impl CachedPod {
                 .as_ref()
                 .and_then(|a| a.get(LAUNCH_ANNOTATION))
                 .map(String::as_str)
+        })
+    }
+
+    /// The digest of the labels and annotations the operator owns: as taken for the cache, or
+    /// of the pod as sent.
+    pub fn owned_digest(&self) -> u64 {
+        self.owned.unwrap_or_else(|| {
+            crate::controller::contract::owned_digest(
+                self.metadata.labels.as_ref(),
+                self.metadata.annotations.as_ref(),
+            )
         })
     }
 }

@@ -655,6 +655,10 @@ fn child_meta(m: ObjectMeta, annotations: Option<BTreeMap<String, String>>) -> O
 pub fn trim_pod(p: &mut CachedPod) {
     use crate::controller::contract::{ACCESS_LABEL, LAUNCH_ANNOTATION, SERVER_LABEL};
     let mut m = std::mem::take(&mut p.metadata);
+    p.owned = Some(crate::controller::contract::owned_digest(
+        m.labels.as_ref(),
+        m.annotations.as_ref(),
+    ));
     p.launch = m
         .annotations
         .as_mut()

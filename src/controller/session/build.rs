@@ -17,11 +17,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::{Resource, ResourceExt};
 
 // `pod_name` stays reachable here for the bench (src/bench), which names pods through it.
+use super::children::pod_meta;
 pub use crate::controller::contract::pod_name;
 use crate::controller::contract::{
-    ACCESS_LABEL, ACCESS_PAUSED, FILE_ANNOTATION_PREFIX, HOSTNAME_LABEL, LAUNCH_ANNOTATION,
-    MANAGED_BY, MANAGED_BY_LABEL, PROFILE_LABEL, RESET_BY_ANNOTATION, SERVER_LABEL, SESSION_LABEL,
-    SETTINGS_ANNOTATION, USER_LABEL, WORKSPACE_LABEL, ZONE_LABEL, label_value, stable_hash,
+    FILE_ANNOTATION_PREFIX, HOSTNAME_LABEL, LAUNCH_ANNOTATION, OWNED_POD_LABELS, PROFILE_LABEL,
+    RESET_BY_ANNOTATION, SETTINGS_ANNOTATION, ZONE_LABEL, stable_hash,
 };
 use crate::crd::v1alpha1::{ProfileClaimTemplate, Session, Workspace};
 use crate::crd::{FileMapping, RunConfig, VolumeMapping};
@@ -158,19 +158,6 @@ fn owner_ref(session: &Session) -> OwnerReference {
         .expect("a stored Session has a name and uid")
 }
 
-/// Labels shared by the pod and claim.
-fn base_labels(user: &str, workspace: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
-        (
-            "app.kubernetes.io/name".to_string(),
-            "cubicle-session".to_string(),
-        ),
-        (USER_LABEL.to_string(), label_value(user)),
-        (WORKSPACE_LABEL.to_string(), label_value(workspace)),
-    ])
-}
-
 /// Replaces `{username}` and `{user_id}` in a template.
 pub fn render_template(template: &str, username: &str, user_id: &str) -> String {
     template
@@ -246,7 +233,7 @@ pub fn profile_claim(
     namespace: &str,
     reset_by: Option<&str>,
 ) -> PersistentVolumeClaim {
-    let mut labels = base_labels(user, workspace);
+    let mut labels = super::children::base_labels(user, workspace);
     labels.insert(PROFILE_LABEL.into(), profile_key(base));
     let annotations =
         reset_by.map(|uid| BTreeMap::from([(RESET_BY_ANNOTATION.to_string(), uid.to_string())]));
@@ -333,305 +320,61 @@ fn file_mode(m: &FileMapping) -> i32 {
     }
 }
 
+/// A pod's parts as they are put together.
+#[derive(Default)]
+struct Parts {
+    labels: BTreeMap<String, String>,
+    annotations: BTreeMap<String, String>,
+    volumes: Vec<Volume>,
+    mounts: Vec<VolumeMount>,
+    init_containers: Vec<Container>,
+    envs: Vec<EnvVar>,
+    requests: BTreeMap<String, Quantity>,
+    limits: BTreeMap<String, Quantity>,
+    node_selector: BTreeMap<String, String>,
+    tolerations: Vec<Toleration>,
+    /// The projected files volume's sources.
+    sources: Vec<VolumeProjection>,
+    /// The writable files: (item, destination).
+    writable: Vec<(String, String)>,
+}
+
 /// The session pod.
 pub fn pod(i: &PodInputs<'_>) -> Pod {
     let s = i.session;
     let ws = &i.workspace.spec;
-    let ws_name = i.workspace.name_any();
-    let mut labels = base_labels(i.user, &ws_name);
-    labels.insert(SESSION_LABEL.into(), label_value(&s.name_any()));
-    if let Placement::Server { server, .. } = i.placement {
-        labels.insert(SERVER_LABEL.into(), label_value(server));
-    }
-    if i.paused {
-        labels.insert(ACCESS_LABEL.into(), ACCESS_PAUSED.into());
-    }
-    let mut annotations = BTreeMap::from([
-        (SETTINGS_ANNOTATION.to_string(), i.settings_json.to_string()),
-        (
-            LAUNCH_ANNOTATION.to_string(),
-            serde_json::to_string(i.launch).unwrap_or_default(),
-        ),
-    ]);
-
-    // Run config: the workspace's, then the group's on top (the group wins).
-    let run_configs: Vec<&RunConfig> = ws.run_config.iter().chain(i.group_run_config).collect();
-
-    let mut volumes: Vec<Volume> = Vec::new();
-    let mut mounts: Vec<VolumeMount> = Vec::new();
-    let mut init_containers: Vec<Container> = Vec::new();
-
-    // Effective settings, delivered as a file through the downward API (no extra object).
-    volumes.push(Volume {
-        name: "cubicle-settings".into(),
-        downward_api: Some(DownwardAPIVolumeSource {
-            items: Some(vec![DownwardAPIVolumeFile {
-                path: "settings.json".into(),
-                field_ref: Some(ObjectFieldSelector {
-                    field_path: format!("metadata.annotations['{SETTINGS_ANNOTATION}']"),
-                    api_version: None,
-                }),
-                mode: Some(0o444),
-                resource_field_ref: None,
-            }]),
-            default_mode: None,
-        }),
-        ..Default::default()
-    });
-    mounts.push(VolumeMount {
-        name: "cubicle-settings".into(),
-        mount_path: SETTINGS_DIR.into(),
-        read_only: Some(true),
-        ..Default::default()
-    });
-
-    // Persistent profile.
-    match i.profile {
-        Some(ProfileMount::Claim { claim, mount_path }) => {
-            volumes.push(claim_volume("profile", claim, false));
-            mounts.push(VolumeMount {
-                name: "profile".into(),
-                mount_path: mount_path.clone(),
-                ..Default::default()
-            });
-        }
-        Some(ProfileMount::SubPath {
-            claim,
-            sub_path,
-            mount_path,
-            archive_to,
-        }) => {
-            volumes.push(claim_volume("profile", claim, false));
-            mounts.push(VolumeMount {
-                name: "profile".into(),
-                mount_path: mount_path.clone(),
-                sub_path: Some(sub_path.clone()),
-                ..Default::default()
-            });
-            if let Some(archive) = archive_to {
-                // Reset on a shared volume: rename the old directory (never delete it), then
-                // start fresh. Runs with the workspace image, which has a shell.
-                init_containers.push(Container {
-                    name: "profile-reset".into(),
-                    image: Some(ws.image.clone()),
-                    command: Some(vec!["/bin/sh".into(), "-c".into(),
-                        "set -eu; if [ -e \"/profiles/$OLD\" ]; then mv \"/profiles/$OLD\" \"/profiles/$NEW\"; fi; mkdir -p \"/profiles/$OLD\"".into()]),
-                    env: Some(vec![env("OLD", sub_path), env("NEW", archive)]),
-                    volume_mounts: Some(vec![VolumeMount {
-                        name: "profile".into(),
-                        mount_path: "/profiles".into(),
-                        ..Default::default()
-                    }]),
-                    security_context: Some(restricted_container_security()),
-                    ..Default::default()
-                });
-            }
-        }
-        None => {}
-    }
-
-    // Volume mappings: the groups' (merged), then the workspace's.
-    for (n, vm) in i
-        .group_volume_mappings
-        .iter()
-        .chain(ws.volume_mappings.iter())
-        .enumerate()
-    {
-        let vol_name = format!("vm-{n}");
-        let src = &vm.source;
-        volumes.push(Volume {
-            name: vol_name.clone(),
-            persistent_volume_claim: src.persistent_volume_claim.clone(),
-            nfs: src.nfs.clone(),
-            config_map: src.config_map.clone(),
-            secret: src.secret.clone(),
-            empty_dir: src.empty_dir.clone(),
-            host_path: src.host_path.clone(),
-            ..Default::default()
-        });
-        mounts.push(VolumeMount {
-            name: vol_name,
-            mount_path: vm.mount_path.clone(),
-            sub_path: vm.sub_path.clone(),
-            read_only: vm.read_only,
-            ..Default::default()
-        });
-    }
-
-    // File mappings: one projected volume; each file mounted at its destination via subPath.
-    // Writable files are copied into an emptyDir by an init container first.
-    let mut sources: Vec<VolumeProjection> = Vec::new();
-    let mut writable: Vec<(String, String)> = Vec::new();
-    for (n, fm) in i.file_mappings.iter().enumerate() {
-        let item = format!("f{n}");
-        let mode = Some(file_mode(fm));
-        if let Some(text) = &fm.content.inline {
-            let key = format!("{FILE_ANNOTATION_PREFIX}{n}");
-            annotations.insert(key.clone(), text.clone());
-            sources.push(VolumeProjection {
-                downward_api: Some(k8s_openapi::api::core::v1::DownwardAPIProjection {
-                    items: Some(vec![DownwardAPIVolumeFile {
-                        path: item.clone(),
-                        field_ref: Some(ObjectFieldSelector {
-                            field_path: format!("metadata.annotations['{key}']"),
-                            api_version: None,
-                        }),
-                        mode,
-                        resource_field_ref: None,
-                    }]),
-                }),
-                ..Default::default()
-            });
-        } else if let Some(r) = &fm.content.config_map_key_ref {
-            sources.push(VolumeProjection {
-                config_map: Some(ConfigMapProjection {
-                    name: r.name.clone(),
-                    items: Some(vec![KeyToPath {
-                        key: r.key.clone(),
-                        path: item.clone(),
-                        mode,
-                    }]),
-                    optional: r.optional,
-                }),
-                ..Default::default()
-            });
-        } else if let Some(r) = &fm.content.secret_key_ref {
-            sources.push(VolumeProjection {
-                secret: Some(SecretProjection {
-                    name: r.name.clone(),
-                    items: Some(vec![KeyToPath {
-                        key: r.key.clone(),
-                        path: item.clone(),
-                        mode,
-                    }]),
-                    optional: r.optional,
-                }),
-                ..Default::default()
-            });
-        }
-        if fm.writable.unwrap_or(false) {
-            writable.push((item.clone(), fm.destination.clone()));
-            mounts.push(VolumeMount {
-                name: "cubicle-files-rw".into(),
-                mount_path: fm.destination.clone(),
-                sub_path: Some(item),
-                ..Default::default()
-            });
-        } else {
-            mounts.push(VolumeMount {
-                name: "cubicle-files".into(),
-                mount_path: fm.destination.clone(),
-                sub_path: Some(item),
-                read_only: Some(true),
-                ..Default::default()
-            });
-        }
-    }
-    // SSH keys, when the group injects them: projected read-only into ~/.ssh.
-    if let Some(secret) = i.ssh_keys_secret {
-        let home = i
-            .profile
-            .map(|p| match p {
-                ProfileMount::Claim { mount_path, .. }
-                | ProfileMount::SubPath { mount_path, .. } => mount_path.clone(),
-            })
-            .unwrap_or_else(|| "/home/kasm-user".into());
-        for (key, mode) in [("id_rsa", 0o400), ("id_rsa.pub", 0o444)] {
-            let item = format!("ssh-{key}");
-            sources.push(VolumeProjection {
-                secret: Some(SecretProjection {
-                    name: secret.into(),
-                    items: Some(vec![KeyToPath {
-                        key: key.into(),
-                        path: item.clone(),
-                        mode: Some(mode),
-                    }]),
-                    optional: Some(key == "id_rsa.pub"),
-                }),
-                ..Default::default()
-            });
-            mounts.push(VolumeMount {
-                name: "cubicle-files".into(),
-                mount_path: format!("{}/.ssh/{key}", home.trim_end_matches('/')),
-                sub_path: Some(item),
-                read_only: Some(true),
-                ..Default::default()
-            });
-        }
-    }
-    if !sources.is_empty() {
-        volumes.push(Volume {
-            name: "cubicle-files".into(),
-            projected: Some(ProjectedVolumeSource {
-                sources: Some(sources),
-                default_mode: Some(0o444),
-            }),
-            ..Default::default()
-        });
-    }
-    if !writable.is_empty() {
-        volumes.push(Volume {
-            name: "cubicle-files-rw".into(),
-            empty_dir: Some(EmptyDirVolumeSource::default()),
-            ..Default::default()
-        });
-        let script = writable
-            .iter()
-            .map(|(item, _)| format!("cp /src/{item} /rw/{item} && chmod u+w /rw/{item}"))
-            .collect::<Vec<_>>()
-            .join(" && ");
-        init_containers.push(Container {
-            name: "file-mappings".into(),
-            image: Some(ws.image.clone()),
-            command: Some(vec![
-                "/bin/sh".into(),
-                "-c".into(),
-                format!("set -eu; {script}"),
-            ]),
-            volume_mounts: Some(vec![
-                VolumeMount {
-                    name: "cubicle-files".into(),
-                    mount_path: "/src".into(),
-                    read_only: Some(true),
-                    ..Default::default()
-                },
-                VolumeMount {
-                    name: "cubicle-files-rw".into(),
-                    mount_path: "/rw".into(),
-                    ..Default::default()
-                },
-            ]),
-            security_context: Some(restricted_container_security()),
-            ..Default::default()
-        });
-    }
-
+    let server = match i.placement {
+        Placement::Server { server, .. } => Some(server.as_str()),
+        _ => None,
+    };
+    // The labels and annotations the executor keeps in shape (children::pod_meta).
+    let owned = pod_meta(s, server, i.paused);
+    let mut p = Parts {
+        labels: owned.labels.clone(),
+        annotations: BTreeMap::from([
+            (SETTINGS_ANNOTATION.to_string(), i.settings_json.to_string()),
+            (
+                LAUNCH_ANNOTATION.to_string(),
+                serde_json::to_string(i.launch).unwrap_or_default(),
+            ),
+        ]),
+        ..Parts::default()
+    };
+    settings_file(&mut p);
+    profile_volume(&mut p, i);
+    volume_mappings(&mut p, i);
+    file_mappings(&mut p, i);
+    ssh_keys(&mut p, i);
+    files_volumes(&mut p, i);
     // Environment: workspace, then KASM_USER/KASM_USER_ID, then run configs (group last).
-    let mut envs: Vec<EnvVar> = ws.env.clone();
+    p.envs = ws.env.clone();
     if i.expose_user_env {
         merge_env(
-            &mut envs,
+            &mut p.envs,
             &[env("KASM_USER", i.username), env("KASM_USER_ID", i.user_id)],
         );
     }
-
-    // Resources from the workspace.
-    let mut requests = BTreeMap::new();
-    let mut limits = BTreeMap::new();
-    if let Some(r) = &ws.resources {
-        if let Some(c) = &r.cores {
-            requests.insert("cpu".to_string(), c.clone());
-            limits.insert("cpu".to_string(), c.clone());
-        }
-        if let Some(m) = &r.memory {
-            requests.insert("memory".to_string(), m.clone());
-            limits.insert("memory".to_string(), m.clone());
-        }
-        if let Some(g) = r.gpus.filter(|g| *g > 0) {
-            limits.insert("nvidia.com/gpu".to_string(), Quantity(g.to_string()));
-        }
-    }
-
+    workspace_resources(&mut p, i);
     let mut container = Container {
         name: "session".into(),
         image: Some(ws.image.clone()),
@@ -653,120 +396,28 @@ pub fn pod(i: &PodInputs<'_>) -> Pod {
         }),
         ..Default::default()
     };
-    let mut node_selector: BTreeMap<String, String> = BTreeMap::new();
-    let mut tolerations: Vec<Toleration> = Vec::new();
     let mut spec = PodSpec::default();
-    let mut shm: Option<Quantity> = None;
-    for rc in &run_configs {
-        if let Some(p) = &rc.pod {
-            node_selector.extend(p.node_selector.clone());
-            tolerations.extend(p.tolerations.iter().cloned());
-            if p.priority_class_name.is_some() {
-                spec.priority_class_name = p.priority_class_name.clone();
-            }
-            if p.runtime_class_name.is_some() {
-                spec.runtime_class_name = p.runtime_class_name.clone();
-            }
-            if let Some(h) = &p.hostname {
-                // Templates work here as in profile paths; the result must be a DNS label.
-                let h = render_template(h, i.username, i.user_id);
-                spec.hostname = Some(dns_label(&h));
-            }
-            if !p.host_aliases.is_empty() {
-                spec.host_aliases = Some(p.host_aliases.clone());
-            }
-            if p.dns_config.is_some() {
-                spec.dns_config = p.dns_config.clone();
-            }
-            if let Some(sc) = &p.security_context {
-                pod_sc = sc.clone();
-            }
-            if p.shm_size.is_some() {
-                shm = p.shm_size.clone();
-            }
-            labels.extend(p.labels.clone());
-            annotations.extend(p.annotations.clone());
-        }
-        if let Some(c) = &rc.container {
-            merge_env(&mut envs, &c.env);
-            if let Some(sc) = &c.security_context {
-                container.security_context = Some(sc.clone());
-            }
-            if c.working_dir.is_some() {
-                container.working_dir = c.working_dir.clone();
-            }
-            if c.command.is_some() {
-                container.command = c.command.clone();
-            }
-            if c.args.is_some() {
-                container.args = c.args.clone();
-            }
-            if let Some(r) = &c.resources {
-                requests.extend(r.requests.clone());
-                limits.extend(r.limits.clone());
-            }
-        }
-    }
-    if let Some(size) = shm {
-        volumes.push(Volume {
-            name: "dshm".into(),
-            empty_dir: Some(EmptyDirVolumeSource {
-                medium: Some("Memory".into()),
-                size_limit: Some(size),
-            }),
-            ..Default::default()
-        });
-        mounts.push(VolumeMount {
-            name: "dshm".into(),
-            mount_path: "/dev/shm".into(),
-            ..Default::default()
-        });
-    }
-    // Identity labels always win over run-config labels.
-    labels.extend(base_labels(i.user, &ws_name));
-    labels.insert(SESSION_LABEL.into(), label_value(&s.name_any()));
-
-    // Placement.
-    let mut required: Vec<NodeSelectorRequirement> = Vec::new();
-    let zone = match i.placement {
-        Placement::Scheduler { zone } => zone.clone(),
-        Placement::Server { node, zone, .. } => {
-            required.push(NodeSelectorRequirement {
-                key: HOSTNAME_LABEL.into(),
-                operator: "In".into(),
-                values: Some(vec![node.clone()]),
-            });
-            zone.clone()
-        }
-        Placement::Autoscale {
-            node_selector: sel,
-            zone,
-        } => {
-            node_selector.extend(sel.clone());
-            zone.clone()
-        }
-        Placement::OnNode {
-            node,
-            node_selector: sel,
-            zone,
-        } => {
-            required.push(NodeSelectorRequirement {
-                key: HOSTNAME_LABEL.into(),
-                operator: "In".into(),
-                values: Some(vec![node.clone()]),
-            });
-            node_selector.extend(sel.clone());
-            zone.clone()
-        }
-    };
-    if let Some(z) = zone {
-        required.push(NodeSelectorRequirement {
-            key: ZONE_LABEL.into(),
-            operator: "In".into(),
-            values: Some(vec![z]),
-        });
-    }
-
+    let shm = run_configs(&mut p, i, &mut container, &mut pod_sc, &mut spec);
+    shm_volume(&mut p, shm);
+    // The owned labels and annotations always win over run-config ones.
+    p.labels
+        .retain(|k, _| !OWNED_POD_LABELS.contains(&k.as_str()));
+    p.labels.extend(owned.labels);
+    p.annotations.extend(owned.annotations);
+    let required = placement(&mut p, i);
+    let Parts {
+        labels,
+        annotations,
+        volumes,
+        mounts,
+        init_containers,
+        envs,
+        requests,
+        limits,
+        node_selector,
+        tolerations,
+        ..
+    } = p;
     container.env = (!envs.is_empty()).then_some(envs);
     container.volume_mounts = Some(mounts);
     container.resources =
@@ -798,20 +449,7 @@ pub fn pod(i: &PodInputs<'_>) -> Pod {
             .map(|n| k8s_openapi::api::core::v1::LocalObjectReference { name: n.clone() })
             .collect()
     });
-    if !required.is_empty() {
-        spec.affinity = Some(Affinity {
-            node_affinity: Some(NodeAffinity {
-                required_during_scheduling_ignored_during_execution: Some(NodeSelector {
-                    node_selector_terms: vec![NodeSelectorTerm {
-                        match_expressions: Some(required),
-                        match_fields: None,
-                    }],
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
-    }
+    spec.affinity = affinity(required);
     Pod {
         metadata: ObjectMeta {
             name: Some(pod_name(s)),
@@ -824,6 +462,432 @@ pub fn pod(i: &PodInputs<'_>) -> Pod {
         spec: Some(spec),
         status: None,
     }
+}
+
+/// The effective settings, delivered as a file through the downward API (no extra object).
+fn settings_file(p: &mut Parts) {
+    p.volumes.push(Volume {
+        name: "cubicle-settings".into(),
+        downward_api: Some(DownwardAPIVolumeSource {
+            items: Some(vec![DownwardAPIVolumeFile {
+                path: "settings.json".into(),
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: format!("metadata.annotations['{SETTINGS_ANNOTATION}']"),
+                    api_version: None,
+                }),
+                mode: Some(0o444),
+                resource_field_ref: None,
+            }]),
+            default_mode: None,
+        }),
+        ..Default::default()
+    });
+    p.mounts.push(VolumeMount {
+        name: "cubicle-settings".into(),
+        mount_path: SETTINGS_DIR.into(),
+        read_only: Some(true),
+        ..Default::default()
+    });
+}
+
+/// The persistent profile's volume and mount (and the reset of a shared one).
+fn profile_volume(p: &mut Parts, i: &PodInputs<'_>) {
+    let ws = &i.workspace.spec;
+    match i.profile {
+        Some(ProfileMount::Claim { claim, mount_path }) => {
+            p.volumes.push(claim_volume("profile", claim, false));
+            p.mounts.push(VolumeMount {
+                name: "profile".into(),
+                mount_path: mount_path.clone(),
+                ..Default::default()
+            });
+        }
+        Some(ProfileMount::SubPath {
+            claim,
+            sub_path,
+            mount_path,
+            archive_to,
+        }) => {
+            p.volumes.push(claim_volume("profile", claim, false));
+            p.mounts.push(VolumeMount {
+                name: "profile".into(),
+                mount_path: mount_path.clone(),
+                sub_path: Some(sub_path.clone()),
+                ..Default::default()
+            });
+            if let Some(archive) = archive_to {
+                // Reset on a shared volume: rename the old directory (never delete it), then
+                // start fresh. Runs with the workspace image, which has a shell.
+                p.init_containers.push(Container {
+                    name: "profile-reset".into(),
+                    image: Some(ws.image.clone()),
+                    command: Some(vec!["/bin/sh".into(), "-c".into(),
+                        "set -eu; if [ -e \"/profiles/$OLD\" ]; then mv \"/profiles/$OLD\" \"/profiles/$NEW\"; fi; mkdir -p \"/profiles/$OLD\"".into()]),
+                    env: Some(vec![env("OLD", sub_path), env("NEW", archive)]),
+                    volume_mounts: Some(vec![VolumeMount {
+                        name: "profile".into(),
+                        mount_path: "/profiles".into(),
+                        ..Default::default()
+                    }]),
+                    security_context: Some(restricted_container_security()),
+                    ..Default::default()
+                });
+            }
+        }
+        None => {}
+    }
+}
+
+/// Volume mappings: the groups' (merged), then the workspace's.
+fn volume_mappings(p: &mut Parts, i: &PodInputs<'_>) {
+    let ws = &i.workspace.spec;
+    for (n, vm) in i
+        .group_volume_mappings
+        .iter()
+        .chain(ws.volume_mappings.iter())
+        .enumerate()
+    {
+        let vol_name = format!("vm-{n}");
+        let src = &vm.source;
+        p.volumes.push(Volume {
+            name: vol_name.clone(),
+            persistent_volume_claim: src.persistent_volume_claim.clone(),
+            nfs: src.nfs.clone(),
+            config_map: src.config_map.clone(),
+            secret: src.secret.clone(),
+            empty_dir: src.empty_dir.clone(),
+            host_path: src.host_path.clone(),
+            ..Default::default()
+        });
+        p.mounts.push(VolumeMount {
+            name: vol_name,
+            mount_path: vm.mount_path.clone(),
+            sub_path: vm.sub_path.clone(),
+            read_only: vm.read_only,
+            ..Default::default()
+        });
+    }
+}
+
+/// File mappings: sources of one projected volume; each file mounted at its destination via
+/// subPath. Writable files are copied into an emptyDir by an init container first.
+fn file_mappings(p: &mut Parts, i: &PodInputs<'_>) {
+    for (n, fm) in i.file_mappings.iter().enumerate() {
+        let item = format!("f{n}");
+        let mode = Some(file_mode(fm));
+        if let Some(text) = &fm.content.inline {
+            let key = format!("{FILE_ANNOTATION_PREFIX}{n}");
+            p.annotations.insert(key.clone(), text.clone());
+            p.sources.push(VolumeProjection {
+                downward_api: Some(k8s_openapi::api::core::v1::DownwardAPIProjection {
+                    items: Some(vec![DownwardAPIVolumeFile {
+                        path: item.clone(),
+                        field_ref: Some(ObjectFieldSelector {
+                            field_path: format!("metadata.annotations['{key}']"),
+                            api_version: None,
+                        }),
+                        mode,
+                        resource_field_ref: None,
+                    }]),
+                }),
+                ..Default::default()
+            });
+        } else if let Some(r) = &fm.content.config_map_key_ref {
+            p.sources.push(VolumeProjection {
+                config_map: Some(ConfigMapProjection {
+                    name: r.name.clone(),
+                    items: Some(vec![KeyToPath {
+                        key: r.key.clone(),
+                        path: item.clone(),
+                        mode,
+                    }]),
+                    optional: r.optional,
+                }),
+                ..Default::default()
+            });
+        } else if let Some(r) = &fm.content.secret_key_ref {
+            p.sources.push(VolumeProjection {
+                secret: Some(SecretProjection {
+                    name: r.name.clone(),
+                    items: Some(vec![KeyToPath {
+                        key: r.key.clone(),
+                        path: item.clone(),
+                        mode,
+                    }]),
+                    optional: r.optional,
+                }),
+                ..Default::default()
+            });
+        }
+        if fm.writable.unwrap_or(false) {
+            p.writable.push((item.clone(), fm.destination.clone()));
+            p.mounts.push(VolumeMount {
+                name: "cubicle-files-rw".into(),
+                mount_path: fm.destination.clone(),
+                sub_path: Some(item),
+                ..Default::default()
+            });
+        } else {
+            p.mounts.push(VolumeMount {
+                name: "cubicle-files".into(),
+                mount_path: fm.destination.clone(),
+                sub_path: Some(item),
+                read_only: Some(true),
+                ..Default::default()
+            });
+        }
+    }
+}
+
+/// SSH keys, when the group injects them: projected read-only into ~/.ssh.
+fn ssh_keys(p: &mut Parts, i: &PodInputs<'_>) {
+    if let Some(secret) = i.ssh_keys_secret {
+        let home = i
+            .profile
+            .map(|p| match p {
+                ProfileMount::Claim { mount_path, .. }
+                | ProfileMount::SubPath { mount_path, .. } => mount_path.clone(),
+            })
+            .unwrap_or_else(|| "/home/kasm-user".into());
+        for (key, mode) in [("id_rsa", 0o400), ("id_rsa.pub", 0o444)] {
+            let item = format!("ssh-{key}");
+            p.sources.push(VolumeProjection {
+                secret: Some(SecretProjection {
+                    name: secret.into(),
+                    items: Some(vec![KeyToPath {
+                        key: key.into(),
+                        path: item.clone(),
+                        mode: Some(mode),
+                    }]),
+                    optional: Some(key == "id_rsa.pub"),
+                }),
+                ..Default::default()
+            });
+            p.mounts.push(VolumeMount {
+                name: "cubicle-files".into(),
+                mount_path: format!("{}/.ssh/{key}", home.trim_end_matches('/')),
+                sub_path: Some(item),
+                read_only: Some(true),
+                ..Default::default()
+            });
+        }
+    }
+}
+
+/// The projected files volume, and the writable copies with the init container that makes them.
+fn files_volumes(p: &mut Parts, i: &PodInputs<'_>) {
+    let ws = &i.workspace.spec;
+    if !p.sources.is_empty() {
+        p.volumes.push(Volume {
+            name: "cubicle-files".into(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(std::mem::take(&mut p.sources)),
+                default_mode: Some(0o444),
+            }),
+            ..Default::default()
+        });
+    }
+    if !p.writable.is_empty() {
+        p.volumes.push(Volume {
+            name: "cubicle-files-rw".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Default::default()
+        });
+        let script = p
+            .writable
+            .iter()
+            .map(|(item, _)| format!("cp /src/{item} /rw/{item} && chmod u+w /rw/{item}"))
+            .collect::<Vec<_>>()
+            .join(" && ");
+        p.init_containers.push(Container {
+            name: "file-mappings".into(),
+            image: Some(ws.image.clone()),
+            command: Some(vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                format!("set -eu; {script}"),
+            ]),
+            volume_mounts: Some(vec![
+                VolumeMount {
+                    name: "cubicle-files".into(),
+                    mount_path: "/src".into(),
+                    read_only: Some(true),
+                    ..Default::default()
+                },
+                VolumeMount {
+                    name: "cubicle-files-rw".into(),
+                    mount_path: "/rw".into(),
+                    ..Default::default()
+                },
+            ]),
+            security_context: Some(restricted_container_security()),
+            ..Default::default()
+        });
+    }
+}
+
+/// Resources from the workspace.
+fn workspace_resources(p: &mut Parts, i: &PodInputs<'_>) {
+    let ws = &i.workspace.spec;
+    if let Some(r) = &ws.resources {
+        if let Some(c) = &r.cores {
+            p.requests.insert("cpu".to_string(), c.clone());
+            p.limits.insert("cpu".to_string(), c.clone());
+        }
+        if let Some(m) = &r.memory {
+            p.requests.insert("memory".to_string(), m.clone());
+            p.limits.insert("memory".to_string(), m.clone());
+        }
+        if let Some(g) = r.gpus.filter(|g| *g > 0) {
+            p.limits
+                .insert("nvidia.com/gpu".to_string(), Quantity(g.to_string()));
+        }
+    }
+}
+
+/// The run configs applied to the pod and its container; returns the shared-memory size.
+fn run_configs(
+    p: &mut Parts,
+    i: &PodInputs<'_>,
+    container: &mut Container,
+    pod_sc: &mut PodSecurityContext,
+    spec: &mut PodSpec,
+) -> Option<Quantity> {
+    // Run config: the workspace's, then the group's on top (the group wins).
+    let ws = &i.workspace.spec;
+    let run_configs: Vec<&RunConfig> = ws.run_config.iter().chain(i.group_run_config).collect();
+    let mut shm: Option<Quantity> = None;
+    for rc in &run_configs {
+        if let Some(rp) = &rc.pod {
+            p.node_selector.extend(rp.node_selector.clone());
+            p.tolerations.extend(rp.tolerations.iter().cloned());
+            if rp.priority_class_name.is_some() {
+                spec.priority_class_name = rp.priority_class_name.clone();
+            }
+            if rp.runtime_class_name.is_some() {
+                spec.runtime_class_name = rp.runtime_class_name.clone();
+            }
+            if let Some(h) = &rp.hostname {
+                // Templates work here as in profile paths; the result must be a DNS label.
+                let h = render_template(h, i.username, i.user_id);
+                spec.hostname = Some(dns_label(&h));
+            }
+            if !rp.host_aliases.is_empty() {
+                spec.host_aliases = Some(rp.host_aliases.clone());
+            }
+            if rp.dns_config.is_some() {
+                spec.dns_config = rp.dns_config.clone();
+            }
+            if let Some(sc) = &rp.security_context {
+                *pod_sc = sc.clone();
+            }
+            if rp.shm_size.is_some() {
+                shm = rp.shm_size.clone();
+            }
+            p.labels.extend(rp.labels.clone());
+            p.annotations.extend(rp.annotations.clone());
+        }
+        if let Some(c) = &rc.container {
+            merge_env(&mut p.envs, &c.env);
+            if let Some(sc) = &c.security_context {
+                container.security_context = Some(sc.clone());
+            }
+            if c.working_dir.is_some() {
+                container.working_dir = c.working_dir.clone();
+            }
+            if c.command.is_some() {
+                container.command = c.command.clone();
+            }
+            if c.args.is_some() {
+                container.args = c.args.clone();
+            }
+            if let Some(r) = &c.resources {
+                p.requests.extend(r.requests.clone());
+                p.limits.extend(r.limits.clone());
+            }
+        }
+    }
+    shm
+}
+
+/// A memory-backed /dev/shm of the size a run config asks for.
+fn shm_volume(p: &mut Parts, shm: Option<Quantity>) {
+    if let Some(size) = shm {
+        p.volumes.push(Volume {
+            name: "dshm".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                medium: Some("Memory".into()),
+                size_limit: Some(size),
+            }),
+            ..Default::default()
+        });
+        p.mounts.push(VolumeMount {
+            name: "dshm".into(),
+            mount_path: "/dev/shm".into(),
+            ..Default::default()
+        });
+    }
+}
+
+/// Placement: the node selector, and the required node terms it returns.
+fn placement(p: &mut Parts, i: &PodInputs<'_>) -> Vec<NodeSelectorRequirement> {
+    let mut required: Vec<NodeSelectorRequirement> = Vec::new();
+    let zone = match i.placement {
+        Placement::Scheduler { zone } => zone.clone(),
+        Placement::Server { node, zone, .. } => {
+            required.push(NodeSelectorRequirement {
+                key: HOSTNAME_LABEL.into(),
+                operator: "In".into(),
+                values: Some(vec![node.clone()]),
+            });
+            zone.clone()
+        }
+        Placement::Autoscale {
+            node_selector: sel,
+            zone,
+        } => {
+            p.node_selector.extend(sel.clone());
+            zone.clone()
+        }
+        Placement::OnNode {
+            node,
+            node_selector: sel,
+            zone,
+        } => {
+            required.push(NodeSelectorRequirement {
+                key: HOSTNAME_LABEL.into(),
+                operator: "In".into(),
+                values: Some(vec![node.clone()]),
+            });
+            p.node_selector.extend(sel.clone());
+            zone.clone()
+        }
+    };
+    if let Some(z) = zone {
+        required.push(NodeSelectorRequirement {
+            key: ZONE_LABEL.into(),
+            operator: "In".into(),
+            values: Some(vec![z]),
+        });
+    }
+
+    required
+}
+
+/// The node affinity that requires `required`, if any.
+fn affinity(required: Vec<NodeSelectorRequirement>) -> Option<Affinity> {
+    (!required.is_empty()).then(|| Affinity {
+        node_affinity: Some(NodeAffinity {
+            required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                node_selector_terms: vec![NodeSelectorTerm {
+                    match_expressions: Some(required),
+                    match_fields: None,
+                }],
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
 }
 
 fn claim_volume(name: &str, claim: &str, read_only: bool) -> Volume {
@@ -840,15 +904,11 @@ fn claim_volume(name: &str, claim: &str, read_only: bool) -> Volume {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::contract::label_value;
     use crate::crd::FileMappingContent;
 
     fn session() -> Session {
-        serde_json::from_value(serde_json::json!({
-            "apiVersion": "cubicle.dev/v1alpha1", "kind": "Session",
-            "metadata": {"name": "s1", "namespace": "ns", "uid": "u-1"},
-            "spec": {"user": "alice", "workspace": "desktop"}
-        }))
-        .unwrap()
+        crate::controller::fixtures::session("s1", "alice", "desktop")
     }
 
     fn workspace(extra: serde_json::Value) -> Workspace {

@@ -10,12 +10,11 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{
     ContainerPort, EnvVar, EnvVarSource, Pod, Secret, SecretKeySelector,
 };
-use kube::api::{ObjectMeta, PostParams};
-use kube::{Api, Resource, ResourceExt};
+use kube::api::ObjectMeta;
+use kube::{Resource, ResourceExt};
 
 use crate::controller::contract::{SESSION_LABEL, label_value};
 use crate::controller::stores::{MANAGED_BY, MANAGED_BY_LABEL};
-use crate::controller::{Context, Error};
 use crate::crd::v1alpha1::{Session, Workspace};
 use crate::credentials::{MasterKey, PASSWORD_FIELD};
 
@@ -102,48 +101,12 @@ pub fn missing(problem: Option<&str>, session: &Session) -> bool {
     problem.is_some_and(|p| p.contains(&format!("\"{}\"", secret_name(session))))
 }
 
-/// Creates the Secret if it is absent (one request; an existing Secret is left as it is).
-pub async fn ensure(
-    ctx: &Context,
-    ns: &str,
-    session: &Session,
-    key: &MasterKey,
-) -> Result<(), Error> {
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    match api
-        .create(&PostParams::default(), &secret(session, key))
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
-        Err(source) => Err(Error::Child {
-            verb: "create",
-            kind: "Secret",
-            name: secret_name(session),
-            source,
-        }),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::v1alpha1::SessionSpec;
 
     fn session() -> Session {
-        let mut s = Session::new(
-            "desk",
-            SessionSpec {
-                user: "alice".into(),
-                workspace: "w".into(),
-                persistent_profile: None,
-                zone: None,
-                state: None,
-            },
-        );
-        s.metadata.namespace = Some("ns".into());
-        s.metadata.uid = Some("uid-1".into());
-        s
+        crate::controller::fixtures::session("desk", "alice", "w")
     }
 
     #[test]
@@ -154,11 +117,11 @@ mod tests {
         let owner = &s.metadata.owner_references.as_ref().unwrap()[0];
         assert_eq!(
             (owner.kind.as_str(), owner.uid.as_str()),
-            ("Session", "uid-1")
+            ("Session", "uid-desk")
         );
         assert_eq!(owner.controller, Some(true));
         let pw = &s.data.as_ref().unwrap()[PASSWORD_FIELD];
-        assert_eq!(pw.0, key.session_password("uid-1").into_bytes());
+        assert_eq!(pw.0, key.session_password("uid-desk").into_bytes());
         // The same Secret again after a deletion: the same password.
         assert_eq!(secret(&session(), &key), s);
     }

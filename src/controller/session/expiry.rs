@@ -369,10 +369,8 @@ async fn apply_entry(
     entry: UsageEntry,
     guarded: bool,
 ) -> Result<bool, Error> {
-    let pp = PatchParams::apply(USAGE_MANAGER).force();
-    let (kind, name, entries, version) = match scope {
+    let (name, entries, version) = match scope {
         UsageLimitType::PerUser => (
-            "User",
             user.name_any(),
             user.status
                 .as_ref()
@@ -386,7 +384,6 @@ async fn apply_entry(
                 .groups
                 .get(&ObjectRef::new(&limit.group).within(ns));
             (
-                "Group",
                 limit.group.clone(),
                 group
                     .as_ref()
@@ -399,28 +396,31 @@ async fn apply_entry(
     let mut entries = entries;
     entries.retain(|e| !(e.group.as_deref() == Some(&limit.group) && e.scope == scope));
     entries.push(entry);
-    let mut body =
-        json!({"apiVersion": "cubicle.dev/v1alpha1", "kind": kind, "status": {"usage": entries}});
-    if guarded {
-        match version {
-            Some(v) => body["metadata"] = json!({"resourceVersion": v}),
-            None => return Ok(false),
-        }
-    }
+    let guard = match (guarded, version) {
+        (false, _) => None,
+        (true, Some(v)) => Some(v),
+        (true, None) => return Ok(false),
+    };
+    // The one status path (status::apply), as the usage ledger's own field manager.
+    let usage = json!({"usage": entries});
+    let c = &ctx.client;
+    use crate::controller::status::{apply, is_conflict};
     let result = match scope {
-        UsageLimitType::PerUser => Api::<User>::namespaced(ctx.client.clone(), ns)
-            .patch_status(&name, &pp, &Patch::Apply(body))
-            .await
-            .map(|_| ()),
-        UsageLimitType::PerGroup => Api::<Group>::namespaced(ctx.client.clone(), ns)
-            .patch_status(&name, &pp, &Patch::Apply(body))
-            .await
-            .map(|_| ()),
+        UsageLimitType::PerUser => {
+            apply::<User>(c, ns, &name, USAGE_MANAGER, &usage, guard.as_deref())
+                .await
+                .map(|_| ())
+        }
+        UsageLimitType::PerGroup => {
+            apply::<Group>(c, ns, &name, USAGE_MANAGER, &usage, guard.as_deref())
+                .await
+                .map(|_| ())
+        }
     };
     match result {
         Ok(()) => Ok(true),
-        Err(kube::Error::Api(s)) if guarded && s.code == 409 => Ok(false),
-        Err(source) => Err(Error::Status { kind, name, source }),
+        Err(e) if guarded && is_conflict(&e) => Ok(false),
+        Err(e) => Err(e),
     }
 }
 

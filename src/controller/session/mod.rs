@@ -10,6 +10,7 @@
 //! slot. With leader election, only one replica ever launches.
 
 pub mod build;
+pub mod children;
 pub mod credentials;
 pub mod decide;
 pub mod expiry;
@@ -20,9 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt, future::BoxFuture};
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
@@ -35,9 +35,10 @@ use self::decide::condition;
 use self::plan::{AdmissionInputs, Cond, PoolKind, Refusal, ServerCandidate, reasons};
 use super::cached::{CachedClaim, CachedPod, volume_zone};
 use super::contract::{
-    self, ACCESS_LABEL, ACCESS_PAUSED, ARCHIVED_LABEL, FIELD_MANAGER, SERVER_LABEL, SET_BY_EXPIRY,
+    self, ACCESS_LABEL, ACCESS_PAUSED, FIELD_MANAGER, SERVER_LABEL, SET_BY_EXPIRY,
     STATE_SET_BY_ANNOTATION, ZONE_LABEL,
 };
+use super::error::Verb;
 use super::gate::Inputs;
 use super::status::directory;
 use super::stores::{Reflectors, Stores, digest, in_namespace, sweep, when_changed};
@@ -408,20 +409,15 @@ struct Shell<'a> {
 
 impl Shell<'_> {
     async fn patch_status(&self, status: &SessionStatus) -> Result<Session, Error> {
-        let api: Api<Session> = Api::namespaced(self.ctx.client.clone(), &self.ns);
-        let body =
-            json!({"apiVersion": "cubicle.dev/v1alpha1", "kind": "Session", "status": status});
-        api.patch_status(
+        super::status::apply::<Session>(
+            &self.ctx.client,
+            &self.ns,
             &self.name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(body),
+            FIELD_MANAGER,
+            status,
+            None,
         )
         .await
-        .map_err(|source| Error::Status {
-            kind: KIND,
-            name: self.name.clone(),
-            source,
-        })
     }
 
     async fn event(&self, type_: EventType, reason: &str, note: String, action: &str) {
@@ -611,7 +607,7 @@ impl Pass<'_> {
         admitted_before: bool,
     ) -> Result<(), Error> {
         if let Some(p) = pod {
-            delete_pod(ctx, &self.sh.ns, p).await?;
+            children::delete_pod(ctx, &self.sh.ns, p).await?;
             self.events.push((
                 EventType::Normal,
                 "Stopped",
@@ -645,16 +641,32 @@ impl Pass<'_> {
         paused: bool,
         state_refused: bool,
     ) -> Result<Option<Action>, Error> {
-        // Pause keeps the pod and cuts access (label); resume restores it; a hand edit of the
-        // label is undone.
+        // The executor brings the pod's owned metadata (pause cuts access with a label, resume
+        // restores it, a hand edit is undone) and the other children to their desired form.
         let target = if paused {
             SessionPhase::Paused
         } else {
             SessionPhase::Running
         };
         let transition = self.old.phase != Some(target);
-        let ev = ensure_access(ctx, &self.sh.ns, p, paused, transition).await?;
-        self.events.extend(ev);
+        let session = self.sh.session;
+        let record = build::parse_launch_record(p.launch_annotation());
+        let desired = children::pod_meta(session, record.server.as_deref(), paused);
+        let problem = plan::observe(Some(p), paused).problem;
+        let was_paused = p
+            .labels()
+            .get(ACCESS_LABEL)
+            .is_some_and(|v| v == ACCESS_PAUSED);
+        let repaired =
+            children::ensure_running(ctx, &self.sh.ns, session, p, &desired, problem.as_deref())
+                .await?;
+        if repaired.pod {
+            if was_paused != paused && transition {
+                self.events.push(access_event(paused));
+            } else {
+                warn!(pod = %p.name_any(), paused, "owned labels or annotations restored on a session pod (edited by hand, or of an older build)");
+            }
+        }
         let told = decide::pod_status(
             p,
             paused,
@@ -668,13 +680,6 @@ impl Pass<'_> {
             self.publish_events().await;
             return Ok(Some(Action::requeue(wait.min(self.requeue))));
         }
-        // The desktop's credentials Secret, restored if deleted (same value: the pod keeps it).
-        let session = self.sh.session;
-        if let Some(key) = &ctx.config.credentials
-            && credentials::missing(plan::observe(Some(p), paused).problem.as_deref(), session)
-        {
-            credentials::ensure(ctx, &self.sh.ns, session, key).await?;
-        }
         let uid = session.uid().unwrap_or_default();
         let status = &mut self.status;
         status.url = ctx
@@ -687,7 +692,6 @@ impl Pass<'_> {
         status.node = told.node;
         status.pod = Some(p.name_any());
         status.started_at = told.started_at;
-        let record = build::parse_launch_record(p.launch_annotation());
         status.server = record.server.or(status.server.clone());
         if record.profile.is_some() {
             status.profile = record.profile;
@@ -751,6 +755,76 @@ impl Pass<'_> {
         }
         self.publish_events().await;
         Ok((changed && !repeat, version))
+    }
+}
+
+impl Pass<'_> {
+    /// A pod was created: the status is written when the pod's own event says it runs.
+    async fn launched(&mut self, resuming: bool) -> Result<(), Error> {
+        // The status is written when the pod's own event says it runs (what the launch
+        // decided travels on the pod: LAUNCH_ANNOTATION); the requeue is only a safety
+        // net should the pod never show up. A resume records its keepalive at once, so
+        // the old one cannot expire it.
+        if resuming && self.status.last_keepalive != self.old.last_keepalive {
+            let s = SessionStatus {
+                last_keepalive: self.status.last_keepalive.clone(),
+                expires_at: self.status.expires_at.clone(),
+                expiry_rule: self.status.expiry_rule,
+                expiry_action: self.status.expiry_action,
+                ..self.old.clone()
+            };
+            self.sh.patch_status(&s).await?;
+        }
+        Ok(())
+    }
+
+    /// The usage view (User or Group status.usage) shows the current window with the running
+    /// sessions: refreshed when this session starts and when a new window has begun.
+    async fn refresh_usage(
+        &self,
+        b: &expiry::Budget,
+        u: &User,
+        l: &resolve::ResolvedUsageLimit,
+        wrote: bool,
+    ) -> Result<(), Error> {
+        let started = (wrote && self.old.started_at.is_none())
+            .then_some(self.status.started_at.as_ref())
+            .flatten()
+            .map(|t| crate::expiry::Open {
+                uid: self.sh.session.uid().unwrap_or_default(),
+                start: expiry::ceil_ms(t.0),
+            });
+        if started.is_some() || b.stale_window {
+            expiry::refresh_view(self.sh.ctx, &self.sh.ns, u, l, b, started, self.sh.now.0).await?;
+        }
+        Ok(())
+    }
+
+    /// A running or paused session with nothing else to do: its deadline goes to the fast path
+    /// (enforced at the instant without resolving settings again, as long as nothing it was
+    /// computed from has changed), and the controller's own requeue, a moment later, is only
+    /// the safety net. Returns the requeue.
+    fn arm_expiry(&self, read: &Read, version: Option<String>, resync: Duration) -> Duration {
+        let ctx = self.sh.ctx;
+        let key = session_key(&self.sh.ns, &self.sh.name);
+        let (Some(d), Some(version), Some(SessionPhase::Running | SessionPhase::Paused)) =
+            (self.armable, version, self.status.phase)
+        else {
+            return self.requeue;
+        };
+        ctx.expiries.arm(
+            &key,
+            expiry::Arm {
+                at: d.at,
+                rule: d.rule,
+                action: d.action,
+                uid: self.sh.session.uid().unwrap_or_default(),
+                session_version: version,
+                user_generation: read.user.as_ref().and_then(|u| u.metadata.generation),
+                groups: expiry::groups_digest(&ctx.stores, &self.sh.ns),
+            },
+        );
+        horizon(resync).min(expiry::until(d.at, self.sh.now.0) + FAST_PATH_GRACE)
     }
 }
 
@@ -872,20 +946,7 @@ async fn reconcile(
                 return Ok(Action::requeue(Duration::from_secs(1).min(pass.requeue)));
             }
             if let Launched::Created = outcome {
-                // The status is written when the pod's own event says it runs (what the launch
-                // decided travels on the pod: LAUNCH_ANNOTATION); the requeue is only a safety
-                // net should the pod never show up. A resume records its keepalive at once, so
-                // the old one cannot expire it.
-                if resuming && pass.status.last_keepalive != pass.old.last_keepalive {
-                    let s = SessionStatus {
-                        last_keepalive: pass.status.last_keepalive.clone(),
-                        expires_at: pass.status.expires_at.clone(),
-                        expiry_rule: pass.status.expiry_rule,
-                        expiry_action: pass.status.expiry_action,
-                        ..pass.old.clone()
-                    };
-                    pass.sh.patch_status(&s).await?;
-                }
+                pass.launched(resuming).await?;
                 return Ok(Action::requeue(PENDING_REPORT_AFTER.min(pass.requeue)));
             }
             pass.launch_failed(outcome);
@@ -905,42 +966,10 @@ async fn reconcile(
         );
     }
     let (wrote, version) = pass.write_status(&ctx).await?;
-    // The usage view (User or Group status.usage) shows the current window with the running
-    // sessions: refreshed when this session starts and when a new window has begun.
     if let (Some(b), Some(u), Some(l)) = (&budget, &read.user, limit) {
-        let started = (wrote && pass.old.started_at.is_none())
-            .then_some(pass.status.started_at.as_ref())
-            .flatten()
-            .map(|t| crate::expiry::Open {
-                uid: session.uid().unwrap_or_default(),
-                start: expiry::ceil_ms(t.0),
-            });
-        if started.is_some() || b.stale_window {
-            expiry::refresh_view(&ctx, &ns, u, l, b, started, now_ts).await?;
-        }
+        pass.refresh_usage(b, u, l, wrote).await?;
     }
-    // A running or paused session with nothing else to do: its deadline goes to the fast path
-    // (enforced at the instant without resolving settings again, as long as nothing it was
-    // computed from has changed), and the controller's own requeue, a moment later, is only the
-    // safety net.
-    let mut requeue = pass.requeue;
-    if let (Some(d), Some(version), Some(SessionPhase::Running | SessionPhase::Paused)) =
-        (pass.armable, version, pass.status.phase)
-    {
-        ctx.expiries.arm(
-            &key,
-            expiry::Arm {
-                at: d.at,
-                rule: d.rule,
-                action: d.action,
-                uid: session.uid().unwrap_or_default(),
-                session_version: version,
-                user_generation: read.user.as_ref().and_then(|u| u.metadata.generation),
-                groups: expiry::groups_digest(stores, &ns),
-            },
-        );
-        requeue = horizon(resync).min(expiry::until(d.at, now_ts) + FAST_PATH_GRACE);
-    }
+    let requeue = pass.arm_expiry(&read, version, resync);
     Ok(requeue_within(requeue, resync))
 }
 
@@ -968,49 +997,8 @@ async fn finalize(ctx: &Context, ns: &str, session: &Session) -> Result<(), Erro
     expiry::remove_finalizer(ctx, ns, session).await
 }
 
-/// Executor rule for the pod's access label (the only field of a running pod the operator
-/// changes): labels and annotations are metadata the API server lets a controller change on a
-/// live pod, so they are patched in place (a JSON merge patch of the one key), never by
-/// replacing the pod; anything of the pod's spec (image, resources, volumes, placement) cannot
-/// change on a running pod and is only ever set when the pod is created (a launch or a resume).
-/// Brings the label to its desired value whatever moved it (pause and resume, or a hand edit);
-/// returns the Event of a pause or resume it carried out.
-async fn ensure_access(
-    ctx: &Context,
-    ns: &str,
-    p: &CachedPod,
-    paused: bool,
-    transition: bool,
-) -> Result<Option<(EventType, &'static str, String, &'static str)>, Error> {
-    let is_paused = p
-        .labels()
-        .get(ACCESS_LABEL)
-        .is_some_and(|v| v == ACCESS_PAUSED);
-    if is_paused == paused {
-        return Ok(None);
-    }
-    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    let value = if paused {
-        json!(ACCESS_PAUSED)
-    } else {
-        serde_json::Value::Null
-    };
-    api.patch(
-        &p.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {"labels": {ACCESS_LABEL: value}}})),
-    )
-    .await
-    .map_err(|source| Error::Child {
-        verb: "patch",
-        kind: "Pod",
-        name: p.name_any(),
-        source,
-    })?;
-    if !transition {
-        warn!(pod = %p.name_any(), paused, "access label restored on a session pod edited by hand");
-        return Ok(None);
-    }
+/// The Event of a pause or resume the executor carried out.
+fn access_event(paused: bool) -> (EventType, &'static str, String, &'static str) {
     let (reason, note) = if paused {
         (
             "Paused",
@@ -1019,7 +1007,7 @@ async fn ensure_access(
     } else {
         ("Resumed", "session resumed from pause")
     };
-    Ok(Some((EventType::Normal, reason, note.into(), "Pause")))
+    (EventType::Normal, reason, note.into(), "Pause")
 }
 
 /// How far ahead a reconcile looks for its next requeue: the resync, or with none (zero) no
@@ -1110,27 +1098,6 @@ async fn run_timers(
     }
 }
 
-async fn delete_pod(ctx: &Context, ns: &str, p: &CachedPod) -> Result<(), Error> {
-    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    let dp = DeleteParams {
-        preconditions: Some(Preconditions {
-            uid: p.uid(),
-            resource_version: None,
-        }),
-        ..Default::default()
-    };
-    match api.delete(&p.name_any(), &dp).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
-        Err(source) => Err(Error::Child {
-            verb: "delete",
-            kind: "Pod",
-            name: p.name_any(),
-            source,
-        }),
-    }
-}
-
 enum Launched {
     Created,
     /// Not yet: the profile claim's holder is not placed (see [`plan::waits_for_holder`]).
@@ -1155,30 +1122,7 @@ async fn launch(
     let session = sh.session;
     let ns = &sh.ns;
     let key = session_key(ns, &sh.name);
-    let settings = resolved.map(|r| &r.settings);
-    let mut inputs = AdmissionInputs {
-        user: session.spec.user.clone(),
-        workspace: session.spec.workspace.clone(),
-        user_found: user.is_some(),
-        user_disabled: user.is_some_and(|u| u.spec.disabled.unwrap_or(false)),
-        workspace_found: workspace.is_some(),
-        access_denial: access
-            .and_then(|a| a.allowed.as_ref().err())
-            .map(|d| Refusal::new(d.reason(), d.to_string())),
-        max_sessions: settings.and_then(|s| s.max_kasms_per_user),
-        earlier_active: 0,
-        usage_exhausted: budget.filter(|b| b.spent(sh.now.0)).map(|b| {
-            format!(
-                "{}: new sessions are refused until the window resets",
-                b.describe(sh.now.0)
-            )
-        }),
-        requested_zone: session.spec.zone.clone(),
-        allow_zone_selection: settings.is_some_and(|s| s.allow_zone_selection),
-        requested_profile: session.spec.persistent_profile,
-        allow_persistent_profile: settings.is_some_and(|s| s.allow_persistent_profile),
-        workspace_has_profile: workspace.is_some_and(|w| w.spec.persistent_profile.is_some()),
-    };
+    let mut inputs = admission(sh, budget, user, workspace, resolved, access);
     let (Some(user), Some(workspace), Some(resolved), Some(access)) =
         (user, workspace, resolved, access)
     else {
@@ -1227,35 +1171,7 @@ async fn launch(
         .persistent_profile
         .as_ref()
         .filter(|_| mode != ProfileMode::Disabled);
-    let uid = session.uid().unwrap_or_default();
-    let base = profile_cfg
-        .and_then(|c| c.claim_template.as_ref())
-        .map(|t| decide::claim_base(&t.name, &username, &user_id));
-    let active = base.as_ref().and_then(|b| active_claim(stores, ns, b));
-    let marks = active.as_ref().map(|c| c.marks().into_owned());
-    let active_name = active.as_ref().map(|c| c.name_any());
-    let next_name = base
-        .as_ref()
-        .map(|b| next_claim_name(stores, ns, b, sh.now.0.as_second()))
-        .unwrap_or_default();
-    let profile = decide::profile(&decide::ProfileInputs {
-        cfg: profile_cfg,
-        mode,
-        username: &username,
-        user_id: &user_id,
-        uid: &uid,
-        old: session.status.as_ref().and_then(|s| s.profile.as_ref()),
-        active: active_name
-            .as_deref()
-            .map(|n| (n, marks.as_ref().and_then(|m| m.reset_by.as_deref()))),
-        next_name: &next_name,
-        now_second: sh.now.0.as_second(),
-    });
-    let profile_zone = profile
-        .zone_of
-        .as_ref()
-        .and_then(|c| stores.claims.get(&ObjectRef::new(c).within(ns)))
-        .and_then(|c| bound_zone(stores, &c));
+    let (profile, profile_zone) = plan_profile(sh, profile_cfg, mode, &username, &user_id);
     let (profile_status, claim_plan, mount) = (profile.status, profile.claim, profile.mount);
 
     // Placement.
@@ -1298,12 +1214,138 @@ async fn launch(
             ns,
             cp.reset_by.as_deref(),
         );
-        ensure_claim(ctx, ns, cp.archive.as_deref(), &claim, sh.now.0.as_second()).await?;
+        children::ensure_claim(ctx, ns, cp.archive.as_deref(), &claim, sh.now.0.as_second())
+            .await?;
     }
     let record = build::LaunchRecord {
         server: server.clone(),
         profile: Some(profile_status),
     };
+    let mut pod = launch_pod(
+        session,
+        user,
+        workspace,
+        resolved,
+        &placement,
+        mount.as_ref(),
+        &record,
+        paused,
+    );
+    if let Some(key) = &ctx.config.credentials {
+        credentials::inject(&mut pod, session, workspace);
+        children::ensure_secret(ctx, ns, &credentials::secret(session, key)).await?;
+    }
+    if budget.is_some() {
+        // Usage-limited: the session must be accounted before it can disappear.
+        expiry::add_finalizer(ctx, ns, session).await?;
+    }
+    if let Some(rejected) = children::create_pod(ctx, ns, &pod).await? {
+        return Ok(Launched::Failed(rejected));
+    }
+    ctx.launches.remember(key, server);
+    Ok(Launched::Created)
+}
+
+/// What admission decides from, before the slots are counted (`earlier_active` 0).
+fn admission(
+    sh: &Shell<'_>,
+    budget: Option<&expiry::Budget>,
+    user: Option<&User>,
+    workspace: Option<&Workspace>,
+    resolved: Option<&resolve::Resolved>,
+    access: Option<&resolve::Access>,
+) -> AdmissionInputs {
+    let session = sh.session;
+    let settings = resolved.map(|r| &r.settings);
+    AdmissionInputs {
+        user: session.spec.user.clone(),
+        workspace: session.spec.workspace.clone(),
+        user_found: user.is_some(),
+        user_disabled: user.is_some_and(|u| u.spec.disabled.unwrap_or(false)),
+        workspace_found: workspace.is_some(),
+        access_denial: access
+            .and_then(|a| a.allowed.as_ref().err())
+            .map(|d| Refusal::new(d.reason(), d.to_string())),
+        max_sessions: settings.and_then(|s| s.max_kasms_per_user),
+        earlier_active: 0,
+        usage_exhausted: budget.filter(|b| b.spent(sh.now.0)).map(|b| {
+            format!(
+                "{}: new sessions are refused until the window resets",
+                b.describe(sh.now.0)
+            )
+        }),
+        requested_zone: session.spec.zone.clone(),
+        allow_zone_selection: settings.is_some_and(|s| s.allow_zone_selection),
+        requested_profile: session.spec.persistent_profile,
+        allow_persistent_profile: settings.is_some_and(|s| s.allow_persistent_profile),
+        workspace_has_profile: workspace.is_some_and(|w| w.spec.persistent_profile.is_some()),
+    }
+}
+
+/// The profile a launch uses (its claim, existing or to create), and the zone its bound volume
+/// is in.
+fn plan_profile(
+    sh: &Shell<'_>,
+    profile_cfg: Option<&crate::crd::v1alpha1::PersistentProfile>,
+    mode: ProfileMode,
+    username: &str,
+    user_id: &str,
+) -> (decide::ProfilePlan, Option<String>) {
+    let stores = &sh.ctx.stores;
+    let session = sh.session;
+    let ns = &sh.ns;
+    let uid = session.uid().unwrap_or_default();
+    let base = profile_cfg
+        .and_then(|c| c.claim_template.as_ref())
+        .map(|t| decide::claim_base(&t.name, username, user_id));
+    let active = base.as_ref().and_then(|b| active_claim(stores, ns, b));
+    let marks = active.as_ref().map(|c| c.marks().into_owned());
+    let active_name = active.as_ref().map(|c| c.name_any());
+    let next_name = base
+        .as_ref()
+        .map(|b| next_claim_name(stores, ns, b, sh.now.0.as_second()))
+        .unwrap_or_default();
+    let profile = decide::profile(&decide::ProfileInputs {
+        cfg: profile_cfg,
+        mode,
+        username,
+        user_id,
+        uid: &uid,
+        old: session.status.as_ref().and_then(|s| s.profile.as_ref()),
+        active: active_name
+            .as_deref()
+            .map(|n| (n, marks.as_ref().and_then(|m| m.reset_by.as_deref()))),
+        next_name: &next_name,
+        now_second: sh.now.0.as_second(),
+    });
+    let profile_zone = profile
+        .zone_of
+        .as_ref()
+        .and_then(|c| stores.claims.get(&ObjectRef::new(c).within(ns)))
+        .and_then(|c| bound_zone(stores, &c));
+    (profile, profile_zone)
+}
+
+/// The pod a launch creates.
+#[allow(clippy::too_many_arguments)]
+fn launch_pod(
+    session: &Session,
+    user: &User,
+    workspace: &Workspace,
+    resolved: &resolve::Resolved,
+    placement: &Placement,
+    mount: Option<&ProfileMount>,
+    record: &build::LaunchRecord,
+    paused: bool,
+) -> k8s_openapi::api::core::v1::Pod {
+    let settings = &resolved.settings;
+    let ns = session.namespace().unwrap_or_default();
+    let username = user
+        .spec
+        .username
+        .clone()
+        .unwrap_or_else(|| user.name_any());
+    let user_id = resolve::user_id(&ns, user);
     let settings_json = serde_json::to_string(&settings.raw).unwrap_or_else(|_| "{}".into());
     let file_mappings: Vec<_> = resolve::file_mappings_for(resolved, workspace)
         .into_iter()
@@ -1324,8 +1366,8 @@ async fn launch(
         username: &username,
         user_id: &user_id,
         workspace,
-        placement: &placement,
-        profile: mount.as_ref(),
+        placement,
+        profile: mount,
         expose_user_env: settings.expose_user_env,
         ssh_keys_secret: ssh_secret.as_deref(),
         group_volume_mappings: &settings.volume_mappings,
@@ -1333,78 +1375,9 @@ async fn launch(
         group_run_config: settings.run_config.as_ref(),
         settings_json: &settings_json,
         paused,
-        launch: &record,
+        launch: record,
     };
-    let mut pod = build::pod(&inputs);
-    if let Some(key) = &ctx.config.credentials {
-        credentials::inject(&mut pod, session, workspace);
-        credentials::ensure(ctx, ns, session, key).await?;
-    }
-    if budget.is_some() {
-        // Usage-limited: the session must be accounted before it can disappear.
-        expiry::add_finalizer(ctx, ns, session).await?;
-    }
-    if let Some(rejected) = create_pod(ctx, ns, &pod).await? {
-        return Ok(Launched::Failed(rejected));
-    }
-    ctx.launches.remember(key, server);
-    Ok(Launched::Created)
-}
-
-/// Executor for the profile claim: archives `archive` (a label, never a deletion) and creates
-/// `claim` if absent. Created once, not applied each pass: a claim's spec is immutable once
-/// bound, and its labels are only read by this operator.
-async fn ensure_claim(
-    ctx: &Context,
-    ns: &str,
-    archive: Option<&str>,
-    claim: &PersistentVolumeClaim,
-    now_second: i64,
-) -> Result<(), Error> {
-    let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
-    if let Some(old) = archive {
-        let patch = json!({"metadata": {"labels": {ARCHIVED_LABEL: now_second.to_string()}}});
-        api.patch(old, &PatchParams::default(), &Patch::Merge(patch))
-            .await
-            .map_err(|source| Error::Child {
-                verb: "patch",
-                kind: "PersistentVolumeClaim",
-                name: old.to_string(),
-                source,
-            })?;
-    }
-    match api.create(&PostParams::default(), claim).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
-        Err(source) => Err(Error::Child {
-            verb: "create",
-            kind: "PersistentVolumeClaim",
-            name: claim.name_any(),
-            source,
-        }),
-    }
-}
-
-/// Executor for the session pod: created if absent (a pod's spec cannot change once it runs,
-/// so it is never applied over; see [`ensure_access`] for what is patched in place). The API
-/// server's refusal of the pod itself (invalid, or refused by admission such as Pod Security)
-/// is returned as the reason the session fails, instead of retrying forever.
-async fn create_pod(ctx: &Context, ns: &str, pod: &Pod) -> Result<Option<Refusal>, Error> {
-    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    match api.create(&PostParams::default(), pod).await {
-        Ok(_) => Ok(None),
-        Err(kube::Error::Api(s)) if s.code == 409 => Ok(None),
-        Err(kube::Error::Api(s)) if matches!(s.code, 400 | 403 | 422) => Ok(Some(Refusal::new(
-            reasons::POD_REJECTED,
-            format!("the API server rejected the session pod: {}", s.message),
-        ))),
-        Err(source) => Err(Error::Child {
-            verb: "create",
-            kind: "Pod",
-            name: pod.name_any(),
-            source,
-        }),
-    }
+    build::pod(&inputs)
 }
 
 /// How the workspace places sessions, as the caches show it: the scheduler (the zones that have
@@ -1691,7 +1664,7 @@ impl Expiring {
                 match api.delete(&name, &dp).await {
                     Ok(_) => Ok(()),
                     Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
-                    Err(e) => Err(("delete", e)),
+                    Err(e) => Err((Verb::Delete, e)),
                 }
             }
             KeepaliveExpirationAction::Stop | KeepaliveExpirationAction::Pause => {
@@ -1707,7 +1680,7 @@ impl Expiring {
                 api.patch(&name, &PatchParams::default(), &Patch::Merge(patch))
                     .await
                     .map(|_| ())
-                    .map_err(|e| ("patch", e))
+                    .map_err(|e| (Verb::Patch, e))
             }
         };
         ctx.expiries.end(&key, at, result.is_ok());
