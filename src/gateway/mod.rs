@@ -249,7 +249,13 @@ async fn portal(state: &State, req: &Request<Incoming>) -> Response<proxy::Body>
             "/.cubicle/login" => return o.login(req, public, key).await,
             "/.cubicle/callback" => {
                 return o
-                    .callback(req, public, key, &state.config.username_prefix)
+                    .callback(
+                        req,
+                        public,
+                        key,
+                        &state.config.username_prefix,
+                        &state.config.groups_prefix,
+                    )
                     .await;
             }
             "/.cubicle/go" => return o.go(req, public, key),

@@ -724,13 +724,13 @@ async fn sign_in(
     set_cookie(&h, "cubicle-signin")
 }
 
-/// A gateway that signs people in at a real OpenID Provider (tests/oidc) knowing alice and bob;
-/// `oidc:alice` may use User alice.
+/// A gateway that signs people in at a real OpenID Provider (tests/oidc) knowing alice, bob and
+/// carol (in group `admins`); `oidc:alice` may use User alice.
 async fn oidc_gateway(env: &Env) -> (cubicle::devenv::oidc::Issuer, Gateway) {
     let portal = env.public.portal();
-    let issuer = cubicle::devenv::oidc::start(
+    let issuer = cubicle::devenv::oidc::start_with_groups(
         &crate::support::run_dir().join(format!("oidc-{}", env.ns.name)),
-        &["alice", "bob"],
+        &[("alice", &[]), ("bob", &[]), ("carol", &["admins"])],
         &[format!("{portal}/.cubicle/callback")],
     )
     .await
@@ -742,6 +742,7 @@ async fn oidc_gateway(env: &Env) -> (cubicle::devenv::oidc::Issuer, Gateway) {
         client_secret: issuer.client_secret.clone(),
         username_claim: "sub".into(),
         ca_file: None,
+        groups_claim: Some("groups".into()),
     })
     .unwrap();
     let listener = TcpListener::bind(("127.0.0.1", env.port)).await.unwrap();
@@ -1152,5 +1153,127 @@ async fn chromium_signs_the_owner_in_and_opens_the_desktop_for_nobody_else() {
     b.screenshot("other-person-404").await;
     b.close().await;
     drop(gw);
+    env.stop().await;
+}
+
+/// Signs `person` in and trades a ticket for the sign-in cookie of session `label`'s origin.
+async fn origin_cookie(
+    gw: SocketAddr,
+    portal: &str,
+    label: &str,
+    person: &str,
+    password: &str,
+) -> String {
+    let signin = sign_in(gw, portal, label, person, password).await;
+    let (c, h, body) = fetch(
+        Some(gw),
+        "GET",
+        &format!("{portal}/.cubicle/go?s={label}"),
+        Some(&signin),
+        None,
+    )
+    .await;
+    assert_eq!(c, 303, "{body}");
+    let (c, h, body) = fetch(Some(gw), "GET", &location(&h, portal), None, None).await;
+    assert_eq!(c, 303, "ticket: {body}");
+    set_cookie(&h, "cubicle-signin")
+}
+
+/// The groups claim of the ID token reaches the SubjectAccessReview: a RoleBinding to a group
+/// (`oidc:admins`) lets its members through the gateway; before it, they get 404 like anyone.
+#[tokio::test]
+async fn oidc_groups_reach_the_access_review_so_group_role_bindings_work() {
+    let env = setup("gw-groups").await;
+    let portal = env.public.portal();
+    let (issuer, gw) = oidc_gateway(&env).await;
+    let s = env.running("gr", "alice").await;
+    let label = s.uid().unwrap();
+    let origin = format!("http://{}", env.host(&s));
+    let pw = |n: &str| {
+        issuer
+            .people
+            .iter()
+            .find(|p| p.name == n)
+            .unwrap()
+            .password
+            .clone()
+    };
+    let carol = origin_cookie(gw.addr, &portal, &label, "carol", &pw("carol")).await;
+    let bob = origin_cookie(gw.addr, &portal, &label, "bob", &pw("bob")).await;
+    let (c, _, _) = fetch(
+        Some(gw.addr),
+        "GET",
+        &format!("{origin}/"),
+        Some(&carol),
+        None,
+    )
+    .await;
+    assert_eq!(c, 404, "carol's group has no binding yet");
+
+    // Members of oidc:admins may use User alice.
+    let role: Role = serde_json::from_value(json!({
+        "metadata": {"name": "admins-use-alice"},
+        "rules": [{"apiGroups": ["cubicle.dev"], "resources": ["users"], "verbs": ["use"],
+                   "resourceNames": ["alice"]}]
+    }))
+    .unwrap();
+    env.ns
+        .api::<Role>()
+        .create(&PostParams::default(), &role)
+        .await
+        .unwrap();
+    let rb: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "admins-use-alice"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "admins-use-alice"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "oidc:admins"}]
+    }))
+    .unwrap();
+    env.ns
+        .api::<RoleBinding>()
+        .create(&PostParams::default(), &rb)
+        .await
+        .unwrap();
+    // A refusal is cached for 2 s; RBAC takes a moment to see the binding.
+    let origin2 = origin.clone();
+    let cookie = carol.clone();
+    wait_for(
+        "carol let in by her group's binding",
+        Duration::from_secs(30),
+        || {
+            let (origin, cookie) = (origin2.clone(), cookie.clone());
+            async move {
+                let (c, _, _) = fetch(
+                    Some(gw.addr),
+                    "GET",
+                    &format!("{origin}/"),
+                    Some(&cookie),
+                    None,
+                )
+                .await;
+                (c == 200).then_some(())
+            }
+        },
+    )
+    .await;
+    let mut req = format!("ws://{}/websockify", env.host(&s))
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert("cookie", carol.parse().unwrap());
+    let (mut w, _) =
+        tokio_tungstenite::client_async(req, TcpStream::connect(gw.addr).await.unwrap())
+            .await
+            .expect("a member of oidc:admins opens the desktop");
+    echo(&mut w, "through my group").await;
+    // Bob is in no group: still 404.
+    let (c, _, _) = fetch(
+        Some(gw.addr),
+        "GET",
+        &format!("{origin}/"),
+        Some(&bob),
+        None,
+    )
+    .await;
+    assert_eq!(c, 404, "bob is in no group");
+    drop(w);
     env.stop().await;
 }
