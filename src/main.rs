@@ -224,6 +224,11 @@ struct GatewayArgs {
     /// it must match the API server's `--oidc-username-claim`.
     #[arg(long, env = "CUBICLE_OIDC_USERNAME_CLAIM", default_value = "sub")]
     oidc_username_claim: String,
+    /// The ID token claim listing the person's groups (a list of strings, or one string), as the
+    /// API server's `--oidc-groups-claim`; the gateway's SubjectAccessReview carries them, with
+    /// --groups-prefix, so group RoleBindings work. Empty: take no groups from the token.
+    #[arg(long, env = "CUBICLE_OIDC_GROUPS_CLAIM", default_value = "groups")]
+    oidc_groups_claim: String,
     /// Extra CA certificates (PEM) to trust for an https issuer.
     #[arg(long, env = "CUBICLE_OIDC_CA_FILE")]
     oidc_ca_file: Option<PathBuf>,
@@ -919,6 +924,7 @@ async fn gateway(args: GatewayArgs) -> ExitCode {
                 client_secret: secret,
                 username_claim: args.oidc_username_claim.clone(),
                 ca_file: args.oidc_ca_file.clone(),
+                groups_claim: Some(args.oidc_groups_claim.clone()).filter(|c| !c.is_empty()),
             }) {
                 Ok(o) => AuthMode::Oidc(Arc::new(o)),
                 Err(e) => {

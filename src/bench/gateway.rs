@@ -452,6 +452,50 @@ async fn run(args: GatewayBenchArgs) -> Result<(), BenchError> {
         .map(|m| m.rss_mib())
         .unwrap_or_default();
     let writes_per_interval = changes as f64 / all.len() as f64 / 2.0;
+    // The same connections with no keepalive due: keepaliveInterval 50m (the gateway re-reads a
+    // session's interval within 30 s), then CPU over a quiet window: what the connections
+    // themselves cost, writes separated.
+    progress("keepaliveInterval 50m: measuring idle CPU with no keepalive due".into());
+    let groups: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        NS,
+        &kube::core::ApiResource::from_gvk_with_plural(
+            &kube::core::GroupVersionKind::gvk("cubicle.dev", "v1alpha1", "Group"),
+            "groups",
+        ),
+    );
+    groups
+        .patch(
+            "everyone",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"settings": {"keepaliveInterval": "50m"}}})),
+        )
+        .await
+        .ctx("patch Group everyone")?;
+    tokio::time::sleep(Duration::from_secs(35)).await;
+    let quiet_before = sessions.list(&Default::default()).await.ctx("list")?;
+    let cpu1 = super::sys::cpu_time(gw_pid).unwrap_or_default();
+    let t1 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let quiet = t1.elapsed();
+    let quiet_cpu = super::sys::cpu_time(gw_pid)
+        .unwrap_or_default()
+        .saturating_sub(cpu1);
+    let quiet_after = sessions.list(&Default::default()).await.ctx("list")?;
+    let keepalive =
+        |l: &kube::core::ObjectList<Session>| -> std::collections::HashMap<String, Option<String>> {
+            l.items
+                .iter()
+                .map(|s| {
+                    (
+                        s.name_any(),
+                        s.annotations().get(KEEPALIVE_ANNOTATION).cloned(),
+                    )
+                })
+                .collect()
+        };
+    let (qb, qa) = (keepalive(&quiet_before), keepalive(&quiet_after));
+    let quiet_writes = qa.iter().filter(|(k, v)| qb.get(*k) != Some(*v)).count();
     drop(conns);
 
     let us = |d: Duration| d.as_secs_f64() * 1e6;
@@ -490,9 +534,15 @@ async fn run(args: GatewayBenchArgs) -> Result<(), BenchError> {
         rss
     );
     println!(
-        "| gateway CPU while connections idle ({:.0} s) | {:.2} % of a core | ~0 |",
+        "| gateway CPU while connections idle, keepalives flowing ({:.0} s) | {:.2} % of a core | ~0 |",
         idle.as_secs_f64(),
         cpu.as_secs_f64() / idle.as_secs_f64() * 100.0
+    );
+    println!(
+        "| gateway CPU, same connections, no keepalive due ({:.0} s, {} writes) | {:.2} % of a core | ~0 |",
+        quiet.as_secs_f64(),
+        quiet_writes,
+        quiet_cpu.as_secs_f64() / quiet.as_secs_f64() * 100.0
     );
     println!(
         "| keepalive writes per session per interval ({} s) | {:.2} | ≤ 1 |",

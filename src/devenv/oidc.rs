@@ -17,6 +17,8 @@ pub struct Person {
     pub name: String,
     /// Password (random, printed for the demo).
     pub password: String,
+    /// Groups, carried by ID tokens as the `groups` claim.
+    pub groups: Vec<String>,
 }
 
 /// A running provider; dropping it stops it.
@@ -53,19 +55,30 @@ pub async fn binary() -> Result<PathBuf, DevError> {
     .await
 }
 
-/// Starts the provider in `dir` for `names`, accepting `redirect_uris`.
+/// Starts the provider in `dir` for `names` (in no groups), accepting `redirect_uris`.
 pub async fn start(
     dir: &Path,
     names: &[&str],
     redirect_uris: &[String],
 ) -> Result<Issuer, DevError> {
+    let people: Vec<(&str, &[&str])> = names.iter().map(|n| (*n, &[][..])).collect();
+    start_with_groups(dir, &people, redirect_uris).await
+}
+
+/// Starts the provider in `dir` for `people` (name and groups), accepting `redirect_uris`.
+pub async fn start_with_groups(
+    dir: &Path,
+    people: &[(&str, &[&str])],
+    redirect_uris: &[String],
+) -> Result<Issuer, DevError> {
     let io = |what: String| move |source| DevError::Io { what, source };
     std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
-    let people: Vec<Person> = names
+    let people: Vec<Person> = people
         .iter()
-        .map(|n| Person {
+        .map(|(n, groups)| Person {
             name: n.to_string(),
             password: random_token(12),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
         })
         .collect();
     let users: serde_json::Map<String, serde_json::Value> = people
@@ -77,7 +90,7 @@ pub async fn start(
                     "ID": p.name, "Username": p.name, "Password": p.password,
                     "FirstName": p.name, "LastName": "Demo",
                     "Email": format!("{}@cubicle.localhost", p.name), "EmailVerified": true,
-                    "PreferredLanguage": "en",
+                    "PreferredLanguage": "en", "Groups": p.groups,
                 }),
             )
         })

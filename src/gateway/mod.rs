@@ -249,7 +249,13 @@ async fn portal(state: &State, req: &Request<Incoming>) -> Response<proxy::Body>
             "/.cubicle/login" => return o.login(req, public, key).await,
             "/.cubicle/callback" => {
                 return o
-                    .callback(req, public, key, &state.config.username_prefix)
+                    .callback(
+                        req,
+                        public,
+                        key,
+                        &state.config.username_prefix,
+                        &state.config.groups_prefix,
+                    )
                     .await;
             }
             "/.cubicle/go" => return o.go(req, public, key),
@@ -437,11 +443,23 @@ async fn sweeper(state: Arc<State>) {
             .try_into()
             .unwrap_or(Duration::ZERO);
         tokio::select! {
-            _ = state.cache.changed.notified() => {}
+            _ = state.cache.changed.notified() => {
+                // Every keepalive write comes back as one or two Session events (the annotation,
+                // then the operator's status): coalesce a burst into one sweep instead of
+                // scanning every connected session per event (the idle CPU with many sessions).
+                tokio::time::sleep(SWEEP_COALESCE).await;
+            }
             _ = tokio::time::sleep(wait) => {}
         }
     }
 }
+
+/// How long the sweeper gathers cache changes before one sweep (well under the promised second
+/// to close a connection).
+const SWEEP_COALESCE: Duration = Duration::from_millis(100);
+/// The keepalive writer wakes at most this often: the writes due within it go out as one batch
+/// instead of one scan of every connected session per write (a write is at most this late).
+const KEEPALIVE_BATCH: Duration = Duration::from_millis(500);
 
 /// Persists the activity of open connections: a keepalive per session at most once per its
 /// `keepaliveInterval`, written only if the session has not changed since this gateway looked
@@ -528,6 +546,7 @@ async fn keepalives(state: Arc<State>) {
             .duration_since(Timestamp::now())
             .try_into()
             .unwrap_or(Duration::ZERO);
+        wait = wait.max(KEEPALIVE_BATCH);
         for retry in results.into_iter().flatten() {
             wait = wait.min(retry);
         }

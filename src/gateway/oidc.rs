@@ -55,6 +55,39 @@ pub struct OidcSettings {
     pub username_claim: String,
     /// Extra CA certificates (PEM) for an https issuer.
     pub ca_file: Option<std::path::PathBuf>,
+    /// The claim listing the person's groups (`groups`, as the API server's
+    /// `--oidc-groups-claim`); `None`: groups are not taken from the token.
+    pub groups_claim: Option<String>,
+}
+
+/// The groups in claim `claim` of a (verified) ID token `jwt`: a list of strings or one string,
+/// as the API server reads it; absent or null is no groups.
+pub fn groups_claim(jwt: &str, claim: &str) -> Result<Vec<String>, String> {
+    use base64::Engine;
+    let payload = jwt
+        .split('.')
+        .nth(1)
+        .ok_or_else(|| "the ID token is not a JWT".to_string())?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .map_err(|e| format!("the ID token's payload is not base64url: {e}"))?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| format!("the ID token's payload is not JSON: {e}"))?;
+    match v.get(claim) {
+        None | Some(serde_json::Value::Null) => Ok(Vec::new()),
+        Some(serde_json::Value::String(g)) => Ok(vec![g.clone()]),
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .map(|g| {
+                g.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| format!("claim {claim:?} holds a non-string: {g}"))
+            })
+            .collect(),
+        Some(other) => Err(format!(
+            "claim {claim:?} is neither a string nor a list of strings: {other}"
+        )),
+    }
 }
 
 type Client = CoreClient<
@@ -373,6 +406,7 @@ impl Oidc {
         public: &PublicUrl,
         key: &SigningKey,
         username_prefix: &str,
+        groups_prefix: &str,
     ) -> Response<Body> {
         let refuse = |why: &str| {
             debug!(why, "login refused");
@@ -437,9 +471,24 @@ impl Oidc {
         let Some(name) = name.filter(|n| !n.is_empty()) else {
             return refuse("The ID token lacks the username claim");
         };
+        // The signature was checked just above over these very bytes; the groups claim is
+        // read from the same payload (the crate's standard claims do not carry it).
+        let groups = match &self.settings.groups_claim {
+            Some(claim) => match groups_claim(&id_token.to_string(), claim) {
+                Ok(g) => g,
+                Err(e) => {
+                    debug!(error = %e, "groups claim refused");
+                    return refuse("The ID token's groups claim is not a list of names");
+                }
+            },
+            None => Vec::new(),
+        };
         let identity = Identity {
             username: format!("{username_prefix}{name}"),
-            groups: Vec::new(),
+            groups: groups
+                .iter()
+                .map(|g| format!("{groups_prefix}{g}"))
+                .collect(),
         };
         info!(user = %identity.username, "signed in");
         let signin = seal(key, &identity, "", 'c', SIGN_IN_TTL_SECS);
@@ -563,6 +612,33 @@ mod tests {
         let h = PublicUrl::parse("http://cubicle.localhost:8080").unwrap();
         assert_eq!(cookie_name(&h, "signin"), "cubicle-signin");
         assert!(!set_cookie(&h, "signin", "v", 60).contains("Secure"));
+    }
+
+    #[test]
+    fn groups_come_from_the_named_claim_as_a_list_or_one_string() {
+        use base64::Engine;
+        let jwt = |payload: serde_json::Value| {
+            let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+            format!(
+                "{}.{}.sig",
+                e.encode(br#"{"alg":"RS256"}"#),
+                e.encode(payload.to_string())
+            )
+        };
+        let t =
+            jwt(serde_json::json!({"sub": "carol", "groups": ["admins", "staff"], "team": "x"}));
+        assert_eq!(groups_claim(&t, "groups").unwrap(), ["admins", "staff"]);
+        assert_eq!(groups_claim(&t, "team").unwrap(), ["x"]);
+        assert!(groups_claim(&t, "roles").unwrap().is_empty());
+        let bad = jwt(serde_json::json!({"groups": [1]}));
+        assert!(
+            groups_claim(&bad, "groups")
+                .unwrap_err()
+                .contains("non-string")
+        );
+        let bad = jwt(serde_json::json!({"groups": {"a": 1}}));
+        assert!(groups_claim(&bad, "groups").is_err());
+        assert!(groups_claim("not-a-jwt", "groups").is_err());
     }
 
     #[test]

@@ -724,13 +724,13 @@ async fn sign_in(
     set_cookie(&h, "cubicle-signin")
 }
 
-#[tokio::test]
-async fn oidc_login_and_tickets_open_a_session_only_for_its_owner() {
-    let env = setup("gw-oidc").await;
+/// A gateway that signs people in at a real OpenID Provider (tests/oidc) knowing alice, bob and
+/// carol (in group `admins`); `oidc:alice` may use User alice.
+async fn oidc_gateway(env: &Env) -> (cubicle::devenv::oidc::Issuer, Gateway) {
     let portal = env.public.portal();
-    let issuer = cubicle::devenv::oidc::start(
+    let issuer = cubicle::devenv::oidc::start_with_groups(
         &crate::support::run_dir().join(format!("oidc-{}", env.ns.name)),
-        &["alice", "bob"],
+        &[("alice", &[]), ("bob", &[]), ("carol", &["admins"])],
         &[format!("{portal}/.cubicle/callback")],
     )
     .await
@@ -742,6 +742,7 @@ async fn oidc_login_and_tickets_open_a_session_only_for_its_owner() {
         client_secret: issuer.client_secret.clone(),
         username_claim: "sub".into(),
         ca_file: None,
+        groups_claim: Some("groups".into()),
     })
     .unwrap();
     let listener = TcpListener::bind(("127.0.0.1", env.port)).await.unwrap();
@@ -761,6 +762,14 @@ async fn oidc_login_and_tickets_open_a_session_only_for_its_owner() {
         gw.ready().then_some(())
     })
     .await;
+    (issuer, gw)
+}
+
+#[tokio::test]
+async fn oidc_login_and_tickets_open_a_session_only_for_its_owner() {
+    let env = setup("gw-oidc").await;
+    let portal = env.public.portal();
+    let (issuer, gw) = oidc_gateway(&env).await;
     let s = env.running("od", "alice").await;
     let label = s.uid().unwrap();
     let origin = format!("http://{}", env.host(&s));
@@ -925,6 +934,346 @@ async fn oidc_login_and_tickets_open_a_session_only_for_its_owner() {
     )
     .await;
     assert_ne!(c, 302, "a wrong password is not a login");
+    drop(w);
+    env.stop().await;
+}
+
+/// What the test's objects were in, for a failure message: the session's phase and status, the
+/// gateway's view of it and where the provider's log is.
+async fn diagnose(env: &Env, name: &str, issuer_dir: &std::path::Path) -> String {
+    let s = env.ns.api::<Session>().get_opt(name).await;
+    let pod = env.ns.api::<Pod>().get_opt(name).await;
+    format!(
+        "session {name}: {}\npod {name}: {}\nOpenID Provider log: {}",
+        match s {
+            Ok(Some(s)) => serde_json::to_string(&s.status).unwrap_or_default(),
+            Ok(None) => "gone".into(),
+            Err(e) => format!("unreadable: {e}"),
+        },
+        match pod {
+            Ok(Some(p)) =>
+                serde_json::to_string(&p.status.map(|st| (st.phase, st.pod_ip))).unwrap_or_default(),
+            Ok(None) => "gone".into(),
+            Err(e) => format!("unreadable: {e}"),
+        },
+        issuer_dir.join("oidc.log").display()
+    )
+}
+
+/// Polls `script` in the page until it is truthy; on timeout, fails with a screenshot, the
+/// page and the state of the session.
+async fn page_until(
+    b: &crate::browser::Browser,
+    env: &Env,
+    what: &str,
+    script: &str,
+    issuer_dir: &std::path::Path,
+) -> serde_json::Value {
+    // Generous: Chromium on a loaded two-core machine can take many seconds per navigation.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let v = b
+            .client
+            .execute(script, vec![])
+            .await
+            .unwrap_or(serde_json::Value::Null);
+        let truthy = match &v {
+            serde_json::Value::Null => false,
+            serde_json::Value::Bool(x) => *x,
+            serde_json::Value::String(x) => !x.is_empty(),
+            _ => true,
+        };
+        if truthy {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            let shot = b.screenshot(&what.replace(' ', "-")).await;
+            panic!(
+                "waited 90 s for {what} at {}; screenshot {}\npage text: {}\n{}",
+                b.url().await,
+                shot.display(),
+                b.text().await,
+                diagnose(env, "ch", issuer_dir).await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Opens `url` with no cookie and signs `person` in on the provider's own login form.
+async fn browser_sign_in(
+    b: &crate::browser::Browser,
+    env: &Env,
+    url: &str,
+    issuer: &cubicle::devenv::oidc::Issuer,
+    person: &str,
+    issuer_dir: &std::path::Path,
+) {
+    b.goto(url).await;
+    // No cookie: the login redirect, through the portal, to the provider's form.
+    let at = page_until(
+        b,
+        env,
+        "the provider's login form",
+        "return document.getElementById('password') && location.href.includes('authRequestID') && location.href",
+        issuer_dir,
+    )
+    .await;
+    let at = at.as_str().unwrap();
+    let issuer_origin = issuer.url.trim_end_matches('/');
+    assert!(
+        at.starts_with(issuer_origin),
+        "no cookie should lead to the provider's login ({issuer_origin}), not {at}"
+    );
+    let password = &issuer
+        .people
+        .iter()
+        .find(|p| p.name == person)
+        .unwrap()
+        .password;
+    b.fill("#username", person).await;
+    b.fill("#password", password).await;
+    b.click("button[type=submit]").await;
+}
+
+/// The owner signs in through the provider's form in headless Chromium, opens the session's URL
+/// and talks to the desktop over a WebSocket; another person sees 404.
+#[tokio::test]
+async fn chromium_signs_the_owner_in_and_opens_the_desktop_for_nobody_else() {
+    let env = setup("gw-chromium").await;
+    let (issuer, gw) = oidc_gateway(&env).await;
+    let issuer_dir = crate::support::run_dir().join(format!("oidc-{}", env.ns.name));
+    // Group everyone: keepaliveExpiration 1h, so the session cannot expire while Chromium loads.
+    let s = env.running("ch", "alice").await;
+    let url = s.status.as_ref().unwrap().url.clone().expect("status.url");
+    let host = env.host(&s);
+    assert!(url.contains(&host), "{url} is not on {host}");
+
+    let Some(b) = crate::browser::Browser::start("gateway_chromium_owner").await else {
+        env.stop().await;
+        return;
+    };
+    browser_sign_in(&b, &env, &url, &issuer, "alice", &issuer_dir).await;
+    // Signed in: back on the session's origin, at the desktop (the stand-in's page).
+    page_until(
+        &b,
+        &env,
+        "the desktop after sign-in",
+        &format!(
+            "return location.host === {host:?} && document.title === 'KasmVNC stand-in' && location.href"
+        ),
+        &issuer_dir,
+    )
+    .await;
+    // Frames both ways over a WebSocket the page opens on its own origin (the cookie goes along).
+    b.eval(
+        r#"window.__ws = {};
+        const w = new WebSocket((location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/websockify');
+        w.binaryType = 'arraybuffer';
+        w.onopen = () => { window.__ws.open = true; w.send('hello from chromium'); };
+        w.onmessage = (e) => {
+          if (typeof e.data === 'string') { window.__ws.text = e.data; w.send(new Uint8Array([1, 2, 3]).buffer); }
+          else { window.__ws.binary = Array.from(new Uint8Array(e.data)).join(','); }
+        };
+        w.onerror = () => { window.__ws.error = true; };
+        w.onclose = (e) => { window.__ws.closed = e.code; };
+        window.__sock = w;
+        return true;"#,
+        vec![],
+    )
+    .await;
+    let got = page_until(
+        &b,
+        &env,
+        "the WebSocket echo",
+        "const s = window.__ws; return s && (s.binary || s.error || s.closed) ? JSON.stringify(s) : null",
+        &issuer_dir,
+    )
+    .await;
+    let got: serde_json::Value = serde_json::from_str(got.as_str().unwrap()).unwrap();
+    assert_eq!(
+        (got["text"].as_str(), got["binary"].as_str()),
+        (Some("hello from chromium"), Some("1,2,3")),
+        "the WebSocket through the gateway: {got}"
+    );
+    // The desktop saw Kasm's basic auth (the stand-in refuses anything else) and no sign-in
+    // cookie of ours.
+    b.eval(
+        "fetch('/headers').then(r => r.text()).then(t => { window.__headers = t; }); return true;",
+        vec![],
+    )
+    .await;
+    let headers = page_until(
+        &b,
+        &env,
+        "the desktop's headers",
+        "return window.__headers",
+        &issuer_dir,
+    )
+    .await;
+    let headers = headers.as_str().unwrap();
+    assert!(headers.contains("authorization: (basic auth)"), "{headers}");
+    assert!(!headers.contains("cubicle-signin"), "{headers}");
+    b.screenshot("owner-at-desktop").await;
+    b.close().await;
+
+    // Another person, signed in just as well at the same provider: 404 on the session's origin.
+    let Some(b) = crate::browser::Browser::start("gateway_chromium_other").await else {
+        env.stop().await;
+        return;
+    };
+    browser_sign_in(&b, &env, &url, &issuer, "bob", &issuer_dir).await;
+    page_until(
+        &b,
+        &env,
+        "the 404 page for another person",
+        &format!(
+            "return location.host === {host:?} && document.body && document.body.innerText.includes('There is no session here') && location.href"
+        ),
+        &issuer_dir,
+    )
+    .await;
+    b.eval(
+        "fetch('/', {redirect: 'manual'}).then(r => { window.__status = r.status; }); return true;",
+        vec![],
+    )
+    .await;
+    let status = page_until(
+        &b,
+        &env,
+        "the status for another person",
+        "return window.__status",
+        &issuer_dir,
+    )
+    .await;
+    assert_eq!(
+        status, 404,
+        "another person's request on the session's origin"
+    );
+    b.screenshot("other-person-404").await;
+    b.close().await;
+    drop(gw);
+    env.stop().await;
+}
+
+/// Signs `person` in and trades a ticket for the sign-in cookie of session `label`'s origin.
+async fn origin_cookie(
+    gw: SocketAddr,
+    portal: &str,
+    label: &str,
+    person: &str,
+    password: &str,
+) -> String {
+    let signin = sign_in(gw, portal, label, person, password).await;
+    let (c, h, body) = fetch(
+        Some(gw),
+        "GET",
+        &format!("{portal}/.cubicle/go?s={label}"),
+        Some(&signin),
+        None,
+    )
+    .await;
+    assert_eq!(c, 303, "{body}");
+    let (c, h, body) = fetch(Some(gw), "GET", &location(&h, portal), None, None).await;
+    assert_eq!(c, 303, "ticket: {body}");
+    set_cookie(&h, "cubicle-signin")
+}
+
+/// The groups claim of the ID token reaches the SubjectAccessReview: a RoleBinding to a group
+/// (`oidc:admins`) lets its members through the gateway; before it, they get 404 like anyone.
+#[tokio::test]
+async fn oidc_groups_reach_the_access_review_so_group_role_bindings_work() {
+    let env = setup("gw-groups").await;
+    let portal = env.public.portal();
+    let (issuer, gw) = oidc_gateway(&env).await;
+    let s = env.running("gr", "alice").await;
+    let label = s.uid().unwrap();
+    let origin = format!("http://{}", env.host(&s));
+    let pw = |n: &str| {
+        issuer
+            .people
+            .iter()
+            .find(|p| p.name == n)
+            .unwrap()
+            .password
+            .clone()
+    };
+    let carol = origin_cookie(gw.addr, &portal, &label, "carol", &pw("carol")).await;
+    let bob = origin_cookie(gw.addr, &portal, &label, "bob", &pw("bob")).await;
+    let (c, _, _) = fetch(
+        Some(gw.addr),
+        "GET",
+        &format!("{origin}/"),
+        Some(&carol),
+        None,
+    )
+    .await;
+    assert_eq!(c, 404, "carol's group has no binding yet");
+
+    // Members of oidc:admins may use User alice.
+    let role: Role = serde_json::from_value(json!({
+        "metadata": {"name": "admins-use-alice"},
+        "rules": [{"apiGroups": ["cubicle.dev"], "resources": ["users"], "verbs": ["use"],
+                   "resourceNames": ["alice"]}]
+    }))
+    .unwrap();
+    env.ns
+        .api::<Role>()
+        .create(&PostParams::default(), &role)
+        .await
+        .unwrap();
+    let rb: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "admins-use-alice"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "admins-use-alice"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "oidc:admins"}]
+    }))
+    .unwrap();
+    env.ns
+        .api::<RoleBinding>()
+        .create(&PostParams::default(), &rb)
+        .await
+        .unwrap();
+    // A refusal is cached for 2 s; RBAC takes a moment to see the binding.
+    let origin2 = origin.clone();
+    let cookie = carol.clone();
+    wait_for(
+        "carol let in by her group's binding",
+        Duration::from_secs(30),
+        || {
+            let (origin, cookie) = (origin2.clone(), cookie.clone());
+            async move {
+                let (c, _, _) = fetch(
+                    Some(gw.addr),
+                    "GET",
+                    &format!("{origin}/"),
+                    Some(&cookie),
+                    None,
+                )
+                .await;
+                (c == 200).then_some(())
+            }
+        },
+    )
+    .await;
+    let mut req = format!("ws://{}/websockify", env.host(&s))
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert("cookie", carol.parse().unwrap());
+    let (mut w, _) =
+        tokio_tungstenite::client_async(req, TcpStream::connect(gw.addr).await.unwrap())
+            .await
+            .expect("a member of oidc:admins opens the desktop");
+    echo(&mut w, "through my group").await;
+    // Bob is in no group: still 404.
+    let (c, _, _) = fetch(
+        Some(gw.addr),
+        "GET",
+        &format!("{origin}/"),
+        Some(&bob),
+        None,
+    )
+    .await;
+    assert_eq!(c, 404, "bob is in no group");
     drop(w);
     env.stop().await;
 }

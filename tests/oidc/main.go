@@ -5,11 +5,14 @@
 //	oidc -listen 127.0.0.1:0 -users users.json -client-id cubicle -client-secret S \
 //	     -redirect-uri http://cubicle.localhost:8080/.cubicle/callback -ready ready.json
 //
-// The users file maps ids to users (see storage.User: ID, Username, Password, Email...). Once
-// listening it writes {"issuer": "http://127.0.0.1:PORT/"} to -ready.
+// The users file maps ids to users (see storage.User: ID, Username, Password, Email...), each
+// with an optional "Groups" list that ID tokens carry as the "groups" claim (what the gateway and
+// the API server's --oidc-groups-claim read). Once listening it writes
+// {"issuer": "http://127.0.0.1:PORT/"} to -ready.
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -21,7 +24,59 @@ import (
 
 	"github.com/zitadel/oidc/v3/example/server/exampleop"
 	"github.com/zitadel/oidc/v3/example/server/storage"
+	"github.com/zitadel/oidc/v3/pkg/oidc"
+	"github.com/zitadel/oidc/v3/pkg/op"
 )
+
+// withGroups is the example storage plus a "groups" claim in ID tokens and userinfo.
+type withGroups struct {
+	*storage.Storage
+	groups map[string][]string
+}
+
+func (s withGroups) addGroups(userinfo *oidc.UserInfo, subject string) {
+	if g, ok := s.groups[subject]; ok && len(g) > 0 {
+		userinfo.AppendClaims("groups", g)
+	}
+}
+
+// SetUserinfoFromRequest fills an ID token's claims.
+func (s withGroups) SetUserinfoFromRequest(ctx context.Context, userinfo *oidc.UserInfo, token op.IDTokenRequest, scopes []string) error {
+	if err := s.Storage.SetUserinfoFromRequest(ctx, userinfo, token, scopes); err != nil {
+		return err
+	}
+	s.addGroups(userinfo, token.GetSubject())
+	return nil
+}
+
+// SetUserinfoFromToken fills the userinfo endpoint's answer.
+func (s withGroups) SetUserinfoFromToken(ctx context.Context, userinfo *oidc.UserInfo, tokenID, subject, origin string) error {
+	if err := s.Storage.SetUserinfoFromToken(ctx, userinfo, tokenID, subject, origin); err != nil {
+		return err
+	}
+	s.addGroups(userinfo, subject)
+	return nil
+}
+
+// groupsOf reads the optional "Groups" of each user in the users file, by user ID.
+func groupsOf(path string) (map[string][]string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	var users map[string]struct {
+		ID     string
+		Groups []string
+	}
+	if err := json.Unmarshal(b, &users); err != nil {
+		return nil, err
+	}
+	out := map[string][]string{}
+	for _, u := range users {
+		out[u.ID] = u.Groups
+	}
+	return out, nil
+}
 
 func main() {
 	listen := flag.String("listen", "127.0.0.1:0", "address to listen on")
@@ -48,7 +103,12 @@ func main() {
 		logger.Error("users file", "error", err)
 		os.Exit(1)
 	}
-	router := exampleop.SetupServer(issuer, storage.NewStorage(store), logger, false)
+	groups, err := groupsOf(*users)
+	if err != nil {
+		logger.Error("users file", "error", err)
+		os.Exit(1)
+	}
+	router := exampleop.SetupServer(issuer, withGroups{storage.NewStorage(store), groups}, logger, false)
 	if *ready != "" {
 		b, _ := json.Marshal(map[string]string{"issuer": issuer})
 		if err := os.WriteFile(*ready+".tmp", b, 0o600); err == nil {
