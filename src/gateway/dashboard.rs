@@ -85,6 +85,10 @@ pub struct WorkspaceItem {
     pub description: String,
     /// "2 cores · 4Gi · 1 GPU".
     pub resources: String,
+    /// It has a persistent profile.
+    pub has_profile: bool,
+    /// Why a launch would be refused, known ahead (the operator decides all the same).
+    pub warning: Option<String>,
 }
 
 /// One session, as shown.
@@ -185,6 +189,8 @@ fn workspace_item(w: &Workspace) -> WorkspaceItem {
         } else {
             res.join(" · ")
         },
+        has_profile: w.spec.persistent_profile.is_some(),
+        warning: None,
     }
 }
 
@@ -295,11 +301,20 @@ fn usage_item(u: &UsageEntry) -> UsageItem {
 /// The panel of one User (pure: the cached objects in, the view out).
 pub fn panel(dir: &Directory, user: &User, sessions: &[Arc<Session>]) -> UserPanel {
     let r = resolve::resolve_user(dir, user);
+    // Every workspace of the user's groups; one the operator would refuse for another reason
+    // (a locked account, a missing server) is shown with that reason, and a launch shows the
+    // operator's own words.
     let mut workspaces: Vec<WorkspaceItem> = dir
         .workspaces
         .iter()
-        .filter(|w| resolve::access(dir, user, &r, w).allowed.is_ok())
-        .map(|w| workspace_item(w))
+        .filter_map(|w| match resolve::access(dir, user, &r, w).allowed {
+            Ok(()) => Some(workspace_item(w)),
+            Err(resolve::Denial::NotInAllowedGroup { .. }) => None,
+            Err(d) => Some(WorkspaceItem {
+                warning: Some(d.to_string()),
+                ..workspace_item(w)
+            }),
+        })
         .collect();
     workspaces.sort_by(|a, b| a.title.cmp(&b.title).then(a.name.cmp(&b.name)));
     let name = user.name_any();
@@ -583,7 +598,10 @@ fn render_panel(o: &mut String, p: &UserPanel, m: &Model, token: &str) {
         hidden(o, "ns", &p.namespace);
         hidden(o, "user", &p.user);
         hidden(o, "workspace", &w.name);
-        if p.profiles {
+        if let Some(warn) = &w.warning {
+            let _ = write!(o, "<p class=\"bad\">{}</p>", escape(warn));
+        }
+        if p.profiles && w.has_profile {
             let _ = write!(
                 o,
                 "<label for=\"p-{fid}\">Persistent profile</label> <select id=\"p-{fid}\" name=\"profile\">\
@@ -1009,7 +1027,9 @@ mod tests {
             json!({"apiVersion": "cubicle.dev/v1alpha1", "kind": "Workspace",
             "metadata": {"name": "desk", "namespace": "ns"},
             "spec": {"image": "x/y:1", "displayName": "Desk <top>", "description": "A desktop",
-                     "groups": ["team"], "resources": {"cores": "2", "memory": "4Gi"}}}),
+                     "groups": ["team"], "resources": {"cores": "2", "memory": "4Gi"},
+                     "persistentProfile": {"mountPath": "/home/kasm-user",
+                         "claimTemplate": {"name": "p-{username}", "size": "1Gi"}}}}),
         );
         let other: Workspace = obj(
             json!({"apiVersion": "cubicle.dev/v1alpha1", "kind": "Workspace",
@@ -1077,7 +1097,7 @@ mod tests {
         assert!(html.contains("Desk &lt;top&gt;"), "escaped title");
         assert!(html.contains(&format!("data-expires=\"{}\"", exp.as_millisecond())));
         assert!(html.contains("1h 02m 05s used, 57m 55s remaining of 2h 00m 00s"));
-        assert!(html.contains("name=\"profile\"") && html.contains("<option>z1</option>"));
+        assert!(html.contains("name=\"profile\"") && html.contains("<option>z1</option>"), "{html}");
         assert!(html.contains("act-stop") && html.contains("act-pause"));
         assert!(html.contains("data-theme=\"dark\""));
 
