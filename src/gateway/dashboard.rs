@@ -398,9 +398,9 @@ return h>0?h+'h '+String(m).padStart(2,'0')+'m '+String(x).padStart(2,'0')+'s':m
 function tick(){document.querySelectorAll('[data-expires]').forEach(function(e){\
 var left=Math.max(0,Math.floor((Number(e.dataset.expires)-(Date.now()-skew))/1000));\
 e.textContent=fmt(left);e.dataset.left=left})}\
-tick();setInterval(tick,1000);\
+window.cubicleTick=tick;tick();setInterval(tick,1000);\
 var fp=document.body.dataset.fp;\
-setInterval(function(){if(document.hidden)return;fetch('/.cubicle/state',{credentials:'same-origin'})\
+setInterval(function(){if(document.hidden||window.cubiclePaused)return;fetch('/.cubicle/state',{credentials:'same-origin'})\
 .then(function(r){return r.ok?r.text():null}).then(function(t){if(t&&t.trim()!==fp&&!document.querySelector('form :focus')){location.reload()}})\
 .catch(function(){})},";
 
@@ -1097,7 +1097,10 @@ mod tests {
         assert!(html.contains("Desk &lt;top&gt;"), "escaped title");
         assert!(html.contains(&format!("data-expires=\"{}\"", exp.as_millisecond())));
         assert!(html.contains("1h 02m 05s used, 57m 55s remaining of 2h 00m 00s"));
-        assert!(html.contains("name=\"profile\"") && html.contains("<option>z1</option>"), "{html}");
+        assert!(
+            html.contains("name=\"profile\"") && html.contains("<option>z1</option>"),
+            "{html}"
+        );
         assert!(html.contains("act-stop") && html.contains("act-pause"));
         assert!(html.contains("data-theme=\"dark\""));
 
