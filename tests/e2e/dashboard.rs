@@ -554,6 +554,12 @@ async fn a_person_launches_watches_and_stops_sessions_in_the_browser() {
         .trim_end_matches('.')
         .to_string();
     reason_shown(&b, &ns, &portal, &nozone, "allowZoneSelection").await;
+    open(&b, &portal).await;
+    b.eval(
+        &format!("document.getElementById('s-{locked}').scrollIntoView(); return 1"),
+        vec![],
+    )
+    .await;
     shoot(&b, "refused").await;
 
     // 7. Stop from the dashboard, as the person: the session stops.
@@ -611,4 +617,120 @@ async fn a_person_launches_watches_and_stops_sessions_in_the_browser() {
     drop(gw);
     op.stop().await;
     b.close().await;
+}
+
+/// Figures, printed (run with `--nocapture`): the dashboard of a person with 20 sessions
+/// (server time and bytes), and the API requests that 1,000 open dashboards cause (each loads
+/// the page and polls once). The only assertion is that showing and polling make no API request
+/// at all beyond the gateway's own watches: the pages come from the caches.
+#[tokio::test]
+async fn dashboard_figures_for_twenty_sessions_and_a_thousand_open_dashboards() {
+    use cubicle::apicount::ApiCounter;
+    use cubicle::client::{self, ApiBudget};
+    use kube::config::{KubeConfigOptions, Kubeconfig};
+
+    install_crds().await;
+    let ns = TestNs::new("dash-fig").await;
+    let key = credentials::ensure(ns.client.clone(), &ns.name, "cubicle-session-key")
+        .await
+        .unwrap();
+    apply(&ns).await;
+    // 20 sessions of a disabled User: refused at once, no pods needed to fill the page.
+    for i in 0..20 {
+        create(
+            &ns,
+            &session(&format!("s-{i:02}"), "alice-locked", "desktop", json!({})),
+        )
+        .await;
+    }
+    let op = Operator::start(&ns.name).await;
+    let kc = Kubeconfig::read_from(crate::support::kubeconfig()).expect("kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("config");
+    let counter = ApiCounter::default();
+    let counted = client::build(config, counter.clone(), ApiBudget::UNLIMITED).expect("client");
+    let gw = gateway::start(
+        counted,
+        GatewayConfig {
+            public: PublicUrl::parse("http://cubicle.localhost:1").unwrap(),
+            namespaces: vec![ns.name.clone()],
+            auth: AuthMode::TrustedHeader {
+                user: http::HeaderName::from_static("x-user"),
+                groups: None,
+            },
+            username_prefix: "oidc:".into(),
+            groups_prefix: "oidc:".into(),
+            key,
+        },
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    );
+    wait_for("gateway synced", LONG, || async {
+        gw.ready().then_some(())
+    })
+    .await;
+    let addr = gw.addr;
+    let get = |path: &'static str| async move {
+        use http_body_util::BodyExt;
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut tx, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::get(path)
+            .header("host", "cubicle.localhost:1")
+            .header("x-user", "alice")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let start = Instant::now();
+        let resp = tx.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, body, start.elapsed())
+    };
+    // Wait until every session is refused and shown so.
+    wait_for("20 refused sessions on the page", LONG, || async {
+        let (_, body, _) = get("/").await;
+        let page = String::from_utf8_lossy(&body).into_owned();
+        (page.matches("data-phase=\"Refused\"").count() == 20).then_some(())
+    })
+    .await;
+    let before = counter.snapshot();
+    let mut times = Vec::new();
+    let mut bytes = 0;
+    for _ in 0..1000 {
+        let (status, body, t) = get("/").await;
+        assert_eq!(status, 200);
+        bytes = body.len();
+        times.push(t);
+        let (status, _, _) = get("/.cubicle/state").await;
+        assert_eq!(status, 200);
+    }
+    let after = counter.snapshot();
+    times.sort();
+    let mean = times.iter().sum::<Duration>() / times.len() as u32;
+    let p99 = times[times.len() * 99 / 100];
+    let mut caused: Vec<String> = Vec::new();
+    for (k, n) in &after {
+        let d = n - before.get(k).copied().unwrap_or(0);
+        if d > 0 && !matches!(k.verb, "watch" | "list") {
+            caused.push(format!("{} {}: {d}", k.verb, k.resource));
+        }
+    }
+    println!(
+        "dashboard of a person with 20 sessions: {bytes} bytes; server time (request to last byte over loopback) mean {:.2} ms, p99 {:.2} ms (targets: <= 20 ms, <= 100 KB)",
+        mean.as_secs_f64() * 1000.0,
+        p99.as_secs_f64() * 1000.0
+    );
+    println!(
+        "1,000 open dashboards (1,000 page loads + 1,000 polls): {} API requests beyond the gateway's watches {caused:?}",
+        caused.len()
+    );
+    assert!(
+        caused.is_empty(),
+        "showing the dashboard asked the API server: {caused:?}"
+    );
+    drop(gw);
+    op.stop().await;
 }
