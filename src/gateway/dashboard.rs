@@ -741,6 +741,21 @@ fn sign_in_cookie<'a>(state: &State, req: &'a Request<Incoming>) -> Option<&'a s
     }
 }
 
+/// The theme of the person's first User (`spec.settings.theme`), `auto` when unset: `light` and
+/// `dark` override the browser's `prefers-color-scheme`.
+pub fn theme_of(users: &[Arc<User>]) -> String {
+    use crate::crd::v1alpha1::Theme;
+    match users
+        .first()
+        .and_then(|u| u.spec.settings.as_ref())
+        .and_then(|s| s.theme)
+    {
+        Some(Theme::Light) => "light".into(),
+        Some(Theme::Dark) => "dark".into(),
+        _ => "auto".into(),
+    }
+}
+
 /// The model of `who`'s dashboard, from the caches.
 pub fn model_for(state: &State, who: &Identity) -> Model {
     let cache = &state.cache;
@@ -762,7 +777,7 @@ pub fn model_for(state: &State, who: &Identity) -> Model {
         who: who.username.clone(),
         panels,
         zones: cache.zones(),
-        theme: "auto".into(),
+        theme: theme_of(&users),
     }
 }
 
@@ -1127,6 +1142,18 @@ mod tests {
         ] {
             assert!(!html.contains(absent), "{absent} shown though not allowed");
         }
+    }
+
+    #[test]
+    fn the_users_theme_setting_overrides_the_browsers() {
+        let mut u = user();
+        assert_eq!(theme_of(&[Arc::new(u.clone())]), "auto");
+        u.spec.settings = Some(crate::crd::v1alpha1::UserSettings {
+            theme: Some(crate::crd::v1alpha1::Theme::Dark),
+            ..Default::default()
+        });
+        assert_eq!(theme_of(&[Arc::new(u)]), "dark");
+        assert_eq!(theme_of(&[]), "auto");
     }
 
     #[test]
