@@ -765,7 +765,7 @@ pub fn model_for(state: &State, who: &Identity) -> Model {
         .into_iter()
         .filter(|u| acts_for(who, u))
         .collect();
-    users.sort_by(|a, b| (a.namespace(), a.name_any()).cmp(&(b.namespace(), b.name_any())));
+    users.sort_by_key(|u| (u.namespace(), u.name_any()));
     let mut panels = Vec::new();
     for u in &users {
         let ns = u.namespace().unwrap_or_default();

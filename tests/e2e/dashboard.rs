@@ -466,15 +466,16 @@ async fn a_person_launches_watches_and_stops_sessions_in_the_browser() {
                 vec![],
             )
             .await;
-        if let (Some(l), Some(p)) = (&ledger, page.as_array()) {
-            if p[0].as_u64() == Some(l.used_seconds) && p[1].as_u64() == Some(l.limit_seconds) {
-                assert_eq!(l.limit_seconds, 5 * 3600);
-                assert!(
-                    p[2].as_str().unwrap().contains("remaining of 5h 00m 00s"),
-                    "{p:?}"
-                );
-                break;
-            }
+        if let (Some(l), Some(p)) = (&ledger, page.as_array())
+            && p[0].as_u64() == Some(l.used_seconds)
+            && p[1].as_u64() == Some(l.limit_seconds)
+        {
+            assert_eq!(l.limit_seconds, 5 * 3600);
+            assert!(
+                p[2].as_str().unwrap().contains("remaining of 5h 00m 00s"),
+                "{p:?}"
+            );
+            break;
         }
         assert!(
             Instant::now() < deadline,
