@@ -217,3 +217,35 @@ fn bad_gateway_values_are_refused_with_the_field_named() {
         "{env}"
     );
 }
+
+#[test]
+fn the_dashboard_may_impersonate_only_the_listed_people() {
+    // Nothing listed: no impersonation grant at all.
+    let objs = template(ON).unwrap();
+    assert!(
+        !objs
+            .iter()
+            .any(|o| o["metadata"]["name"] == "cubicle-gateway-impersonate"),
+        "an impersonation grant without names"
+    );
+    let mut set = ON.to_vec();
+    set.push("gateway.dashboard.impersonate.users={oidc:alice,oidc:bob}");
+    let objs = template(&set).unwrap();
+    let cr = find(&objs, "ClusterRole", "cubicle-gateway-impersonate");
+    assert_eq!(
+        cr["rules"],
+        serde_json::json!([{"apiGroups": [""], "resources": ["users"], "verbs": ["impersonate"],
+                            "resourceNames": ["oidc:alice", "oidc:bob"]}]),
+        "users by name only, no groups"
+    );
+    let crb = find(&objs, "ClusterRoleBinding", "cubicle-gateway-impersonate");
+    assert_eq!(crb["subjects"][0]["name"], "cubicle-gateway");
+    set.push("gateway.dashboard.impersonate.groups={oidc:staff}");
+    let objs = template(&set).unwrap();
+    let cr = find(&objs, "ClusterRole", "cubicle-gateway-impersonate");
+    assert_eq!(cr["rules"][1]["resources"], serde_json::json!(["groups"]));
+    assert_eq!(
+        cr["rules"][1]["resourceNames"],
+        serde_json::json!(["oidc:staff"])
+    );
+}

@@ -75,6 +75,16 @@ impl<T> Table<T> {
             .collect()
     }
 
+    /// Every object.
+    pub fn all(&self) -> Vec<Arc<T>> {
+        self.map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
     /// Number of objects.
     pub fn len(&self) -> usize {
         self.map.read().unwrap_or_else(|p| p.into_inner()).len()
@@ -146,6 +156,9 @@ pub struct Cache {
     pub workspaces: Table<Workspace>,
     /// Woken on every Session or pod change.
     pub changed: Notify,
+    /// Zones of the nodes (`topology.kubernetes.io/zone`), by node name: the dashboard's zone
+    /// list.
+    pub node_zones: RwLock<HashMap<String, String>>,
 }
 
 impl Cache {
@@ -168,6 +181,15 @@ impl Cache {
             servers: Vec::new(),
             assignments: Vec::new(),
         }
+    }
+
+    /// The zones of the nodes, sorted, without duplicates.
+    pub fn zones(&self) -> Vec<String> {
+        let m = self.node_zones.read().unwrap_or_else(|p| p.into_inner());
+        let mut z: Vec<String> = m.values().cloned().collect();
+        z.sort();
+        z.dedup();
+        z
     }
 
     /// The session's pod view.
@@ -219,8 +241,9 @@ pub fn start(
         groups: Table::new(n),
         workspaces: Table::new(n),
         changed: Notify::new(),
+        node_zones: RwLock::default(),
     });
-    let mut tasks = Vec::new();
+    let mut tasks = vec![tokio::spawn(watch_zones(client.clone(), cache.clone()))];
     for scope in scopes {
         let c = cache.clone();
         tasks.push(tokio::spawn(feed(
@@ -274,6 +297,48 @@ pub fn start(
         )));
     }
     (cache, tasks)
+}
+
+/// Keeps [`Cache::node_zones`] from the nodes' metadata (a metadata-only watch). Not part of
+/// [`Cache::synced`]: without it the zone list is only empty for a moment.
+async fn watch_zones(client: Client, cache: Arc<Cache>) {
+    use k8s_openapi::api::core::v1::Node;
+    const ZONE: &str = "topology.kubernetes.io/zone";
+    let api: Api<kube::core::PartialObjectMeta<Node>> = Api::all(client);
+    let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
+    futures::pin_mut!(stream);
+    let mut listing: HashMap<String, String> = HashMap::new();
+    while let Some(ev) = stream.next().await {
+        let zone =
+            |m: &kube::core::ObjectMeta| m.labels.as_ref().and_then(|l| l.get(ZONE)).cloned();
+        match ev {
+            Ok(Event::Init) => listing.clear(),
+            Ok(Event::InitApply(n)) => {
+                if let Some(z) = zone(&n.metadata) {
+                    listing.insert(n.name_any(), z);
+                }
+            }
+            Ok(Event::InitDone) => {
+                *cache.node_zones.write().unwrap_or_else(|p| p.into_inner()) =
+                    std::mem::take(&mut listing);
+            }
+            Ok(Event::Apply(n)) => {
+                let mut m = cache.node_zones.write().unwrap_or_else(|p| p.into_inner());
+                match zone(&n.metadata) {
+                    Some(z) => m.insert(n.name_any(), z),
+                    None => m.remove(&n.name_any()),
+                };
+            }
+            Ok(Event::Delete(n)) => {
+                cache
+                    .node_zones
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&n.name_any());
+            }
+            Err(e) => debug!(error = %e, "node watch error (retrying)"),
+        }
+    }
 }
 
 fn api<K>(client: &Client, scope: &Option<String>) -> Api<K>

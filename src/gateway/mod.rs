@@ -16,6 +16,7 @@ pub mod authz;
 pub mod cache;
 pub mod conns;
 pub mod core;
+pub mod dashboard;
 pub mod oidc;
 pub mod pages;
 pub mod proxy;
@@ -208,7 +209,7 @@ pub async fn handle(
     let host = host_of(&req);
     match core::route(&host, &state.config.public.domain) {
         Route::Unknown => pages::not_found(),
-        Route::Portal => portal(&state, &req).await,
+        Route::Portal => portal(&state, req).await,
         Route::Session(label) => session(state, req, &label, &host, peer).await,
     }
 }
@@ -242,8 +243,9 @@ fn identify(state: &State, req: &Request<Incoming>, label: &str) -> Option<Ident
     }
 }
 
-async fn portal(state: &State, req: &Request<Incoming>) -> Response<proxy::Body> {
+async fn portal(state: &State, req: Request<Incoming>) -> Response<proxy::Body> {
     if let AuthMode::Oidc(o) = &state.config.auth {
+        let req = &req;
         let (public, key) = (&state.config.public, &state.signing);
         match req.uri().path() {
             "/.cubicle/login" => return o.login(req, public, key).await,
@@ -262,12 +264,9 @@ async fn portal(state: &State, req: &Request<Incoming>) -> Response<proxy::Body>
             _ => {}
         }
     }
-    let who = identify(state, req, "");
-    let body = match who {
-        Some(w) => format!(
-            "<p>Signed in as <b>{}</b>. Open a session at the address in its <code>status.url</code>.</p>",
-            w.username.replace('<', "&lt;")
-        ),
+    let who = identify(state, &req, "");
+    let body: String = match who {
+        Some(w) => return dashboard::serve(state, req, w).await,
         None if matches!(state.config.auth, AuthMode::Oidc(_)) => {
             "<p>Not signed in. <a href=\"/.cubicle/login\">Sign in</a>.</p>".into()
         }

@@ -7,6 +7,7 @@ mod api;
 mod binary;
 mod browser;
 mod browser_harness;
+mod dashboard;
 mod demo;
 mod expiry;
 mod foundation;
