@@ -320,6 +320,7 @@ async fn a_person_launches_watches_and_stops_sessions_in_the_browser() {
         client_secret: issuer.client_secret.clone(),
         username_claim: "sub".into(),
         ca_file: None,
+        groups_claim: Some("groups".into()),
     })
     .unwrap();
     let gw = gateway::start(

@@ -224,6 +224,7 @@ async fn start_gateway(
         client_secret: issuer.client_secret.clone(),
         username_claim: "sub".into(),
         ca_file: None,
+        groups_claim: Some("groups".into()),
     })
     .unwrap();
     let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
