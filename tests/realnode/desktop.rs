@@ -249,6 +249,7 @@ async fn start_gateway(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_signs_in_sees_the_desktop_and_the_tab_keeps_the_session_alive() {
+    let _node = crate::take_the_node();
     if !crate::real_node_or_skip(TEST) {
         return;
     }

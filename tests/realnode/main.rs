@@ -264,8 +264,18 @@ async fn install_operator(tenant: &TestNs) -> (TestNs, String, Pod) {
     (system, release, pod)
 }
 
+/// The real node is one small node: its tests take turns, or one's pods leave the other's
+/// unschedulable (Insufficient cpu).
+static REAL_NODE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Holds the real node for one test (a panicked test's turn still ends).
+pub fn take_the_node() -> std::sync::MutexGuard<'static, ()> {
+    REAL_NODE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[tokio::test]
 async fn the_helm_installed_operator_runs_restricted_sessions_with_lasting_profiles() {
+    let _node = take_the_node();
     if !real_node_or_skip("realnode") {
         return;
     }
