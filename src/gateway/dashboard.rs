@@ -389,9 +389,9 @@ pub fn hms(secs: u64) -> String {
 }
 
 const STYLE: &str = "\
-:root{--bg:#fff;--fg:#1b1b1b;--muted:#555;--card:#f3f4f6;--line:#c8ccd2;--accent:#0b57d0;--bad:#b3261e;--btnfg:#fff}\
+:root{color-scheme:light dark;--bg:#fff;--fg:#1b1b1b;--muted:#555;--card:#f3f4f6;--line:#c8ccd2;--accent:#0b57d0;--bad:#b3261e;--btnfg:#fff}\
 @media (prefers-color-scheme:dark){:root:not([data-theme=light]){--bg:#121417;--fg:#e8e8e8;--muted:#b0b4ba;--card:#1e2227;--line:#3a4048;--accent:#8ab4f8;--bad:#f2b8b5;--btnfg:#0b0d10}}\
-:root[data-theme=dark]{--bg:#121417;--fg:#e8e8e8;--muted:#b0b4ba;--card:#1e2227;--line:#3a4048;--accent:#8ab4f8;--bad:#f2b8b5;--btnfg:#0b0d10}\
+:root[data-theme=light]{color-scheme:light}:root[data-theme=dark]{color-scheme:dark;--bg:#121417;--fg:#e8e8e8;--muted:#b0b4ba;--card:#1e2227;--line:#3a4048;--accent:#8ab4f8;--bad:#f2b8b5;--btnfg:#0b0d10}\
 body{background:var(--bg);color:var(--fg);font:16px/1.45 system-ui,sans-serif;max-width:62em;margin:0 auto;padding:1em}\
 section,article{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:.8em 1em;margin:.8em 0}\
 h1{font-size:1.5em}h2{font-size:1.2em;margin:.2em 0}h3{font-size:1.05em;margin:.2em 0}\
