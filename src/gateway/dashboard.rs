@@ -226,7 +226,9 @@ fn rule_words(r: ExpiryRule) -> &'static str {
 }
 
 fn session_item(s: &Session, settings: &resolve::EffectiveSettings) -> SessionItem {
-    let st = s.status.clone().unwrap_or_default();
+    // Borrowed: a status carries conditions and profile details the page mostly ignores.
+    let empty = crate::crd::v1alpha1::SessionStatus::default();
+    let st = s.status.as_ref().unwrap_or(&empty);
     let phase = st.phase.unwrap_or(SessionPhase::Pending);
     let live = matches!(
         phase,
@@ -332,7 +334,7 @@ pub fn panel(
         b.metadata
             .creation_timestamp
             .cmp(&a.metadata.creation_timestamp)
-            .then(a.name_any().cmp(&b.name_any()))
+            .then_with(|| a.metadata.name.cmp(&b.metadata.name))
     });
     UserPanel {
         namespace: dir.namespace.clone(),
@@ -363,17 +365,28 @@ pub fn acts_for(who: &Identity, user: &User) -> bool {
 /// HTML-escapes `s` (text and attribute values).
 pub fn escape(s: &str) -> String {
     let mut o = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => o.push_str("&amp;"),
-            '<' => o.push_str("&lt;"),
-            '>' => o.push_str("&gt;"),
-            '"' => o.push_str("&quot;"),
-            '\'' => o.push_str("&#39;"),
-            c => o.push(c),
-        }
-    }
+    escape_into(&mut o, s);
     o
+}
+
+/// Appends `s` HTML-escaped to `o`: the runs without a special character are copied whole (a
+/// page is mostly such runs, and the form token is repeated on every form).
+pub fn escape_into(o: &mut String, s: &str) {
+    let mut from = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let rep = match b {
+            b'&' => "&amp;",
+            b'<' => "&lt;",
+            b'>' => "&gt;",
+            b'"' => "&quot;",
+            b'\'' => "&#39;",
+            _ => continue,
+        };
+        o.push_str(&s[from..i]);
+        o.push_str(rep);
+        from = i + 1;
+    }
+    o.push_str(&s[from..]);
 }
 
 /// `1h 02m 03s`.
@@ -534,11 +547,11 @@ pub fn render(m: &Model, now: Timestamp, token: &str, notice: Option<&str>) -> S
 }
 
 pub(super) fn hidden(o: &mut String, name: &str, value: &str) {
-    let _ = write!(
-        o,
-        "<input type=\"hidden\" name=\"{name}\" value=\"{}\">",
-        escape(value)
-    );
+    o.push_str("<input type=\"hidden\" name=\"");
+    o.push_str(name);
+    o.push_str("\" value=\"");
+    escape_into(o, value);
+    o.push_str("\">");
 }
 
 fn render_panel(o: &mut String, p: &UserPanel, m: &Model, token: &str) {
@@ -602,7 +615,8 @@ fn render_panel(o: &mut String, p: &UserPanel, m: &Model, token: &str) {
                 "<dt>Ends in</dt><dd><span class=\"countdown\" role=\"timer\" data-expires=\"{}\">…</span> \
                  <span class=\"muted\">at <time datetime=\"{at}\">{at}</time>, by the <span class=\"rule\">{}</span></span></dd>",
                 at.as_millisecond(),
-                escape(rule)
+                escape(rule),
+                at = at.to_string()
             );
         }
         if let Some(r) = &s.reason {
