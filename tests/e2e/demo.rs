@@ -219,9 +219,7 @@ async fn the_demo_dashboard_shows_the_example_users_to_their_people() {
     let portal = format!("http://cubicle.localhost:{port}");
     b.goto(&format!("{portal}/")).await;
     b.click("a[href='/.cubicle/login']").await;
-    b.fill("#username", "alice@northwind.example").await;
-    b.fill("#password", &password).await;
-    b.click("button[type=submit]").await;
+    crate::browser::sign_in(&b, "alice@northwind.example", &password).await;
     let who = b
         .wait_until(
             "const w = document.getElementById('who'); return w && w.textContent",

@@ -10,12 +10,10 @@ use std::time::{Duration, Instant};
 use cubicle::crd::v1alpha1::{Session, SessionPhase, Theme, User, UserPreferences};
 use cubicle::credentials;
 use cubicle::gateway::core::PublicUrl;
-use cubicle::gateway::{self, AuthMode, GatewayConfig};
 use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::api::{DynamicObject, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 
 use crate::api::install_crds;
 use crate::browser::Browser;
@@ -154,9 +152,7 @@ async fn state_of(ns: &TestNs) -> String {
 async fn sign_in(b: &Browser, portal: &str, who: &str, password: &str) {
     b.goto(&format!("{portal}/")).await;
     b.click("a[href='/.cubicle/login']").await;
-    b.fill("#username", who).await;
-    b.fill("#password", password).await;
-    b.click("button[type=submit]").await;
+    crate::browser::sign_in(b, who, password).await;
 }
 
 /// Opens `path` on the portal and waits for the page (with its live reload paused).
@@ -317,38 +313,8 @@ async fn a_persons_settings_are_theirs_survive_gitops_and_auto_launch_after_sign
         .create(&PostParams::default(), &rb)
         .await
         .unwrap();
-    let issuer = cubicle::devenv::oidc::start(
-        &crate::support::run_dir().join(format!("oidc-{}", ns.name)),
-        &["alice", "bob"],
-        &[format!("{portal}/.cubicle/callback")],
-    )
-    .await
-    .unwrap();
-    let oidc = cubicle::gateway::oidc::Oidc::new(cubicle::gateway::oidc::OidcSettings {
-        issuer: issuer.url.clone(),
-        client_id: issuer.client_id.clone(),
-        client_secret: issuer.client_secret.clone(),
-        username_claim: "sub".into(),
-        ca_file: None,
-        groups_claim: Some("groups".into()),
-    })
-    .unwrap();
-    let gw = gateway::start(
-        ns.client.clone(),
-        GatewayConfig {
-            public: public.clone(),
-            namespaces: vec![ns.name.clone()],
-            auth: AuthMode::Oidc(std::sync::Arc::new(oidc)),
-            username_prefix: "oidc:".into(),
-            groups_prefix: "oidc:".into(),
-            key: key.clone(),
-        },
-        TcpListener::bind(("127.0.0.1", port)).await.unwrap(),
-    );
-    wait_for("gateway synced", LONG, || async {
-        gw.ready().then_some(())
-    })
-    .await;
+    let people: [(&str, &[&str]); 2] = [("alice", &[]), ("bob", &[])];
+    let (issuer, gw) = crate::support::oidc_gateway(&ns, &public, &key, port, &people).await;
     // The operator has granted alice her own preferences (the per-User Role).
     let as_alice = client_as("oidc:alice").await;
     wait_for("alice's Role grants her preferences", LONG, || {
