@@ -416,7 +416,7 @@ dl{display:grid;grid-template-columns:max-content 1fr;gap:.1em 1em;margin:.4em 0
 form.inline{display:inline}fieldset{border:1px solid var(--line);border-radius:6px}";
 
 const SCRIPT: &str = "\
-(function(){var skew=Date.now()-Number(document.body.dataset.now);\
+(function(){var skew=Date.now()-Number(document.body.dataset.now);window.cubicleSkew=skew;\
 function fmt(s){var h=Math.floor(s/3600),m=Math.floor(s/60)%60,x=s%60;\
 return h>0?h+'h '+String(m).padStart(2,'0')+'m '+String(x).padStart(2,'0')+'s':m>0?m+'m '+String(x).padStart(2,'0')+'s':x+'s'}\
 function tick(){document.querySelectorAll('[data-expires]').forEach(function(e){\
