@@ -1,7 +1,6 @@
 //! The gateway's own caches: Sessions (indexed by uid, the host label), a small view of their
-//! pods, the Users, Groups and Workspaces that settings resolve from, and the people's own
-//! preferences (UserPreferences). Fed by watches; a change to a Session or a pod wakes the
-//! connection sweeper.
+//! pods, and the Users, Groups and Workspaces that settings resolve from. Fed by watches; a
+//! change to a Session or a pod wakes the connection sweeper.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,7 +17,7 @@ use tracing::debug;
 
 use super::core::PodView;
 use crate::controller::contract::ACCESS_LABEL;
-use crate::crd::v1alpha1::{Group, Session, User, UserPreferences, Workspace};
+use crate::crd::v1alpha1::{Group, Session, User, Workspace};
 use crate::resolve::Directory;
 
 type Key = (String, String);
@@ -155,8 +154,6 @@ pub struct Cache {
     pub groups: Table<Group>,
     /// Workspaces.
     pub workspaces: Table<Workspace>,
-    /// The people's own preferences (the dashboard's theme and auto launch).
-    pub preferences: Table<UserPreferences>,
     /// Woken on every Session or pod change.
     pub changed: Notify,
     /// Zones of the nodes (`topology.kubernetes.io/zone`), by node name: the dashboard's zone
@@ -172,7 +169,6 @@ impl Cache {
             && self.users.synced()
             && self.groups.synced()
             && self.workspaces.synced()
-            && self.preferences.synced()
     }
 
     /// The directory settings resolve from in `ns`.
@@ -244,7 +240,6 @@ pub fn start(
         users: Table::new(n),
         groups: Table::new(n),
         workspaces: Table::new(n),
-        preferences: Table::new(n),
         changed: Notify::new(),
         node_zones: RwLock::default(),
     });
@@ -297,16 +292,6 @@ pub fn start(
             scope.clone(),
             move |cache: &Cache| &cache.workspaces,
             |w: Workspace| w,
-            false,
-            c,
-        )));
-        let c = cache.clone();
-        tasks.push(tokio::spawn(feed(
-            api::<UserPreferences>(&client, &scope),
-            watcher::Config::default(),
-            scope.clone(),
-            move |cache: &Cache| &cache.preferences,
-            |p: UserPreferences| p,
             false,
             c,
         )));

@@ -19,7 +19,6 @@ mod operator;
 mod process;
 mod promptness;
 mod sessions;
-mod settings;
 mod status;
 mod support;
 
