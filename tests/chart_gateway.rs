@@ -249,3 +249,25 @@ fn the_dashboard_may_impersonate_only_the_listed_people() {
         serde_json::json!(["oidc:staff"])
     );
 }
+
+/// `cubicle dev up --demo` runs its gateway with the chart's rules and impersonation grant (the
+/// same least privilege), not as an administrator.
+#[test]
+fn the_demo_gateway_gets_the_charts_rules_and_grant() {
+    let mut set = ON.to_vec();
+    set.push("gateway.dashboard.impersonate.users={alice@northwind.example}");
+    set.push("gateway.dashboard.impersonate.groups={cubicle-people}");
+    let objs = template(&set).unwrap();
+    let demo =
+        cubicle::devenv::demo::gateway_rbac("northwind", &["alice@northwind.example".into()]);
+    assert_eq!(
+        find(&demo, "ClusterRole", "cubicle-demo-gateway")["rules"],
+        find(&objs, "ClusterRole", "cubicle-gateway")["rules"],
+        "the demo gateway's rules and the chart's"
+    );
+    assert_eq!(
+        find(&demo, "ClusterRole", "cubicle-demo-gateway-impersonate")["rules"],
+        find(&objs, "ClusterRole", "cubicle-gateway-impersonate")["rules"],
+        "the demo's impersonation grant and the chart's"
+    );
+}
