@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use cubicle::crd::v1alpha1::{Session, SessionPhase};
 use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
 use kube::api::{DeleteParams, PostParams};
 use serde_json::json;
 
@@ -327,5 +328,87 @@ async fn sessions_of_one_budget_ending_at_once_are_all_closed_into_the_ledger() 
          (started {started:?}, deleted at {deleting}, all gone by {gone}); usage: {}",
         serde_json::to_string(&usage).unwrap_or_default()
     );
+    op.stop().await;
+}
+
+/// Two sessions of one usage budget started together: the budget is split two ways, so each
+/// one's deadline is set by the usage limit (2,700 s left each of 5,400 s), not by its keepalive
+/// (3,600 s), including the one that started first and was alone when it did. Its deadline is
+/// moved by the other's start (the sessions sharing a budget are re-evaluated on it), not a
+/// resync later: the view's refresh after that start writes nothing when the time used moved by
+/// less than a second.
+#[tokio::test]
+async fn a_session_starting_moves_the_usage_deadline_of_the_sessions_sharing_its_budget() {
+    use cubicle::crd::v1alpha1::ExpiryRule;
+    install_crds().await;
+    let ns = TestNs::new("peers").await;
+    let docs = [
+        json!({"apiVersion": "cubicle.dev/v1alpha1", "kind": "Group", "metadata": {"name": "pu"},
+               "spec": {"priority": 10, "settings": {"keepaliveExpiration": "1h", "maxKasmsPerUser": 10,
+                        "usageLimit": {"type": "perUser", "interval": "total", "hours": 1.5}}}}),
+        json!({"apiVersion": "cubicle.dev/v1alpha1", "kind": "User", "metadata": {"name": "u"},
+               "spec": {"realm": "ldap", "groups": ["pu"]}}),
+        json!({"apiVersion": "cubicle.dev/v1alpha1", "kind": "Workspace", "metadata": {"name": "w"},
+               "spec": {"image": "example.invalid/desktop:1", "groups": ["pu"]}}),
+    ];
+    create_all(&ns, docs).await;
+    let op = Operator::start(&ns.name).await;
+    let api = ns.api::<Session>();
+    let names = ["first", "second"];
+    let creates = names.iter().map(|n| {
+        let api = api.clone();
+        async move { api.create(&PostParams::default(), &session(n)).await }
+    });
+    for r in futures::future::join_all(creates).await {
+        r.unwrap();
+    }
+    for n in names {
+        watch_start(&ns, n).await;
+    }
+    // Both running: each deadline becomes the usage limit's (a resync is minutes away).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let all = loop {
+        let mut all = Vec::new();
+        for n in names {
+            all.push(api.get(n).await.unwrap());
+        }
+        let rules: Vec<_> = all
+            .iter()
+            .map(|s| s.status.as_ref().and_then(|st| st.expiry_rule))
+            .collect();
+        if rules.iter().all(|r| *r == Some(ExpiryRule::UsageLimit)) {
+            break all;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "30 s after both ran, the deadlines' rules are {rules:?}, not both the usage \
+             limit's; statuses: {}",
+            serde_json::to_string(&all.iter().map(|s| &s.status).collect::<Vec<_>>())
+                .unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let starts: Vec<_> = all
+        .iter()
+        .map(|s| s.status.as_ref().unwrap().started_at.clone().unwrap().0)
+        .collect();
+    let latest = starts.iter().max().unwrap();
+    // (5,400 s - the gap between the starts) / 2 after the later start.
+    for s in &all {
+        let st = s.status.as_ref().unwrap();
+        let left = st
+            .expires_at
+            .as_ref()
+            .unwrap()
+            .0
+            .duration_since(*latest)
+            .as_secs_f64();
+        assert!(
+            (2600.0..=2705.0).contains(&left),
+            "{}: expiresAt {:?} is {left:.1} s after the later start (starts {starts:?})",
+            s.name_any(),
+            st.expires_at
+        );
+    }
     op.stop().await;
 }

@@ -789,24 +789,26 @@ pub fn armed(phase: Option<SessionPhase>, has_pod: bool) -> bool {
         )
 }
 
-/// Sessions in `ns` that share a usage budget with `s`'s user: re-evaluated when `s` starts or
-/// ends, since their usage deadline moves.
+/// Sessions in `ns` that may share a usage budget with `s`'s user (theirs included, `s` among
+/// them): re-evaluated when `s` starts or ends, since their usage deadline moves. None when no
+/// Group of the user has a usage limit; the user's own sessions for a `perUser` limit, every
+/// member's for a `perGroup` one. A superset (a member of a limited Group may resolve its limit
+/// from another Group): a peer re-evaluated for nothing writes nothing.
 pub fn budget_peers(stores: &Stores, ns: &str, s: &Session) -> Vec<Arc<Session>> {
-    let mut users: Vec<String> = stores
-        .groups
-        .state()
-        .iter()
-        .filter(|g| g.namespace().as_deref() == Some(ns))
-        .filter(|g| g.spec.settings.usage_limit.is_some())
-        .filter(|g| {
-            g.status
-                .as_ref()
-                .is_some_and(|st| st.members.contains(&s.spec.user))
-        })
-        .filter_map(|g| g.status.as_ref().map(|st| st.members.clone()))
-        .flatten()
-        .collect();
-    users.push(s.spec.user.clone());
+    let mut users: Vec<String> = Vec::new();
+    for g in stores.groups.state().iter() {
+        let (Some(limit), Some(st)) = (g.spec.settings.usage_limit.as_ref(), g.status.as_ref())
+        else {
+            continue;
+        };
+        if g.namespace().as_deref() != Some(ns) || !st.members.contains(&s.spec.user) {
+            continue;
+        }
+        users.push(s.spec.user.clone());
+        if limit.type_ == UsageLimitType::PerGroup {
+            users.extend(st.members.iter().cloned());
+        }
+    }
     users.sort();
     users.dedup();
     users

@@ -191,6 +191,20 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
             })
         }
     };
+    // A session that starts (or stops counting) splits its usage budget another way: every
+    // session sharing the budget has its usage deadline moved. Mapped from the session's own
+    // event, so the peers are reconciled from a cache that already shows the start.
+    let budget_peers = {
+        let stores = stores.clone();
+        move |s: Arc<Session>| {
+            let me = s.uid();
+            session_refs(s.namespace(), |ns| {
+                let mut v = expiry::budget_peers(&stores, ns, &s);
+                v.retain(|p| p.uid() != me);
+                v
+            })
+        }
+    };
     let all_pending =
         |stores: Stores| move |ns: Option<String>| sessions_where(&stores, ns, |s| !is_steady(s));
     let groups = all_pending(stores.clone());
@@ -250,6 +264,17 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
                 ))
             })),
             by_user,
+        )
+        .map(
+            r.sessions.subscribe().filter(when_changed(|s: &Session| {
+                digest(
+                    &s.status
+                        .as_ref()
+                        .and_then(|st| st.started_at.as_ref())
+                        .map(|t| t.0.as_millisecond()),
+                )
+            })),
+            budget_peers,
         )
         .map(r.groups.subscribe(), move |g| groups(g.namespace()))
         .map(r.workspaces.subscribe(), workspaces)
