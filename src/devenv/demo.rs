@@ -586,6 +586,9 @@ pub struct DemoOptions {
     pub stub_classes: bool,
     /// Also run the local OpenID Provider and the gateway on `*.cubicle.localhost:<port>`.
     pub gateway_port: Option<u16>,
+    /// The OpenID Provider the API server trusts (`cubicle dev up` started it): the gateway
+    /// signs people in there. None: the demo starts a provider of its own.
+    pub issuer: Option<super::oidc::IssuerRecord>,
 }
 
 /// Installs the CRDs, applies the examples, starts the operator on their namespaces and prints
@@ -679,7 +682,7 @@ pub async fn run(
     if let (Some(port), Some(public)) = (opts.gateway_port, &public) {
         let (gw, issuer) = start_gateway(client, opts, &namespaces, &key_ns, port, public).await?;
         _gateway = Some(gw);
-        _issuer = Some(issuer);
+        _issuer = issuer;
     }
     println!("watching sessions (Ctrl-C stops everything)");
     println!("{}", format_line("TIME", &SESSION_HEADER));
@@ -714,7 +717,7 @@ async fn start_gateway(
     key_ns: &str,
     port: u16,
     public: &str,
-) -> Result<(OperatorProcess, super::oidc::Issuer), DemoError> {
+) -> Result<(OperatorProcess, Option<super::oidc::Issuer>), DemoError> {
     use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
     use kube::api::{ListParams, Patch, PatchParams};
     let kube_err = |what: &str| {
@@ -733,13 +736,19 @@ async fn start_gateway(
         }
     }
     let names: Vec<&str> = people.iter().map(|(_, n)| n.as_str()).collect();
-    let issuer = super::oidc::start(
-        &opts.log_dir.join("oidc"),
-        &names,
-        &[format!("{public}/.cubicle/callback")],
-    )
-    .await
-    .map_err(|e| DemoError::Operator(format!("the OpenID Provider: {e}")))?;
+    let (issuer, own) = match &opts.issuer {
+        Some(record) => (record.clone(), None),
+        None => {
+            let own = super::oidc::start(
+                &opts.log_dir.join("oidc"),
+                &names,
+                &[format!("{public}/.cubicle/callback")],
+            )
+            .await
+            .map_err(|e| DemoError::Operator(format!("the OpenID Provider: {e}")))?;
+            (own.record(), Some(own))
+        }
+    };
     let ssa = PatchParams::apply("cubicle-demo").force();
     for (ns, user) in &people {
         let name = format!("cubicle-demo-use-{user}");
@@ -784,6 +793,7 @@ async fn start_gateway(
             format!("--listen=127.0.0.1:{port}"),
             format!("--oidc-issuer={}", issuer.url),
             format!("--oidc-client-id={}", issuer.client_id),
+            format!("--oidc-ca-file={}", issuer.ca_file.display()),
             format!(
                 "--key-secret={key_ns}/{}",
                 crate::credentials::DEFAULT_KEY_SECRET
@@ -803,10 +813,16 @@ async fn start_gateway(
         issuer.url,
         log.display()
     );
+    if own.is_none() {
+        println!(
+            "  the API server trusts this provider too: its ID tokens act as oidc:<name> with \
+             groups oidc:<group> (kubectl --token)"
+        );
+    }
     for p in &issuer.people {
         println!("  sign in as {} with password {}", p.name, p.password);
     }
-    Ok((gw, issuer))
+    Ok((gw, own))
 }
 
 #[cfg(test)]

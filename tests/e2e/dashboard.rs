@@ -319,7 +319,7 @@ async fn a_person_launches_watches_and_stops_sessions_in_the_browser() {
         client_id: issuer.client_id.clone(),
         client_secret: issuer.client_secret.clone(),
         username_claim: "sub".into(),
-        ca_file: None,
+        ca_file: Some(issuer.ca_file.clone()),
         groups_claim: Some("groups".into()),
     })
     .unwrap();

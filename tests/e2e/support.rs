@@ -79,6 +79,8 @@ fn start_shared() -> Shared {
             "3",
             "--zones",
             "3",
+            // An OpenID Provider the API server trusts; the tests' own issuers share its CA.
+            "--oidc",
             "--dir",
         ])
         .arg(&dir)

@@ -223,7 +223,7 @@ async fn start_gateway(
         client_id: issuer.client_id.clone(),
         client_secret: issuer.client_secret.clone(),
         username_claim: "sub".into(),
-        ca_file: None,
+        ca_file: Some(issuer.ca_file.clone()),
         groups_claim: Some("groups".into()),
     })
     .unwrap();
