@@ -42,10 +42,11 @@ fn stopping_the_real_node_restores_the_host() {
         eprintln!("skipped: {why}");
         return;
     }
-    // Another test binary's node (the realnode harness) may still be stopping.
+    // Another test binary's node (the realnode harness) may still be stopping: node.sh removes the
+    // bridge last, once the sysctls and paths are restored, so its absence means the stop is over.
     wait(
         "another real node to stop",
-        Duration::from_secs(120),
+        Duration::from_secs(300),
         || {
             !Command::new("ip")
                 .args(["link", "show", "cubicle0"])

@@ -293,3 +293,26 @@ impl Drop for Browser {
             .status();
     }
 }
+
+/// How long [`sign_in`] waits for the provider's login form: the way there is several
+/// redirects, and Chromium on a loaded two-core machine can take many seconds per navigation.
+pub const SIGN_IN_FORM_WITHIN: Duration = Duration::from_secs(90);
+
+/// Signs `username` in on the OpenID Provider's own login form (tests/oidc) that the browser is
+/// on, or on its way to: waits for the form (up to [`SIGN_IN_FORM_WITHIN`]; on timeout, fails
+/// with a screenshot, the address and the page's text), fills in the username and password and
+/// submits. Returns the form's address (the provider's), for the caller to check; the caller
+/// then waits for where the sign-in leads.
+pub async fn sign_in(b: &Browser, username: &str, password: &str) -> String {
+    let at = b
+        .wait_until(
+            "return document.getElementById('username') && document.getElementById('password') \
+             && location.href.includes('authRequestID') && location.href",
+            SIGN_IN_FORM_WITHIN,
+        )
+        .await;
+    b.fill("#username", username).await;
+    b.fill("#password", password).await;
+    b.click("button[type=submit]").await;
+    at.as_str().unwrap_or_default().to_string()
+}

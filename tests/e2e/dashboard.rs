@@ -307,38 +307,8 @@ async fn a_person_launches_watches_and_stops_sessions_in_the_browser() {
     .await;
     apply(&ns).await;
     bind_people(&ns).await;
-    let issuer = cubicle::devenv::oidc::start(
-        &crate::support::run_dir().join(format!("oidc-{}", ns.name)),
-        &["alice", "bob"],
-        &[format!("{portal}/.cubicle/callback")],
-    )
-    .await
-    .unwrap();
-    let oidc = cubicle::gateway::oidc::Oidc::new(cubicle::gateway::oidc::OidcSettings {
-        issuer: issuer.url.clone(),
-        client_id: issuer.client_id.clone(),
-        client_secret: issuer.client_secret.clone(),
-        username_claim: "sub".into(),
-        ca_file: Some(issuer.ca_file.clone()),
-        groups_claim: Some("groups".into()),
-    })
-    .unwrap();
-    let gw = gateway::start(
-        ns.client.clone(),
-        GatewayConfig {
-            public: public.clone(),
-            namespaces: vec![ns.name.clone()],
-            auth: AuthMode::Oidc(std::sync::Arc::new(oidc)),
-            username_prefix: "oidc:".into(),
-            groups_prefix: "oidc:".into(),
-            key: key.clone(),
-        },
-        TcpListener::bind(("127.0.0.1", port)).await.unwrap(),
-    );
-    wait_for("gateway synced", LONG, || async {
-        gw.ready().then_some(())
-    })
-    .await;
+    let people: [(&str, &[&str]); 2] = [("alice", &[]), ("bob", &[])];
+    let (issuer, gw) = crate::support::oidc_gateway(&ns, &public, &key, port, &people).await;
     // Sessions an administrator started: alice-plain's one (its maximum) and bob's.
     create(
         &ns,
@@ -358,9 +328,7 @@ async fn a_person_launches_watches_and_stops_sessions_in_the_browser() {
     b.goto(&format!("{portal}/")).await;
     b.click("a[href='/.cubicle/login']").await;
     let alice = issuer.people.iter().find(|p| p.name == "alice").unwrap();
-    b.fill("#username", "alice").await;
-    b.fill("#password", &alice.password).await;
-    b.click("button[type=submit]").await;
+    crate::browser::sign_in(&b, "alice", &alice.password).await;
     let who = b
         .wait_until(
             "const w = document.getElementById('who'); return w && w.textContent",

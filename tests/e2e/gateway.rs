@@ -779,43 +779,9 @@ async fn sign_in(
 /// A gateway that signs people in at a real OpenID Provider (tests/oidc) knowing alice, bob and
 /// carol (in group `admins`); `oidc:alice` may use User alice.
 async fn oidc_gateway(env: &Env) -> (cubicle::devenv::oidc::Issuer, Gateway) {
-    let portal = env.public.portal();
-    run_issuer_tls();
-    let issuer = cubicle::devenv::oidc::start_with_groups(
-        &crate::support::run_dir().join(format!("oidc-{}", env.ns.name)),
-        &[("alice", &[]), ("bob", &[]), ("carol", &["admins"])],
-        &[format!("{portal}/.cubicle/callback")],
-    )
-    .await
-    .unwrap();
     grant(&env.ns, "alice", "oidc:alice").await;
-    let oidc = cubicle::gateway::oidc::Oidc::new(cubicle::gateway::oidc::OidcSettings {
-        issuer: issuer.url.clone(),
-        client_id: issuer.client_id.clone(),
-        client_secret: issuer.client_secret.clone(),
-        username_claim: "sub".into(),
-        ca_file: Some(issuer.ca_file.clone()),
-        groups_claim: Some("groups".into()),
-    })
-    .unwrap();
-    let listener = TcpListener::bind(("127.0.0.1", env.port)).await.unwrap();
-    let gw = gateway::start(
-        env.ns.client.clone(),
-        GatewayConfig {
-            public: env.public.clone(),
-            namespaces: vec![env.ns.name.clone()],
-            auth: AuthMode::Oidc(std::sync::Arc::new(oidc)),
-            username_prefix: "oidc:".into(),
-            groups_prefix: "oidc:".into(),
-            key: env.key.clone(),
-        },
-        listener,
-    );
-    wait_for("gateway synced", Duration::from_secs(30), || async {
-        gw.ready().then_some(())
-    })
-    .await;
-    (issuer, gw)
+    let people: [(&str, &[&str]); 3] = [("alice", &[]), ("bob", &[]), ("carol", &["admins"])];
+    crate::support::oidc_gateway(&env.ns, &env.public, &env.key, env.port, &people).await
 }
 
 #[tokio::test]
@@ -1084,9 +1050,7 @@ async fn browser_sign_in(
         .find(|p| p.name == person)
         .unwrap()
         .password;
-    b.fill("#username", person).await;
-    b.fill("#password", password).await;
-    b.click("button[type=submit]").await;
+    crate::browser::sign_in(b, person, password).await;
 }
 
 /// The owner signs in through the provider's form in headless Chromium, opens the session's URL

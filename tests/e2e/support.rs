@@ -274,3 +274,71 @@ pub fn kubeconfig_with_token(token: &str, path: &Path) {
         serde_yaml::to_value(serde_json::json!({ "token": token })).expect("yaml");
     std::fs::write(path, serde_yaml::to_string(&doc).expect("yaml")).expect("write kubeconfig");
 }
+
+/// An OpenID Provider (tests/oidc, logs and state in `run_dir()/oidc-<namespace>`) knowing
+/// `people` (name and groups), and a gateway for `ns` on 127.0.0.1:`port` (the port of
+/// `public`) that signs people in with it: usernames as the token's `sub` and groups from its
+/// `groups` claim, both prefixed `oidc:`. Returns once the gateway's caches have synced.
+///
+/// The one OIDC gateway setup of the tests: every field of the settings is here, so a field a
+/// change adds is set once for all of them.
+pub async fn oidc_gateway(
+    ns: &TestNs,
+    public: &cubicle::gateway::core::PublicUrl,
+    key: &cubicle::credentials::MasterKey,
+    port: u16,
+    people: &[(&str, &[&str])],
+) -> (cubicle::devenv::oidc::Issuer, cubicle::gateway::Gateway) {
+    use cubicle::gateway::oidc::{Oidc, OidcSettings};
+    use cubicle::gateway::{AuthMode, GatewayConfig};
+    let dir = run_dir().join(format!("oidc-{}", ns.name));
+    // https with the run's CA (`dev up --oidc` made it; made here if the environment lacks it),
+    // which the gateway, the tests' HTTP clients and Chromium trust.
+    cubicle::devenv::oidc::Tls::find_or_create(run_dir())
+        .unwrap_or_else(|e| panic!("{}: the run's OpenID Provider CA: {e}", ns.name));
+    let issuer = cubicle::devenv::oidc::start_with_groups(
+        &dir,
+        people,
+        &[format!("{}/.cubicle/callback", public.portal())],
+    )
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "{}: start the OpenID Provider in {}: {e}",
+            ns.name,
+            dir.display()
+        )
+    });
+    let oidc = Oidc::new(OidcSettings {
+        issuer: issuer.url.clone(),
+        client_id: issuer.client_id.clone(),
+        client_secret: issuer.client_secret.clone(),
+        username_claim: "sub".into(),
+        ca_file: Some(issuer.ca_file.clone()),
+        groups_claim: Some("groups".into()),
+    })
+    .unwrap_or_else(|e| panic!("{}: OIDC settings of {}: {e}", ns.name, issuer.url));
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap_or_else(|e| panic!("{}: bind the gateway to 127.0.0.1:{port}: {e}", ns.name));
+    let gw = cubicle::gateway::start(
+        ns.client.clone(),
+        GatewayConfig {
+            public: public.clone(),
+            namespaces: vec![ns.name.clone()],
+            auth: AuthMode::Oidc(std::sync::Arc::new(oidc)),
+            username_prefix: "oidc:".into(),
+            groups_prefix: "oidc:".into(),
+            key: key.clone(),
+        },
+        listener,
+    );
+    // Generous: the caches list every kind of the namespace, on a loaded two-core machine.
+    wait_for(
+        "the gateway's caches synced",
+        Duration::from_secs(120),
+        || async { gw.ready().then_some(()) },
+    )
+    .await;
+    (issuer, gw)
+}

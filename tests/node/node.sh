@@ -228,11 +228,13 @@ down)
       umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
     done
   done
-  ip link del "$BRIDGE" 2>/dev/null || true
   while IFS='=' read -r k v; do sysctl -qw "$k=$v" >/dev/null 2>&1 || log "could not restore $k=$v"; done <"$dir/sysctls-before"
   for p in /run/containerd /var/lib/cni /run/netns /var/lib/kubelet /var/log/pods /etc/cni; do
     if [ -e "$p" ] && ! grep -qxF "$p" "$dir/host-before"; then rm -rf "$p"; fi
   done
+  # The bridge goes last: others (tests/realnode_host.rs) take its absence to mean that a node's
+  # stop is over, so everything else the node changed must be restored before it disappears.
+  ip link del "$BRIDGE" 2>/dev/null || true
   host_state >"$dir/host-after"
   if ! diff -u "$dir/host-before" "$dir/host-after" >"$dir/host-diff"; then
     log "the host differs from before up ($dir/host-diff):"; cat "$dir/host-diff" >&2; exit 1

@@ -20,20 +20,18 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use cubicle::crd::v1alpha1::{KEEPALIVE_ANNOTATION, Session, SessionPhase};
-use cubicle::credentials::{self, MasterKey};
-use cubicle::devenv::oidc::Issuer;
+use cubicle::credentials;
 use cubicle::devenv::realnode::REAL_NODE_LABEL;
+use cubicle::gateway::Gateway;
 use cubicle::gateway::core::PublicUrl;
-use cubicle::gateway::{self, AuthMode, Gateway, GatewayConfig};
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::api::{Patch, PatchParams};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 
 use crate::browser::Browser;
 use crate::operator::Operator;
-use crate::support::{TestNs, wait_for};
+use crate::support::TestNs;
 
 const TEST: &str = "realnode_desktop";
 const KEY_SECRET: &str = "cubicle-session-key";
@@ -204,49 +202,6 @@ fn last_keepalive(s: &Session) -> Option<jiff::Timestamp> {
     annotated.max(persisted)
 }
 
-/// The OpenID provider (for `alice`) and the gateway signing people in with it.
-async fn start_gateway(
-    ns: &TestNs,
-    key: &MasterKey,
-    public: &PublicUrl,
-    port: u16,
-) -> (Gateway, Issuer) {
-    let issuer = cubicle::devenv::oidc::start(
-        &crate::support::run_dir().join(format!("oidc-{}", ns.name)),
-        &["alice"],
-        &[format!("{}/.cubicle/callback", public.portal())],
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{TEST}: start the OpenID provider: {e}"));
-    let oidc = cubicle::gateway::oidc::Oidc::new(cubicle::gateway::oidc::OidcSettings {
-        issuer: issuer.url.clone(),
-        client_id: issuer.client_id.clone(),
-        client_secret: issuer.client_secret.clone(),
-        username_claim: "sub".into(),
-        ca_file: Some(issuer.ca_file.clone()),
-        groups_claim: Some("groups".into()),
-    })
-    .unwrap();
-    let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
-    let gw = gateway::start(
-        ns.client.clone(),
-        GatewayConfig {
-            public: public.clone(),
-            namespaces: vec![ns.name.clone()],
-            auth: AuthMode::Oidc(std::sync::Arc::new(oidc)),
-            username_prefix: "oidc:".into(),
-            groups_prefix: "oidc:".into(),
-            key: key.clone(),
-        },
-        listener,
-    );
-    wait_for("the gateway's caches synced", LONG, || async {
-        gw.ready().then_some(())
-    })
-    .await;
-    (gw, issuer)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_signs_in_sees_the_desktop_and_the_tab_keeps_the_session_alive() {
     let _node = crate::take_the_node();
@@ -280,7 +235,8 @@ async fn chromium_signs_in_sees_the_desktop_and_the_tab_keeps_the_session_alive(
         c.gateway_url = Some(p);
     })
     .await;
-    let (gw, issuer) = start_gateway(&ns, &key, &public, port).await;
+    let people: [(&str, &[&str]); 1] = [("alice", &[])];
+    let (issuer, gw) = crate::support::oidc_gateway(&ns, &public, &key, port, &people).await;
     let mut scene = Scene {
         ns: &ns,
         gw: &gw,
@@ -346,9 +302,7 @@ async fn chromium_signs_in_sees_the_desktop_and_the_tab_keeps_the_session_alive(
     let t = Instant::now();
     let origin = public.session(&uid);
     browser.goto(&origin).await;
-    browser.fill("#username", "alice").await;
-    browser.fill("#password", &issuer.people[0].password).await;
-    browser.click("button[type=submit]").await;
+    crate::browser::sign_in(&browser, "alice", &issuer.people[0].password).await;
     scene.browser = Some(&browser);
     let o = origin.clone();
     scene

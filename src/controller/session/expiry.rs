@@ -220,7 +220,45 @@ fn to_time(t: Option<Timestamp>) -> Option<Time> {
     t.map(Time)
 }
 
+/// What a guarded write of a ledger entry came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageWrite {
+    /// Nothing to write: the entry was already as computed (or there is no object to write to).
+    Unchanged,
+    /// Written.
+    Written,
+    /// Refused (409): the object changed since the cached version the entry was computed
+    /// from. Nothing was written; the caller reads again (a requeue, once the cache has
+    /// caught up) and decides again, so that no update is lost.
+    Behind,
+}
+
+/// Whether this pass refreshes the usage view, and with which start of this session (the cache
+/// may not show this pass's own status write yet). Due when this pass recorded the session's
+/// start (`started_now`), when a new window has begun (`stale_window`), or when an earlier
+/// pass's refresh was refused because the cache was behind (`owed`): a refused refresh is
+/// retried, never dropped. `start` is the session's start as this pass sees it.
+pub fn view_due(
+    started_now: bool,
+    owed: bool,
+    stale_window: bool,
+    uid: &str,
+    start: Option<Timestamp>,
+) -> Option<Option<Open>> {
+    (started_now || owed || stale_window).then(|| {
+        start.map(|t| Open {
+            uid: uid.to_string(),
+            start: ceil_ms(t),
+        })
+    })
+}
+
 /// Closes an ending session into its budget's ledger and persists it (idempotent by uid).
+///
+/// The write is guarded by the cached object's resourceVersion, so that two sessions closing
+/// at once (each computing the ledger from the same cached entry) never overwrite each other's
+/// closed time: the second is refused ([`UsageWrite::Behind`]), and the caller closes again once
+/// the cache shows the first.
 pub async fn close_session(
     ctx: &Context,
     ns: &str,
@@ -228,9 +266,9 @@ pub async fn close_session(
     user: Option<&User>,
     limit: Option<&ResolvedUsageLimit>,
     now: Timestamp,
-) -> Result<(), Error> {
+) -> Result<UsageWrite, Error> {
     let (Some(user), Some(limit)) = (user, limit) else {
-        return Ok(());
+        return Ok(UsageWrite::Unchanged);
     };
     let Some(start) = session
         .status
@@ -238,7 +276,7 @@ pub async fn close_session(
         .and_then(|s| s.started_at.as_ref())
         .map(|t| t.0)
     else {
-        return Ok(()); // never ran: nothing to charge
+        return Ok(UsageWrite::Unchanged); // never ran: nothing to charge
     };
     let uid = session.uid().unwrap_or_default();
     let b = budget(&ctx.stores, ns, user, limit, now);
@@ -248,7 +286,7 @@ pub async fn close_session(
     let start = ceil_ms(start);
     let closed = expiry::close(&b.ledger, &b.window, &uid, start, end.max(start));
     if closed == b.ledger {
-        return Ok(());
+        return Ok(UsageWrite::Unchanged);
     }
     // Drop uids of sessions that no longer exist, except this one (still present, finalizing).
     let live: HashSet<String> = in_namespace(&ctx.stores.sessions, ns)
@@ -259,7 +297,8 @@ pub async fn close_session(
     write_ledger(ctx, ns, user, limit, &b, &closed, now).await
 }
 
-/// Persists a budget's ledger (and its view: used and limit seconds, window, time zone).
+/// Persists a budget's ledger (and its view: used and limit seconds, window, time zone),
+/// guarded by the cached object's resourceVersion.
 async fn write_ledger(
     ctx: &Context,
     ns: &str,
@@ -268,11 +307,9 @@ async fn write_ledger(
     b: &Budget,
     ledger: &Ledger,
     now: Timestamp,
-) -> Result<(), Error> {
+) -> Result<UsageWrite, Error> {
     let entry = ledger_entry(limit, b, ledger, now);
-    apply_entry(ctx, ns, user, limit, b.scope, entry, false)
-        .await
-        .map(|_| ())
+    apply_entry(ctx, ns, user, limit, b.scope, entry).await
 }
 
 /// The ledger entry of budget `b` with `ledger` as its durable part, its view as at `now`: the
@@ -311,7 +348,9 @@ fn ledger_entry(
 ///
 /// The durable part is written back unchanged (rolled into the current window), guarded by the
 /// cached object's resourceVersion: were the cache behind a ledger write (a session just
-/// closed), the API server refuses and nothing is lost; the next change refreshes the view.
+/// closed) or any other write to the object, the API server refuses and nothing is lost
+/// ([`UsageWrite::Behind`]); the caller owes the view and refreshes it again once the cache has
+/// caught up.
 pub async fn refresh_view(
     ctx: &Context,
     ns: &str,
@@ -320,7 +359,7 @@ pub async fn refresh_view(
     b: &Budget,
     started: Option<Open>,
     now: Timestamp,
-) -> Result<bool, Error> {
+) -> Result<UsageWrite, Error> {
     let mut b = b.clone();
     if let Some(o) = started
         && !b.open.iter().any(|x| x.uid == o.uid)
@@ -338,9 +377,9 @@ pub async fn refresh_view(
     }
     .unwrap_or_default();
     if !view_outdated(find_entry(&persisted, &limit.group, b.scope), &entry) {
-        return Ok(false);
+        return Ok(UsageWrite::Unchanged);
     }
-    apply_entry(ctx, ns, user, limit, b.scope, entry, true).await
+    apply_entry(ctx, ns, user, limit, b.scope, entry).await
 }
 
 /// Whether a persisted entry's view differs from a fresh one: another window, or another
@@ -358,8 +397,9 @@ fn view_outdated(persisted: Option<&UsageEntry>, fresh: &UsageEntry) -> bool {
 }
 
 /// Applies `entry` as the budget's entry in the User's (perUser) or the Group's (perGroup)
-/// `status.usage`, the other entries as cached. With `guarded`, the write carries the cached
-/// resourceVersion, and a conflict (the cache is behind) is no error: Ok(false).
+/// `status.usage`, the other entries as cached. The write carries the cached resourceVersion
+/// (the other entries are only current as of it), and a conflict (the cache is behind) is no
+/// error: [`UsageWrite::Behind`], for the caller to read again and retry.
 async fn apply_entry(
     ctx: &Context,
     ns: &str,
@@ -367,8 +407,7 @@ async fn apply_entry(
     limit: &ResolvedUsageLimit,
     scope: UsageLimitType,
     entry: UsageEntry,
-    guarded: bool,
-) -> Result<bool, Error> {
+) -> Result<UsageWrite, Error> {
     let (name, entries, version) = match scope {
         UsageLimitType::PerUser => (
             user.name_any(),
@@ -396,30 +435,27 @@ async fn apply_entry(
     let mut entries = entries;
     entries.retain(|e| !(e.group.as_deref() == Some(&limit.group) && e.scope == scope));
     entries.push(entry);
-    let guard = match (guarded, version) {
-        (false, _) => None,
-        (true, Some(v)) => Some(v),
-        (true, None) => return Ok(false),
+    // No version: no such object in the cache (a perGroup budget's Group just deleted).
+    let Some(guard) = version else {
+        return Ok(UsageWrite::Unchanged);
     };
     // The one status path (status::apply), as the usage ledger's own field manager.
     let usage = json!({"usage": entries});
     let c = &ctx.client;
     use crate::controller::status::{apply, is_conflict};
     let result = match scope {
-        UsageLimitType::PerUser => {
-            apply::<User>(c, ns, &name, USAGE_MANAGER, &usage, guard.as_deref())
-                .await
-                .map(|_| ())
-        }
+        UsageLimitType::PerUser => apply::<User>(c, ns, &name, USAGE_MANAGER, &usage, Some(&guard))
+            .await
+            .map(|_| ()),
         UsageLimitType::PerGroup => {
-            apply::<Group>(c, ns, &name, USAGE_MANAGER, &usage, guard.as_deref())
+            apply::<Group>(c, ns, &name, USAGE_MANAGER, &usage, Some(&guard))
                 .await
                 .map(|_| ())
         }
     };
     match result {
-        Ok(()) => Ok(true),
-        Err(e) if guarded && is_conflict(&e) => Ok(false),
+        Ok(()) => Ok(UsageWrite::Written),
+        Err(e) if is_conflict(&e) => Ok(UsageWrite::Behind),
         Err(e) => Err(e),
     }
 }
@@ -970,5 +1006,33 @@ mod tests {
         assert!(!done.by_key.contains_key("ns/old"));
         assert_eq!(done.by_key.get("ns/again"), Some(&(at, now)));
         assert_eq!(done.order.len(), 1);
+    }
+
+    #[test]
+    fn a_usage_view_refresh_is_due_when_a_session_starts_a_window_turns_or_one_was_refused() {
+        let start = "2026-01-02T09:59:30.0000001Z".parse::<Timestamp>().unwrap();
+        let open = Some(Open {
+            uid: "s".into(),
+            start: ceil_ms(start),
+        });
+        // (started now, owed by a refused write, stale window, start) -> due, with which start
+        let rows = [
+            ((false, false, false, Some(start)), None),
+            ((true, false, false, Some(start)), Some(open.clone())),
+            ((false, false, true, Some(start)), Some(open.clone())),
+            ((false, false, true, None), Some(None)),
+            // The flake this fixes: a refresh refused with a conflict (the cache behind the
+            // User's last write) was dropped, and the view showed no running session until
+            // some other change. Owed, the next pass refreshes it with the session's start.
+            ((false, true, false, Some(start)), Some(open.clone())),
+            ((false, true, false, None), Some(None)),
+        ];
+        for ((started_now, owed, stale, at), want) in rows {
+            assert_eq!(
+                view_due(started_now, owed, stale, "s", at),
+                want,
+                "started_now={started_now} owed={owed} stale={stale} start={at:?}"
+            );
+        }
     }
 }

@@ -107,6 +107,9 @@ pub struct Launches {
     /// queued meanwhile) still reads the session as it was, and must not write the same status
     /// again.
     statuses: super::status::Written,
+    /// Sessions whose usage view refresh was refused because the cache was behind (409): the
+    /// next pass refreshes it again (see [`expiry::view_due`]).
+    views_owed: Mutex<std::collections::HashSet<String>>,
 }
 
 #[derive(Default)]
@@ -136,6 +139,22 @@ impl Launches {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(session, (server, std::time::Instant::now()));
+    }
+    /// Records whether `session`'s usage view is still owed after this pass; returns whether
+    /// it was owed before it.
+    fn owe_view(&self, session: &str, owed: bool) -> bool {
+        let mut v = self.views_owed.lock().unwrap_or_else(|p| p.into_inner());
+        if owed {
+            !v.insert(session.to_string())
+        } else {
+            v.remove(session)
+        }
+    }
+    fn view_owed(&self, session: &str) -> bool {
+        self.views_owed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(session)
     }
     fn forget(&self, session: &str) {
         self.launched
@@ -779,25 +798,37 @@ impl Pass<'_> {
     }
 
     /// The usage view (User or Group status.usage) shows the current window with the running
-    /// sessions: refreshed when this session starts and when a new window has begun.
+    /// sessions: refreshed when this session starts, when a new window has begun, and again
+    /// after a refresh the API server refused because the cache was behind (409: the view is
+    /// owed, and the session requeued). Returns whether the view is still owed.
     async fn refresh_usage(
         &self,
         b: &expiry::Budget,
         u: &User,
         l: &resolve::ResolvedUsageLimit,
         wrote: bool,
-    ) -> Result<(), Error> {
-        let started = (wrote && self.old.started_at.is_none())
-            .then_some(self.status.started_at.as_ref())
-            .flatten()
-            .map(|t| crate::expiry::Open {
-                uid: self.sh.session.uid().unwrap_or_default(),
-                start: expiry::ceil_ms(t.0),
-            });
-        if started.is_some() || b.stale_window {
+    ) -> Result<bool, Error> {
+        let launches = &self.sh.ctx.launches;
+        let key = session_key(&self.sh.ns, &self.sh.name);
+        let started_now =
+            wrote && self.old.started_at.is_none() && self.status.started_at.is_some();
+        let due = expiry::view_due(
+            started_now,
+            launches.view_owed(&key),
+            b.stale_window,
+            &self.sh.session.uid().unwrap_or_default(),
+            self.status.started_at.as_ref().map(|t| t.0),
+        );
+        let Some(started) = due else {
+            return Ok(false);
+        };
+        let written =
             expiry::refresh_view(self.sh.ctx, &self.sh.ns, u, l, b, started, self.sh.now.0).await?;
+        let owed = written == expiry::UsageWrite::Behind;
+        if launches.owe_view(&key, owed) && owed {
+            debug!(session = %key, "usage view refused again (the cache is behind): retrying");
         }
-        Ok(())
+        Ok(owed)
     }
 
     /// A running or paused session with nothing else to do: its deadline goes to the fast path
@@ -843,8 +874,8 @@ async fn reconcile(
     let key = session_key(&ns, &name);
     if session.metadata.deletion_timestamp.is_some() {
         ctx.launches.forget(&key);
-        finalize(&ctx, &ns, &session).await?;
-        return Ok(Action::await_change());
+        ctx.launches.owe_view(&key, false);
+        return finalize(&ctx, &ns, &session).await;
     }
     let stores = &ctx.stores;
     // Dereference: a pod of an older session of the same name waits for GC.
@@ -966,22 +997,33 @@ async fn reconcile(
         );
     }
     let (wrote, version) = pass.write_status(&ctx).await?;
+    let mut view_owed = false;
     if let (Some(b), Some(u), Some(l)) = (&budget, &read.user, limit) {
-        pass.refresh_usage(b, u, l, wrote).await?;
+        view_owed = pass.refresh_usage(b, u, l, wrote).await?;
     }
-    let requeue = pass.arm_expiry(&read, version, resync);
+    let mut requeue = pass.arm_expiry(&read, version, resync);
+    if view_owed {
+        requeue = requeue.min(CACHE_BEHIND_RETRY);
+    }
     Ok(requeue_within(requeue, resync))
 }
 
+/// How soon a pass whose guarded usage write was refused (the cache was behind) runs again:
+/// long enough for the watch to deliver the write that got in first, which usually takes
+/// milliseconds.
+const CACHE_BEHIND_RETRY: Duration = Duration::from_millis(500);
+
 /// A session being deleted: with the usage finalizer, its running time is accounted before it
-/// disappears, then it is let go.
-async fn finalize(ctx: &Context, ns: &str, session: &Session) -> Result<(), Error> {
+/// disappears, then it is let go. Were the ledger write refused because the cache is behind
+/// (another session of the budget closed a moment ago), the finalizer stays and the session is
+/// closed again once the cache has caught up (closing is idempotent by uid).
+async fn finalize(ctx: &Context, ns: &str, session: &Session) -> Result<Action, Error> {
     if !session
         .finalizers()
         .iter()
         .any(|f| f == contract::USAGE_FINALIZER)
     {
-        return Ok(());
+        return Ok(Action::await_change());
     }
     let user = ctx
         .stores
@@ -993,8 +1035,14 @@ async fn finalize(ctx: &Context, ns: &str, session: &Session) -> Result<(), Erro
             .usage_limit
     });
     let now = jiff::Timestamp::now();
-    expiry::close_session(ctx, ns, session, user.as_deref(), limit.as_ref(), now).await?;
-    expiry::remove_finalizer(ctx, ns, session).await
+    let closed =
+        expiry::close_session(ctx, ns, session, user.as_deref(), limit.as_ref(), now).await?;
+    if closed == expiry::UsageWrite::Behind {
+        debug!(session = %ObjectRef::from_obj(session), "usage ledger refused (the cache is behind): closing again");
+        return Ok(Action::requeue(CACHE_BEHIND_RETRY));
+    }
+    expiry::remove_finalizer(ctx, ns, session).await?;
+    Ok(Action::await_change())
 }
 
 /// The Event of a pause or resume the executor carried out.
