@@ -375,8 +375,9 @@ enum DevCommand {
         #[arg(long)]
         demo: bool,
         /// Also run a local OpenID Provider (https, with a CA generated in DIR/oidc-tls) for the
-        /// demo people, trusted by the API server (`--authentication-config`): an ID token acts
-        /// as `oidc:<name>` in groups `oidc:<group>`. Its URL, client and the people's
+        /// demo people (signing in with their identity, e.g. alice@northwind.example), trusted by
+        /// the API server (`--authentication-config`): an ID token acts as `oidc:<identity>` in
+        /// groups `oidc:<group>`. Its URL, client and the people's
         /// passwords go to DIR/oidc/issuer.json. Implied by `--demo --gateway-port`.
         #[arg(long)]
         oidc: bool,
@@ -596,7 +597,7 @@ async fn dev_up(opts: DevOptions, exit_on_stdin_eof: bool, demo: Option<DemoArgs
     );
     if let Some(issuer) = &cluster.issuer {
         println!(
-            "  OpenID Provider {} (trusted by the API server as oidc:<name>; CA {}): people and passwords in {}",
+            "  OpenID Provider {} (trusted by the API server as oidc:<identity>; CA {}): people and passwords in {}",
             issuer.url,
             issuer.ca_file.display(),
             cubicle::devenv::oidc::IssuerRecord::path(&dir).display(),

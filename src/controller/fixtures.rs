@@ -3,7 +3,12 @@
 
 use serde_json::{Value, json};
 
-use crate::crd::v1alpha1::{Group, GroupSettings, GroupSpec, Session, User};
+use std::sync::Arc;
+
+use crate::controller::runtime::cached::CachedPod;
+use crate::crd::v1alpha1::{
+    Group, GroupSettings, GroupSpec, ServerAssignment, ServerPool, Session, SessionPhase, User,
+};
 
 /// An object of `kind` named `name` in namespace `ns`, with `spec` (and nothing else).
 pub fn object<K: serde::de::DeserializeOwned>(kind: &str, name: &str, ns: &str, spec: Value) -> K {
@@ -36,8 +41,9 @@ pub fn user(name: &str, groups: &[&str], extra: Value) -> User {
     object("User", name, "ns", spec)
 }
 
-/// A Group with `priority` and `settings`, in `ns`.
-pub fn group(name: &str, priority: u32, settings: GroupSettings) -> Group {
+/// A Group with `priority` and `settings`, in `ns` (shared, as the caches and the directory
+/// hold it).
+pub fn group(name: &str, priority: u32, settings: GroupSettings) -> Arc<Group> {
     let mut g = Group::new(
         name,
         GroupSpec {
@@ -47,7 +53,60 @@ pub fn group(name: &str, priority: u32, settings: GroupSettings) -> Group {
         },
     );
     g.metadata.namespace = Some("ns".into());
-    g
+    Arc::new(g)
+}
+
+/// A ServerPool in `ns`: `assignment` as `assignmentEnabled`; `autoscale`, onto nodes labelled
+/// `group=burst`, 4 sessions a server.
+pub fn pool(name: &str, assignment: Option<bool>, autoscale: bool) -> Arc<ServerPool> {
+    let autoscale =
+        autoscale.then(|| json!({"nodeSelector": {"group": "burst"}, "maxSessionsPerServer": 4}));
+    Arc::new(object(
+        "ServerPool",
+        name,
+        "ns",
+        json!({"assignmentEnabled": assignment, "autoscale": autoscale}),
+    ))
+}
+
+/// A Server of `pool` in `ns`, on node `node-<name>`, with at most `max` sessions.
+pub fn server(name: &str, pool: &str, max: Option<u32>) -> Arc<crate::crd::v1alpha1::Server> {
+    let spec = json!({"pool": pool, "nodeName": format!("node-{name}"), "maxSessions": max});
+    Arc::new(object("Server", name, "ns", spec))
+}
+
+/// A ServerAssignment in `ns` of `users` to `servers`.
+pub fn assignment(name: &str, users: &[&str], servers: &[&str]) -> Arc<ServerAssignment> {
+    let spec = json!({"users": users, "servers": servers});
+    Arc::new(object("ServerAssignment", name, "ns", spec))
+}
+
+/// A Session of `user` for `ws` in `ns`, with `phase` and `server` in its status.
+pub fn placed_session(
+    name: &str,
+    user: &str,
+    ws: &str,
+    server: Option<&str>,
+    phase: Option<SessionPhase>,
+) -> Arc<Session> {
+    let mut s = session(name, user, ws);
+    s.status = Some(crate::crd::v1alpha1::SessionStatus {
+        phase,
+        server: server.map(str::to_string),
+        ..Default::default()
+    });
+    Arc::new(s)
+}
+
+/// A session pod named `s` as the pod cache holds it: created at `created`, on `node`, with
+/// `status` (phase, conditions, container statuses).
+pub fn pod(created: Option<&str>, node: Option<&str>, status: Value) -> CachedPod {
+    serde_json::from_value(json!({
+        "metadata": {"name": "s", "creationTimestamp": created},
+        "spec": {"nodeName": node},
+        "status": status
+    }))
+    .unwrap_or_else(|e| panic!("fixture pod: {e}"))
 }
 
 /// `v` as the API server gives it back: serialized to JSON and read again.

@@ -9,6 +9,9 @@
 //! the User is deleted or loses its identity. A re-identified User has its binding's subject
 //! replaced in the same apply (`subjects` is an atomic list).
 //!
+//! The same Role lets the identity read and write the User's own preferences
+//! (`userpreferences/<user>`, by name): the dashboard writes them as the person.
+//!
 //! What exists is learned by listing the labelled Roles and RoleBindings of the scope at start
 //! and at every resync (a digest of what was applied is kept on the binding), so a steady
 //! operator writes nothing, and one that was down catches up on Users deleted or re-identified
@@ -29,7 +32,7 @@ use tracing::{info, warn};
 
 use super::stores::{MANAGED_BY, MANAGED_BY_LABEL, Reflectors, Scope};
 use super::{Context, Error};
-use crate::crd::v1alpha1::User;
+use crate::crd::v1alpha1::{User, UserPreferences};
 
 /// Field manager of the Roles and RoleBindings.
 pub const MANAGER: &str = "cubicle/identity";
@@ -43,6 +46,14 @@ pub const ROLE_VALUE: &str = "use-user";
 pub const USER_ANNOTATION: &str = "cubicle.dev/user";
 /// Annotation with the digest of what was applied (User uid, name and identity).
 pub const DIGEST_ANNOTATION: &str = "cubicle.dev/identity-digest";
+
+/// The version of the Role's rules, part of the digest: a Role written by an operator whose rules
+/// differ is applied again once (2: the person's own UserPreferences).
+const RULES_VERSION: u32 = 2;
+/// What the identity may do to its User's preferences (`userpreferences/<user>`): read and write
+/// that one object. `create` with `resourceNames` holds only for a create by name (a server-side
+/// apply or an update that creates), which is how the dashboard writes it.
+pub const PREFERENCES_VERBS: &[&str] = &["get", "create", "update", "patch"];
 
 /// The longest object name this controller makes (a DNS subdomain's).
 const MAX_NAME: usize = 253;
@@ -72,7 +83,7 @@ pub fn applied_digest(user: &User) -> Option<String> {
     let uid = user.metadata.uid.as_deref().unwrap_or("");
     Some(format!(
         "{:016x}",
-        super::stores::digest(&(uid, user.name_any(), &id.username))
+        super::stores::digest(&(uid, user.name_any(), &id.username, RULES_VERSION))
     ))
 }
 
@@ -102,13 +113,22 @@ pub fn desired(user: &User) -> Option<(Role, RoleBinding)> {
     let name = object_name(&user.name_any());
     let role = Role {
         metadata: meta.clone(),
-        rules: Some(vec![PolicyRule {
-            api_groups: Some(vec![User::group(&()).to_string()]),
-            resources: Some(vec![User::plural(&()).to_string()]),
-            resource_names: Some(vec![user.name_any()]),
-            verbs: vec![USE_VERB.to_string()],
-            ..PolicyRule::default()
-        }]),
+        rules: Some(vec![
+            PolicyRule {
+                api_groups: Some(vec![User::group(&()).to_string()]),
+                resources: Some(vec![User::plural(&()).to_string()]),
+                resource_names: Some(vec![user.name_any()]),
+                verbs: vec![USE_VERB.to_string()],
+                ..PolicyRule::default()
+            },
+            PolicyRule {
+                api_groups: Some(vec![UserPreferences::group(&()).to_string()]),
+                resources: Some(vec![UserPreferences::plural(&()).to_string()]),
+                resource_names: Some(vec![user.name_any()]),
+                verbs: PREFERENCES_VERBS.iter().map(|v| v.to_string()).collect(),
+                ..PolicyRule::default()
+            },
+        ]),
     };
     let binding = RoleBinding {
         metadata: meta,
@@ -425,8 +445,18 @@ mod tests {
         assert_eq!(role.metadata.name.as_deref(), Some("cubicle-use-alice"));
         assert_eq!(role.metadata.namespace.as_deref(), Some("team"));
         let rules = role.rules.unwrap();
-        assert_eq!(rules.len(), 1);
+        assert_eq!(rules.len(), 2);
         assert_eq!(rules[0].verbs, vec!["use"]);
+        // And its own preferences, by name only (never another User's, never delete or list).
+        assert_eq!(
+            rules[1].resources.as_deref(),
+            Some(&["userpreferences".to_string()][..])
+        );
+        assert_eq!(
+            rules[1].resource_names.as_deref(),
+            Some(&["alice".to_string()][..])
+        );
+        assert_eq!(rules[1].verbs, vec!["get", "create", "update", "patch"]);
         assert_eq!(
             rules[0].api_groups.as_deref(),
             Some(&["cubicle.dev".to_string()][..])

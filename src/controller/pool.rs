@@ -185,12 +185,7 @@ mod tests {
     use crate::controller::fixtures;
 
     fn pool(spec: serde_json::Value) -> ServerPool {
-        serde_json::from_value(serde_json::json!({
-            "apiVersion": "cubicle.dev/v1alpha1", "kind": "ServerPool",
-            "metadata": {"name": "p", "namespace": "ns"},
-            "spec": spec
-        }))
-        .unwrap()
+        fixtures::object("ServerPool", "p", "ns", spec)
     }
 
     #[test]

@@ -355,13 +355,9 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::fixtures;
+    use crate::controller::fixtures::{self, group};
     use crate::crd::Duration;
     use crate::crd::v1alpha1::{GroupSettings, SessionPhase};
-
-    fn group(name: &str, priority: u32, settings: GroupSettings) -> Arc<Group> {
-        Arc::new(fixtures::group(name, priority, settings))
-    }
 
     fn user(name: &str, groups: &[&str]) -> User {
         let mut u = fixtures::user(name, groups, serde_json::json!({}));

@@ -121,27 +121,18 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::fixtures;
 
     fn ws(groups: &[&str], pool: Option<&str>) -> Workspace {
-        let mut w: Workspace = serde_json::from_value(serde_json::json!({
-            "apiVersion": "cubicle.dev/v1alpha1", "kind": "Workspace",
-            "metadata": {"name": "desk", "namespace": "ns", "generation": 3},
-            "spec": {"image": "example.invalid/desktop:1", "groups": groups, "serverPool": pool}
-        }))
-        .unwrap();
-        w.metadata.namespace = Some("ns".into());
+        let spec = serde_json::json!(
+            {"image": "example.invalid/desktop:1", "groups": groups, "serverPool": pool});
+        let mut w: Workspace = fixtures::object("Workspace", "desk", "ns", spec);
+        w.metadata.generation = Some(3);
         w
     }
 
     fn group(name: &str) -> Arc<Group> {
-        Arc::new(
-            serde_json::from_value(serde_json::json!({
-                "apiVersion": "cubicle.dev/v1alpha1", "kind": "Group",
-                "metadata": {"name": name, "namespace": "ns"},
-                "spec": {"priority": 10}
-            }))
-            .unwrap(),
-        )
+        fixtures::group(name, 10, Default::default())
     }
 
     #[test]

@@ -707,9 +707,16 @@ pub async fn run(
     result
 }
 
-/// Starts the OpenID Provider (one demo person per User, with the User's name and a printed
-/// password), grants each person `use` on their own User (what per-User RBAC renders), and runs
-/// `cubicle gateway` on `public`.
+/// Signs people in at the OpenID Provider `cubicle dev up` started ([`DemoOptions::issuer`]:
+/// every demo person of [`super::people::PEOPLE`] by identity, with their groups) or else at one
+/// of its own (one person per User with an identity: the identity as login name and `sub`, in
+/// the people's group [`super::people::PEOPLE_GROUP`]), printing the passwords; runs `cubicle
+/// gateway` on `public` as a ServiceAccount of its own with the chart's rules (read what it
+/// serves, the master key by name) and its impersonation grant limited to the provider's people
+/// and their groups (the dashboard acts as the person, by the API server's own names: no
+/// prefixes). The operator grants each identity `use` on its User (the per-User Role) and dev up
+/// binds the end-user role to the people's group and `use` on every User to the admins' group,
+/// so the dashboard shows and does exactly what the person's own kubectl may.
 async fn start_gateway(
     client: &Client,
     opts: &DemoOptions,
@@ -718,13 +725,12 @@ async fn start_gateway(
     port: u16,
     public: &str,
 ) -> Result<(OperatorProcess, Option<super::oidc::Issuer>), DemoError> {
-    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-    use kube::api::{ListParams, Patch, PatchParams};
+    use kube::api::ListParams;
     let kube_err = |what: &str| {
         let what = what.to_string();
         move |e: kube::Error| DemoError::Operator(format!("{what}: {e}"))
     };
-    let mut people: Vec<(String, String)> = Vec::new();
+    let mut identities: Vec<String> = Vec::new();
     for ns in namespaces {
         let users: Api<crate::crd::v1alpha1::User> = Api::namespaced(client.clone(), ns);
         for u in users
@@ -732,16 +738,26 @@ async fn start_gateway(
             .await
             .map_err(kube_err("list Users"))?
         {
-            people.push((ns.clone(), u.name_any()));
+            if let Some(id) = u.spec.identity.as_ref() {
+                identities.push(id.username.clone());
+            }
         }
     }
-    let names: Vec<&str> = people.iter().map(|(_, n)| n.as_str()).collect();
+    identities.sort();
+    identities.dedup();
+    // The provider `cubicle dev up` started (the API server trusts it; its people are all the
+    // demo people by identity), else one of the demo's own for the Users' identities.
     let (issuer, own) = match &opts.issuer {
         Some(record) => (record.clone(), None),
         None => {
-            let own = super::oidc::start(
+            let group = super::people::PEOPLE_GROUP;
+            let people: Vec<(&str, &[&str])> = identities
+                .iter()
+                .map(|i| (i.as_str(), std::slice::from_ref(&group)))
+                .collect();
+            let own = super::oidc::start_with_groups(
                 &opts.log_dir.join("oidc"),
-                &names,
+                &people,
                 &[format!("{public}/.cubicle/callback")],
             )
             .await
@@ -749,33 +765,11 @@ async fn start_gateway(
             (own.record(), Some(own))
         }
     };
-    let ssa = PatchParams::apply("cubicle-demo").force();
-    for (ns, user) in &people {
-        let name = format!("cubicle-demo-use-{user}");
-        let role: Role = serde_json::from_value(serde_json::json!({
-            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-            "metadata": {"name": name, "namespace": ns},
-            "rules": [{"apiGroups": ["cubicle.dev"], "resources": ["users"], "verbs": ["use"],
-                       "resourceNames": [user]}]
-        }))
-        .expect("static role");
-        Api::<Role>::namespaced(client.clone(), ns)
-            .patch(&name, &ssa, &Patch::Apply(&role))
-            .await
-            .map_err(kube_err("grant use"))?;
-        let rb: RoleBinding = serde_json::from_value(serde_json::json!({
-            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-            "metadata": {"name": name, "namespace": ns},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
-                          "name": format!("oidc:{user}")}]
-        }))
-        .expect("static binding");
-        Api::<RoleBinding>::namespaced(client.clone(), ns)
-            .patch(&name, &ssa, &Patch::Apply(&rb))
-            .await
-            .map_err(kube_err("grant use"))?;
-    }
+    // The gateway may impersonate exactly whom this provider signs in (a person without a User
+    // gets the dashboard's "no user" page, not an impersonation error) and the groups their
+    // ID tokens carry.
+    let (users, groups) = impersonated(&issuer.people);
+    let kubeconfig = gateway_identity(client, opts, key_ns, &users, &groups).await?;
     let addr = free_local_addr().map_err(|source| DemoError::Io {
         what: "find a free port".into(),
         source,
@@ -784,13 +778,16 @@ async fn start_gateway(
     let mut gw = OperatorProcess::spawn_command(
         &opts.operator_exe,
         "gateway",
-        &opts.kubeconfig,
+        &kubeconfig,
         namespaces,
         addr,
         &log,
         &[
             format!("--public-url={public}"),
             format!("--listen=127.0.0.1:{port}"),
+            // The identities are the API server's own names (static tokens, no prefix).
+            "--username-prefix=".to_string(),
+            "--groups-prefix=".to_string(),
             format!("--oidc-issuer={}", issuer.url),
             format!("--oidc-client-id={}", issuer.client_id),
             format!("--oidc-ca-file={}", issuer.ca_file.display()),
@@ -825,9 +822,200 @@ async fn start_gateway(
     Ok((gw, own))
 }
 
+/// The demo gateway's ServiceAccount in `key_ns`.
+pub const GATEWAY_ACCOUNT: &str = "cubicle-demo-gateway";
+
+/// Whom the demo gateway may impersonate for the provider's `people`: their names (the `sub` of
+/// their ID tokens) and every group their tokens carry, each sorted once (pure).
+pub fn impersonated(people: &[super::oidc::Person]) -> (Vec<String>, Vec<String>) {
+    let users: BTreeSet<String> = people.iter().map(|p| p.name.clone()).collect();
+    let groups: BTreeSet<String> = people.iter().flat_map(|p| p.groups.clone()).collect();
+    (users.into_iter().collect(), groups.into_iter().collect())
+}
+
+/// The RBAC of the demo gateway: the chart's gateway rules (`templates/gateway-rbac.yaml`) and
+/// its impersonation grant, limited to `identities` and `groups` (pure).
+pub fn gateway_rbac(key_ns: &str, identities: &[String], groups: &[String]) -> Vec<Value> {
+    let subject = serde_json::json!([{"kind": "ServiceAccount", "name": GATEWAY_ACCOUNT,
+                                       "namespace": key_ns}]);
+    let labels = serde_json::json!({"app.kubernetes.io/part-of": "cubicle"});
+    let cluster = |name: &str, rules: Value| {
+        [
+            serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+                "metadata": {"name": name, "labels": labels}, "rules": rules}),
+            serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "ClusterRoleBinding", "metadata": {"name": name, "labels": labels},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                            "name": name},
+                "subjects": subject}),
+        ]
+    };
+    let mut out = Vec::new();
+    out.extend(cluster(
+        GATEWAY_ACCOUNT,
+        serde_json::json!([
+            {"apiGroups": ["cubicle.dev"],
+             "resources": ["sessions", "users", "groups", "workspaces", "userpreferences"],
+             "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["cubicle.dev"], "resources": ["sessions"], "verbs": ["patch"]},
+            {"apiGroups": ["cubicle.dev"], "resources": ["users"], "verbs": ["use"]},
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"],
+             "verbs": ["create"]},
+            {"apiGroups": ["rbac.authorization.k8s.io"],
+             "resources": ["roles", "rolebindings", "clusterroles", "clusterrolebindings"],
+             "verbs": ["list", "watch"]},
+            {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]},
+        ]),
+    ));
+    out.extend(cluster(
+        &format!("{GATEWAY_ACCOUNT}-impersonate"),
+        serde_json::json!([
+            {"apiGroups": [""], "resources": ["users"], "verbs": ["impersonate"],
+             "resourceNames": identities},
+            {"apiGroups": [""], "resources": ["groups"], "verbs": ["impersonate"],
+             "resourceNames": groups},
+        ]),
+    ));
+    let key = format!("{GATEWAY_ACCOUNT}-key");
+    out.push(
+        serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": key, "namespace": key_ns, "labels": labels},
+        "rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"],
+                   "resourceNames": [crate::credentials::DEFAULT_KEY_SECRET]}]}),
+    );
+    out.push(
+        serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding", "metadata": {"name": key, "namespace": key_ns, "labels": labels},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": key},
+        "subjects": subject}),
+    );
+    out
+}
+
+/// Creates the demo gateway's ServiceAccount and RBAC ([`gateway_rbac`]) and writes a kubeconfig
+/// with a token of that account (12 h) into the log folder; returns its path.
+async fn gateway_identity(
+    client: &Client,
+    opts: &DemoOptions,
+    key_ns: &str,
+    identities: &[String],
+    groups: &[String],
+) -> Result<PathBuf, DemoError> {
+    use k8s_openapi::api::authentication::v1::TokenRequest;
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use kube::api::PostParams;
+    let err =
+        |what: &'static str| move |e: kube::Error| DemoError::Operator(format!("{what}: {e}"));
+    let ssa = PatchParams::apply("cubicle-demo").force();
+    let sa: ServiceAccount = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {"name": GATEWAY_ACCOUNT, "namespace": key_ns}}))
+    .expect("static account");
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), key_ns);
+    accounts
+        .patch(GATEWAY_ACCOUNT, &ssa, &Patch::Apply(&sa))
+        .await
+        .map_err(err("the gateway's ServiceAccount"))?;
+    for doc in gateway_rbac(key_ns, identities, groups) {
+        let (ar, _) = discover(client, &gvk_of(&doc)).await?;
+        let api = match doc["metadata"]["namespace"].as_str() {
+            Some(ns) => Api::<DynamicObject>::namespaced_with(client.clone(), ns, &ar),
+            None => Api::all_with(client.clone(), &ar),
+        };
+        let name = doc["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        api.patch(&name, &ssa, &Patch::Apply(&doc))
+            .await
+            .map_err(err("the gateway's RBAC"))?;
+    }
+    let tr: TokenRequest = serde_json::from_value(serde_json::json!({
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+        "spec": {"expirationSeconds": 12 * 3600}}))
+    .expect("static request");
+    let token = accounts
+        .create_token_request(GATEWAY_ACCOUNT, &PostParams::default(), &tr)
+        .await
+        .map_err(err("a token for the gateway"))?
+        .status
+        .map(|s| s.token)
+        .unwrap_or_default();
+    let admin = std::fs::read_to_string(&opts.kubeconfig).map_err(|source| DemoError::Io {
+        what: format!("read {}", opts.kubeconfig.display()),
+        source,
+    })?;
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(&admin)
+        .map_err(|e| DemoError::Operator(format!("parse {}: {e}", opts.kubeconfig.display())))?;
+    doc["users"][0]["user"] =
+        serde_yaml::to_value(serde_json::json!({ "token": token })).expect("a token is YAML");
+    let path = opts.log_dir.join("gateway.kubeconfig");
+    write_private(&path, &serde_yaml::to_string(&doc).expect("YAML"))?;
+    Ok(path)
+}
+
+fn write_private(path: &Path, text: &str) -> Result<(), DemoError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| DemoError::Io {
+        what: format!("write {}", path.display()),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    f.write_all(text.as_bytes()).map_err(io)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_demo_gateway_may_impersonate_whom_its_provider_signs_in_and_their_groups() {
+        let person = |name: &str, groups: &[&str]| super::super::oidc::Person {
+            name: name.into(),
+            password: "p".into(),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+        };
+        // The dev-up provider's people: all of them, a person without a User (mallory) and an
+        // admin (root) included.
+        let people: Vec<_> = super::super::people::PEOPLE
+            .iter()
+            .map(|p| {
+                let mut g = vec![super::super::people::PEOPLE_GROUP];
+                g.extend(p.groups.iter().copied());
+                person(p.username, &g)
+            })
+            .collect();
+        let (users, groups) = impersonated(&people);
+        assert_eq!(users.len(), super::super::people::PEOPLE.len(), "{users:?}");
+        assert!(users.contains(&"mallory@northwind.example".to_string()));
+        assert!(users.contains(&"root@northwind.example".to_string()));
+        assert_eq!(groups, ["cubicle-admins", "cubicle-people"]);
+        let rbac = gateway_rbac("northwind", &users, &groups);
+        let grant = rbac
+            .iter()
+            .find(|o| o["metadata"]["name"] == "cubicle-demo-gateway-impersonate")
+            .unwrap();
+        assert_eq!(grant["rules"][0]["resourceNames"], serde_json::json!(users));
+        assert_eq!(
+            grant["rules"][1]["resourceNames"],
+            serde_json::json!(groups)
+        );
+        // A provider of the demo's own: the Users' identities, the people's group only.
+        let (users, groups) = impersonated(&[
+            person("bob@x", &["cubicle-people"]),
+            person("alice@x", &["cubicle-people"]),
+        ]);
+        assert_eq!(users, ["alice@x", "bob@x"]);
+        assert_eq!(groups, ["cubicle-people"]);
+    }
 
     fn examples() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")

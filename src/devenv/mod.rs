@@ -75,8 +75,9 @@ pub struct DevOptions {
     /// image. Where the host cannot run containers, the fake nodes carry on and
     /// [`DevReady::real_node_unavailable`] says what is missing.
     pub real_node: Option<Vec<String>>,
-    /// Start a local OpenID Provider for the demo people ([`people::PEOPLE`], by short name,
-    /// in groups [`people::PEOPLE_GROUP`] and their own) that the API server trusts, accepting
+    /// Start a local OpenID Provider for the demo people ([`people::PEOPLE`], by identity
+    /// (`username`, the same name as their static token's) as login name and `sub`, in groups
+    /// [`people::PEOPLE_GROUP`] and their own) that the API server trusts, accepting
     /// these redirect URIs besides [`oidc::DEV_REDIRECT_URI`]; its record goes to
     /// `<dir>/oidc/issuer.json` ([`oidc::IssuerRecord`]).
     pub oidc: Option<Vec<String>>,
@@ -155,7 +156,7 @@ async fn start_trusted_issuer(
     let who: Vec<(&str, &[&str])> = people::PEOPLE
         .iter()
         .zip(&groups)
-        .map(|(p, g)| (p.short, g.as_slice()))
+        .map(|(p, g)| (p.username, g.as_slice()))
         .collect();
     let mut uris = redirects.to_vec();
     uris.push(oidc::DEV_REDIRECT_URI.to_string());

@@ -1,6 +1,7 @@
 //! The gateway's own caches: Sessions (indexed by uid, the host label), a small view of their
-//! pods, and the Users, Groups and Workspaces that settings resolve from. Fed by watches; a
-//! change to a Session or a pod wakes the connection sweeper.
+//! pods, the Users, Groups and Workspaces that settings resolve from, and the people's own
+//! preferences (UserPreferences). Fed by watches; a change to a Session or a pod wakes the
+//! connection sweeper.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,7 +18,7 @@ use tracing::debug;
 
 use super::core::PodView;
 use crate::controller::contract::ACCESS_LABEL;
-use crate::crd::v1alpha1::{Group, Session, User, Workspace};
+use crate::crd::v1alpha1::{Group, Session, User, UserPreferences, Workspace};
 use crate::resolve::Directory;
 
 type Key = (String, String);
@@ -154,6 +155,8 @@ pub struct Cache {
     pub groups: Table<Group>,
     /// Workspaces.
     pub workspaces: Table<Workspace>,
+    /// The people's own preferences (the dashboard's theme and auto launch).
+    pub preferences: Table<UserPreferences>,
     /// Woken on every Session or pod change.
     pub changed: Notify,
     /// Zones of the nodes (`topology.kubernetes.io/zone`), by node name: the dashboard's zone
@@ -169,6 +172,7 @@ impl Cache {
             && self.users.synced()
             && self.groups.synced()
             && self.workspaces.synced()
+            && self.preferences.synced()
     }
 
     /// The directory settings resolve from in `ns`.
@@ -240,6 +244,7 @@ pub fn start(
         users: Table::new(n),
         groups: Table::new(n),
         workspaces: Table::new(n),
+        preferences: Table::new(n),
         changed: Notify::new(),
         node_zones: RwLock::default(),
     });
@@ -292,6 +297,16 @@ pub fn start(
             scope.clone(),
             move |cache: &Cache| &cache.workspaces,
             |w: Workspace| w,
+            false,
+            c,
+        )));
+        let c = cache.clone();
+        tasks.push(tokio::spawn(feed(
+            api::<UserPreferences>(&client, &scope),
+            watcher::Config::default(),
+            scope.clone(),
+            move |cache: &Cache| &cache.preferences,
+            |p: UserPreferences| p,
             false,
             c,
         )));

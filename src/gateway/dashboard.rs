@@ -24,7 +24,8 @@ use super::core::Identity;
 use super::proxy::{Body, full};
 use super::{AuthMode, State};
 use crate::crd::v1alpha1::{
-    DesiredState, ExpiryRule, ProfileMode, Session, SessionPhase, UsageEntry, User, Workspace,
+    DesiredState, ExpiryRule, ProfileMode, Session, SessionPhase, UsageEntry, User,
+    UserPreferences, UserPreferencesSpec, Workspace,
 };
 use crate::resolve::{self, Directory};
 
@@ -148,6 +149,8 @@ pub struct UserPanel {
     pub usage: Vec<UsageItem>,
     /// `maxKasmsPerUser`, when set.
     pub max_sessions: Option<u32>,
+    /// The person's settings in force (seed 001).
+    pub prefs: super::settings::Prefs,
 }
 
 /// Everything one dashboard shows.
@@ -223,7 +226,9 @@ fn rule_words(r: ExpiryRule) -> &'static str {
 }
 
 fn session_item(s: &Session, settings: &resolve::EffectiveSettings) -> SessionItem {
-    let st = s.status.clone().unwrap_or_default();
+    // Borrowed: a status carries conditions and profile details the page mostly ignores.
+    let empty = crate::crd::v1alpha1::SessionStatus::default();
+    let st = s.status.as_ref().unwrap_or(&empty);
     let phase = st.phase.unwrap_or(SessionPhase::Pending);
     let live = matches!(
         phase,
@@ -298,8 +303,14 @@ fn usage_item(u: &UsageEntry) -> UsageItem {
     }
 }
 
-/// The panel of one User (pure: the cached objects in, the view out).
-pub fn panel(dir: &Directory, user: &User, sessions: &[Arc<Session>]) -> UserPanel {
+/// The panel of one User (pure: the cached objects in, the view out); `own`: the person's
+/// UserPreferences of this User.
+pub fn panel(
+    dir: &Directory,
+    user: &User,
+    sessions: &[Arc<Session>],
+    own: Option<&UserPreferencesSpec>,
+) -> UserPanel {
     let r = resolve::resolve_user(dir, user);
     // Every workspace of the user's groups; one the operator would refuse for another reason
     // (a locked account, a missing server) is shown with that reason, and a launch shows the
@@ -323,7 +334,7 @@ pub fn panel(dir: &Directory, user: &User, sessions: &[Arc<Session>]) -> UserPan
         b.metadata
             .creation_timestamp
             .cmp(&a.metadata.creation_timestamp)
-            .then(a.name_any().cmp(&b.name_any()))
+            .then_with(|| a.metadata.name.cmp(&b.metadata.name))
     });
     UserPanel {
         namespace: dir.namespace.clone(),
@@ -339,6 +350,7 @@ pub fn panel(dir: &Directory, user: &User, sessions: &[Arc<Session>]) -> UserPan
             .map(|st| st.usage.iter().map(usage_item).collect())
             .unwrap_or_default(),
         max_sessions: r.settings.max_kasms_per_user,
+        prefs: super::settings::effective(user, own, r.settings.default_workspace.as_deref()),
     }
 }
 
@@ -350,19 +362,31 @@ pub fn acts_for(who: &Identity, user: &User) -> bool {
         .is_some_and(|i| i.username == who.username)
 }
 
-pub(crate) fn escape(s: &str) -> String {
+/// HTML-escapes `s` (text and attribute values).
+pub fn escape(s: &str) -> String {
     let mut o = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => o.push_str("&amp;"),
-            '<' => o.push_str("&lt;"),
-            '>' => o.push_str("&gt;"),
-            '"' => o.push_str("&quot;"),
-            '\'' => o.push_str("&#39;"),
-            c => o.push(c),
-        }
-    }
+    escape_into(&mut o, s);
     o
+}
+
+/// Appends `s` HTML-escaped to `o`: the runs without a special character are copied whole (a
+/// page is mostly such runs, and the form token is repeated on every form).
+pub fn escape_into(o: &mut String, s: &str) {
+    let mut from = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let rep = match b {
+            b'&' => "&amp;",
+            b'<' => "&lt;",
+            b'>' => "&gt;",
+            b'"' => "&quot;",
+            b'\'' => "&#39;",
+            _ => continue,
+        };
+        o.push_str(&s[from..i]);
+        o.push_str(rep);
+        from = i + 1;
+    }
+    o.push_str(&s[from..]);
 }
 
 /// `1h 02m 03s`.
@@ -378,9 +402,9 @@ pub fn hms(secs: u64) -> String {
 }
 
 const STYLE: &str = "\
-:root{--bg:#fff;--fg:#1b1b1b;--muted:#555;--card:#f3f4f6;--line:#c8ccd2;--accent:#0b57d0;--bad:#b3261e;--btnfg:#fff}\
+:root{color-scheme:light dark;--bg:#fff;--fg:#1b1b1b;--muted:#555;--card:#f3f4f6;--line:#c8ccd2;--accent:#0b57d0;--bad:#b3261e;--btnfg:#fff}\
 @media (prefers-color-scheme:dark){:root:not([data-theme=light]){--bg:#121417;--fg:#e8e8e8;--muted:#b0b4ba;--card:#1e2227;--line:#3a4048;--accent:#8ab4f8;--bad:#f2b8b5;--btnfg:#0b0d10}}\
-:root[data-theme=dark]{--bg:#121417;--fg:#e8e8e8;--muted:#b0b4ba;--card:#1e2227;--line:#3a4048;--accent:#8ab4f8;--bad:#f2b8b5;--btnfg:#0b0d10}\
+:root[data-theme=light]{color-scheme:light}:root[data-theme=dark]{color-scheme:dark;--bg:#121417;--fg:#e8e8e8;--muted:#b0b4ba;--card:#1e2227;--line:#3a4048;--accent:#8ab4f8;--bad:#f2b8b5;--btnfg:#0b0d10}\
 body{background:var(--bg);color:var(--fg);font:16px/1.45 system-ui,sans-serif;max-width:62em;margin:0 auto;padding:1em}\
 section,article{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:.8em 1em;margin:.8em 0}\
 h1{font-size:1.5em}h2{font-size:1.2em;margin:.2em 0}h3{font-size:1.05em;margin:.2em 0}\
@@ -392,7 +416,7 @@ dl{display:grid;grid-template-columns:max-content 1fr;gap:.1em 1em;margin:.4em 0
 form.inline{display:inline}fieldset{border:1px solid var(--line);border-radius:6px}";
 
 const SCRIPT: &str = "\
-(function(){var skew=Date.now()-Number(document.body.dataset.now);\
+(function(){var skew=Date.now()-Number(document.body.dataset.now);window.cubicleSkew=skew;\
 function fmt(s){var h=Math.floor(s/3600),m=Math.floor(s/60)%60,x=s%60;\
 return h>0?h+'h '+String(m).padStart(2,'0')+'m '+String(x).padStart(2,'0')+'s':m>0?m+'m '+String(x).padStart(2,'0')+'s':x+'s'}\
 function tick(){document.querySelectorAll('[data-expires]').forEach(function(e){\
@@ -433,27 +457,79 @@ pub fn fingerprint(m: &Model) -> String {
     format!("{:016x}", h.finish())
 }
 
-/// Renders the dashboard (pure). `token`: the form token; `notice`: a line shown on top.
-pub fn render(m: &Model, now: Timestamp, token: &str, notice: Option<&str>) -> String {
-    let mut o = String::with_capacity(8192);
-    let theme = match m.theme.as_str() {
-        "light" | "dark" => format!(" data-theme=\"{}\"", m.theme),
-        _ => String::new(),
+/// ` data-theme="dark"` for a theme that overrides the browser's, nothing for `auto`.
+fn theme_attr(theme: &str) -> &'static str {
+    match theme {
+        "light" => " data-theme=\"light\"",
+        "dark" => " data-theme=\"dark\"",
+        _ => "",
+    }
+}
+
+/// The start of a portal page, up to `<main>`: the theme, the title, who is signed in, the
+/// navigation (`current`: `dashboard` or `settings`) and the notice.
+fn page_start(
+    o: &mut String,
+    m: &Model,
+    title: &str,
+    body_attrs: &str,
+    current: &str,
+    notice: Option<&str>,
+) {
+    let nav = |page: &str, href: &str, label: &str| {
+        format!(
+            "<a href=\"{href}\" id=\"nav-{page}\"{}>{label}</a>",
+            if page == current {
+                " aria-current=\"page\""
+            } else {
+                ""
+            }
+        )
     };
     let _ = write!(
         o,
-        "<!doctype html><html lang=\"en\"{theme}><head><meta charset=\"utf-8\">\
+        "<!doctype html><html lang=\"en\"{}><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
-         <title>Dashboard · Cubicle</title><style>{STYLE}</style></head>\
-         <body data-now=\"{}\" data-fp=\"{}\"><header><h1>Cubicle</h1>\
+         <title>{title} · Cubicle</title><style>{STYLE}</style></head>\
+         <body{body_attrs}><header><h1>Cubicle</h1>\
+         <nav aria-label=\"Pages\">{} · {}</nav>\
          <p>Signed in as <b id=\"who\">{}</b>.</p></header><main>",
-        now.as_millisecond(),
-        fingerprint(m),
+        theme_attr(&m.theme),
+        nav("dashboard", "/", "Dashboard"),
+        nav("settings", "/.cubicle/settings", "Settings"),
         escape(&m.who)
     );
     if let Some(n) = notice {
         let _ = write!(o, "<p role=\"status\" id=\"notice\">{}</p>", escape(n));
     }
+}
+
+/// Renders the settings page (pure): one form per User the person acts for.
+pub fn render_settings(m: &Model, token: &str, notice: Option<&str>) -> String {
+    let mut o = String::with_capacity(4096);
+    page_start(&mut o, m, "Settings", "", "settings", notice);
+    if m.panels.is_empty() {
+        o.push_str(
+            "<section><h2>No user for you</h2><p>No Cubicle User names you as its identity \
+             (<code>spec.identity.username</code>). Ask an administrator to add you.</p></section>",
+        );
+    }
+    for p in &m.panels {
+        super::settings::render_panel(&mut o, p, token);
+    }
+    o.push_str("</main></body></html>");
+    o
+}
+
+/// Renders the dashboard (pure). `token`: the form token; `notice`: a line shown on top.
+pub fn render(m: &Model, now: Timestamp, token: &str, notice: Option<&str>) -> String {
+    let mut o = String::with_capacity(8192);
+    let attrs = format!(
+        " data-now=\"{}\" data-fp=\"{}\"",
+        now.as_millisecond(),
+        fingerprint(m)
+    );
+    page_start(&mut o, m, "Dashboard", &attrs, "dashboard", notice);
     if m.panels.is_empty() {
         o.push_str(
             "<section><h2>No user for you</h2><p>No Cubicle User names you as its identity \
@@ -470,12 +546,12 @@ pub fn render(m: &Model, now: Timestamp, token: &str, notice: Option<&str>) -> S
     o
 }
 
-fn hidden(o: &mut String, name: &str, value: &str) {
-    let _ = write!(
-        o,
-        "<input type=\"hidden\" name=\"{name}\" value=\"{}\">",
-        escape(value)
-    );
+pub(super) fn hidden(o: &mut String, name: &str, value: &str) {
+    o.push_str("<input type=\"hidden\" name=\"");
+    o.push_str(name);
+    o.push_str("\" value=\"");
+    escape_into(o, value);
+    o.push_str("\">");
 }
 
 fn render_panel(o: &mut String, p: &UserPanel, m: &Model, token: &str) {
@@ -539,7 +615,8 @@ fn render_panel(o: &mut String, p: &UserPanel, m: &Model, token: &str) {
                 "<dt>Ends in</dt><dd><span class=\"countdown\" role=\"timer\" data-expires=\"{}\">…</span> \
                  <span class=\"muted\">at <time datetime=\"{at}\">{at}</time>, by the <span class=\"rule\">{}</span></span></dd>",
                 at.as_millisecond(),
-                escape(rule)
+                escape(rule),
+                at = at.to_string()
             );
         }
         if let Some(r) = &s.reason {
@@ -713,9 +790,21 @@ pub fn failure(
     next: &str,
     retry: Option<String>,
 ) -> Response<Body> {
+    failure_themed("auto", status, what, next, retry)
+}
+
+/// [`failure`] in the person's theme.
+pub fn failure_themed(
+    theme: &str,
+    status: StatusCode,
+    what: &str,
+    next: &str,
+    retry: Option<String>,
+) -> Response<Body> {
     let mut o = format!(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{t} · Cubicle</title>\
+        "<!doctype html><html lang=\"en\"{}><head><meta charset=\"utf-8\"><title>{t} · Cubicle</title>\
          <style>{STYLE}</style></head><body><main><h1>{t}</h1><p role=\"alert\" id=\"what\">{}</p><p id=\"next\">{}</p>",
+        theme_attr(theme),
         escape(what),
         escape(next),
         t = if status.is_client_error() && status != StatusCode::CONFLICT {
@@ -741,19 +830,29 @@ fn sign_in_cookie<'a>(state: &State, req: &'a Request<Incoming>) -> Option<&'a s
     }
 }
 
-/// The theme of the person's first User (`spec.settings.theme`), `auto` when unset: `light` and
+/// The theme of the person's pages: that of their first User (their own setting, else the
+/// User's `spec.settings.theme`), `auto` when unset or when they have no User: `light` and
 /// `dark` override the browser's `prefers-color-scheme`.
-pub fn theme_of(users: &[Arc<User>]) -> String {
-    use crate::crd::v1alpha1::Theme;
-    match users
-        .first()
-        .and_then(|u| u.spec.settings.as_ref())
-        .and_then(|s| s.theme)
-    {
-        Some(Theme::Light) => "light".into(),
-        Some(Theme::Dark) => "dark".into(),
-        _ => "auto".into(),
-    }
+pub fn theme_of(panels: &[UserPanel]) -> &'static str {
+    panels.first().map_or("auto", |p| p.prefs.theme)
+}
+
+/// The person's theme, from the caches (for pages without a model).
+pub fn theme_for(state: &State, who: &Identity) -> &'static str {
+    let mut users: Vec<Arc<User>> = state
+        .cache
+        .users
+        .all()
+        .into_iter()
+        .filter(|u| acts_for(who, u))
+        .collect();
+    users.sort_by_key(|u| (u.namespace(), u.name_any()));
+    let Some(u) = users.first() else {
+        return "auto";
+    };
+    let ns = u.namespace().unwrap_or_default();
+    let own = state.cache.preferences.get(&ns, &u.name_any());
+    super::settings::effective(u, own.as_ref().map(|p| &p.spec), None).theme
 }
 
 /// The model of `who`'s dashboard, from the caches.
@@ -771,13 +870,14 @@ pub fn model_for(state: &State, who: &Identity) -> Model {
         let ns = u.namespace().unwrap_or_default();
         let dir = cache.directory(&ns);
         let sessions = cache.sessions.in_namespace(&ns);
-        panels.push(panel(&dir, u, &sessions));
+        let own = cache.preferences.get(&ns, &u.name_any());
+        panels.push(panel(&dir, u, &sessions, own.as_ref().map(|p| &p.spec)));
     }
     Model {
         who: who.username.clone(),
+        theme: theme_of(&panels).to_string(),
         panels,
         zones: cache.zones(),
-        theme: theme_of(&users),
     }
 }
 
@@ -816,15 +916,39 @@ pub async fn serve(state: &State, req: Request<Incoming>, who: Identity) -> Resp
     let now = Timestamp::now();
     let cookie = sign_in_cookie(state, &req).map(String::from);
     let token = form_token(&state.signing, &who, cookie.as_deref(), now);
+    let notice = req
+        .uri()
+        .query()
+        .and_then(|q| form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "done"))
+        .map(|(_, v)| v.into_owned());
     match (req.method().clone(), req.uri().path()) {
         (Method::GET, "/") => {
             let m = model_for(state, &who);
-            let notice = req
-                .uri()
-                .query()
-                .and_then(|q| form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "done"))
-                .map(|(_, v)| v.into_owned());
+            // The first dashboard of a sign-in: auto launch (once per sign-in, marked by a
+            // cookie holding the sign-in cookie's digest, so any replica knows).
+            let mark = cookie_digest(cookie.as_deref());
+            let seen = super::oidc::cookie(&req, &autolaunch_cookie_name(state)) == Some(&mark);
+            if !seen {
+                let mut r = match super::settings::auto_launch(&m) {
+                    Some(step) => auto_launch(state, &who, step, m.theme.as_str()).await,
+                    None => html(StatusCode::OK, render(&m, now, &token, notice.as_deref())),
+                };
+                r.headers_mut().append(
+                    header::SET_COOKIE,
+                    autolaunch_cookie(state, &mark)
+                        .parse()
+                        .expect("a valid cookie"),
+                );
+                return r;
+            }
             html(StatusCode::OK, render(&m, now, &token, notice.as_deref()))
+        }
+        (Method::GET, "/.cubicle/settings") => {
+            let m = model_for(state, &who);
+            html(
+                StatusCode::OK,
+                render_settings(&m, &token, notice.as_deref()),
+            )
         }
         (Method::GET, "/.cubicle/state") => {
             let m = model_for(state, &who);
@@ -834,12 +958,14 @@ pub async fn serve(state: &State, req: Request<Incoming>, who: Identity) -> Resp
                 .body(full(fingerprint(&m)))
                 .expect("a static response")
         }
-        (Method::POST, path @ ("/.cubicle/launch" | "/.cubicle/act")) => {
+        (Method::POST, path @ ("/.cubicle/launch" | "/.cubicle/act" | "/.cubicle/settings")) => {
             let path = path.to_string();
+            let theme = theme_for(state, &who);
             let f = match form(req).await {
                 Ok(f) => f,
                 Err(e) => {
-                    return failure(
+                    return failure_themed(
+                        theme,
                         StatusCode::BAD_REQUEST,
                         &e,
                         "Go back and send it again.",
@@ -851,7 +977,8 @@ pub async fn serve(state: &State, req: Request<Incoming>, who: Identity) -> Resp
                 .is_some_and(|t| check_form_token(&state.signing, t, &who, cookie.as_deref(), now));
             if !ok {
                 warn!(user = %who.username, path, "form without a valid token refused");
-                return failure(
+                return failure_themed(
+                    theme,
                     StatusCode::FORBIDDEN,
                     "The form did not carry a valid token for you (it is old, from another \
                      sign-in, or not from this dashboard). Nothing was done.",
@@ -860,17 +987,21 @@ pub async fn serve(state: &State, req: Request<Incoming>, who: Identity) -> Resp
                 );
             }
             let retry = retry_form(&path, &f, &token);
-            let r = if path == "/.cubicle/launch" {
-                launch(state, &who, &f).await
-            } else {
-                act(state, &who, &f).await
+            let (r, back) = match path.as_str() {
+                "/.cubicle/launch" => (launch(state, &who, &f).await, "/"),
+                "/.cubicle/settings" => {
+                    (save_settings(state, &who, &f).await, "/.cubicle/settings")
+                }
+                _ => (act(state, &who, &f).await, "/"),
             };
             match r {
                 Ok(done) => super::pages::redirect(&format!(
-                    "/?done={}",
+                    "{back}?done={}",
                     form_urlencoded::byte_serialize(done.as_bytes()).collect::<String>()
                 )),
-                Err((status, what, next)) => failure(status, &what, &next, Some(retry)),
+                Err((status, what, next)) => {
+                    failure_themed(theme, status, &what, &next, Some(retry))
+                }
             }
         }
         _ => failure(
@@ -880,6 +1011,100 @@ pub async fn serve(state: &State, req: Request<Incoming>, who: Identity) -> Resp
             None,
         ),
     }
+}
+
+fn autolaunch_cookie_name(state: &State) -> String {
+    super::oidc::cookie_name(&state.config.public, "autolaunch")
+}
+
+/// The mark of a sign-in whose first dashboard has been shown (lives as long as a sign-in).
+fn autolaunch_cookie(state: &State, mark: &str) -> String {
+    format!(
+        "{}={mark}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}{}",
+        autolaunch_cookie_name(state),
+        TOKEN_TTL_SECS,
+        if state.config.public.secure() {
+            "; Secure"
+        } else {
+            ""
+        }
+    )
+}
+
+/// Auto launch after sign-in: to the running session of the default workspace, or a new one.
+async fn auto_launch(
+    state: &State,
+    who: &Identity,
+    step: super::settings::AutoLaunch,
+    theme: &str,
+) -> Response<Body> {
+    use super::settings::AutoLaunch;
+    let uid = match step {
+        AutoLaunch::Open { uid } => uid,
+        AutoLaunch::Launch {
+            ns,
+            user,
+            workspace,
+        } => match create_session(state, who, &ns, &user, &workspace, None, None).await {
+            Ok(s) => {
+                info!(user = %who.username, session = %format!("{ns}/{}", s.name_any()), "auto launch");
+                s.metadata.uid.unwrap_or_default()
+            }
+            Err((status, what, next)) => {
+                return failure_themed(
+                    theme,
+                    status,
+                    &format!("Auto launch of {workspace} did not start a session. {what}"),
+                    &next,
+                    None,
+                );
+            }
+        },
+    };
+    super::pages::redirect(&state.config.public.session(&uid))
+}
+
+/// Stores the person's settings for one User: a server-side apply of its UserPreferences as the
+/// person (RBAC lets them write only their own), then waits (briefly) until the cache shows it,
+/// so the page that follows shows what was saved.
+async fn save_settings(
+    state: &State,
+    who: &Identity,
+    f: &[(String, String)],
+) -> Result<String, Failure> {
+    let (Some(ns), Some(user)) = (field(f, "ns"), field(f, "user")) else {
+        return Err(bad("The settings form lacks the namespace or user."));
+    };
+    let spec = super::settings::parse(f).map_err(|e| bad(&e))?;
+    let obj = serde_json::json!({
+        "apiVersion": "cubicle.dev/v1alpha1",
+        "kind": "UserPreferences",
+        "metadata": {"name": user, "namespace": ns},
+        "spec": spec,
+    });
+    let doing = format!("save the settings of {user}");
+    let req = kube::core::Request::new(UserPreferences::url_path(&(), Some(ns)))
+        .patch(
+            user,
+            &PatchParams::apply(super::settings::MANAGER).force(),
+            &Patch::Apply(&obj),
+        )
+        .map_err(|e| bad(&e.to_string()))?;
+    let saved: UserPreferences = as_person(state, who, req)
+        .await
+        .map_err(|e| api_failure(e, &doing))?;
+    info!(user = %who.username, preferences = %format!("{ns}/{user}"), "settings saved");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while state
+        .cache
+        .preferences
+        .get(ns, user)
+        .is_none_or(|p| p.spec != saved.spec)
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    Ok(format!("Saved the settings of {user}."))
 }
 
 type Failure = (StatusCode, String, String);
@@ -959,13 +1184,28 @@ async fn launch(state: &State, who: &Identity, f: &[(String, String)]) -> Result
         Some("Reset") => Some(ProfileMode::Reset),
         Some(other) => return Err(bad(&format!("Unknown profile choice {other:?}."))),
     };
+    let created = create_session(state, who, ns, user, ws, profile, field(f, "zone")).await?;
+    info!(user = %who.username, session = %format!("{ns}/{}", created.name_any()), "dashboard launch");
+    Ok(format!("Launched {ws} as {}.", created.name_any()))
+}
+
+/// Creates a Session of `ws` for `user`, as the person.
+async fn create_session(
+    state: &State,
+    who: &Identity,
+    ns: &str,
+    user: &str,
+    ws: &str,
+    profile: Option<ProfileMode>,
+    zone: Option<&str>,
+) -> Result<Session, Failure> {
     let mut s = Session::new(
         "",
         crate::crd::v1alpha1::SessionSpec {
             user: user.into(),
             workspace: ws.into(),
             persistent_profile: profile,
-            zone: field(f, "zone").map(String::from),
+            zone: zone.map(String::from),
             state: None,
         },
     );
@@ -975,11 +1215,9 @@ async fn launch(state: &State, who: &Identity, f: &[(String, String)]) -> Result
     let req = request_for(ns)
         .create(&PostParams::default(), body)
         .map_err(|e| bad(&e.to_string()))?;
-    let created: Session = as_person(state, who, req)
+    as_person(state, who, req)
         .await
-        .map_err(|e| api_failure(e, &format!("launch {ws}")))?;
-    info!(user = %who.username, session = %format!("{ns}/{}", created.name_any()), "dashboard launch");
-    Ok(format!("Launched {ws} as {}.", created.name_any()))
+        .map_err(|e| api_failure(e, &format!("launch {ws}")))
 }
 
 async fn act(state: &State, who: &Identity, f: &[(String, String)]) -> Result<String, Failure> {
@@ -1089,7 +1327,7 @@ mod tests {
         let now: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
         let exp = now + jiff::SignedDuration::from_secs(90);
         let sessions = vec![session("one", SessionPhase::Running, Some(exp))];
-        let p = panel(&dir(true), &user(), &sessions);
+        let p = panel(&dir(true), &user(), &sessions, None);
         assert_eq!(
             p.workspaces.len(),
             1,
@@ -1119,7 +1357,7 @@ mod tests {
         assert!(html.contains("act-stop") && html.contains("act-pause"));
         assert!(html.contains("data-theme=\"dark\""));
 
-        let p = panel(&dir(false), &user(), &sessions);
+        let p = panel(&dir(false), &user(), &sessions, None);
         assert_eq!(p.sessions[0].actions, Vec::<Action>::new());
         assert!(!p.profiles && !p.zones);
         let html = render(
@@ -1145,15 +1383,141 @@ mod tests {
     }
 
     #[test]
-    fn the_users_theme_setting_overrides_the_browsers() {
+    fn the_persons_theme_overrides_the_users_which_overrides_the_browsers() {
+        use crate::crd::v1alpha1::{Theme, UserSettings};
+        let d = dir(true);
         let mut u = user();
-        assert_eq!(theme_of(&[Arc::new(u.clone())]), "auto");
-        u.spec.settings = Some(crate::crd::v1alpha1::UserSettings {
-            theme: Some(crate::crd::v1alpha1::Theme::Dark),
+        assert_eq!(theme_of(&[panel(&d, &u, &[], None)]), "auto");
+        assert_eq!(theme_of(&[]), "auto");
+        u.spec.settings = Some(UserSettings {
+            theme: Some(Theme::Dark),
             ..Default::default()
         });
-        assert_eq!(theme_of(&[Arc::new(u)]), "dark");
-        assert_eq!(theme_of(&[]), "auto");
+        assert_eq!(theme_of(&[panel(&d, &u, &[], None)]), "dark");
+        let own = UserPreferencesSpec {
+            theme: Some(Theme::Light),
+            ..Default::default()
+        };
+        let p = panel(&d, &u, &[], Some(&own));
+        assert_eq!(theme_of(std::slice::from_ref(&p)), "light");
+        let m = Model {
+            who: "oidc:ann".into(),
+            panels: vec![p],
+            zones: vec![],
+            theme: "light".into(),
+        };
+        for html in [
+            render(&m, Timestamp::UNIX_EPOCH, "tok", None),
+            render_settings(&m, "tok", None),
+        ] {
+            assert!(
+                html.contains("<html lang=\"en\" data-theme=\"light\">"),
+                "{html}"
+            );
+            assert!(
+                html.contains("href=\"/.cubicle/settings\""),
+                "a way to the settings"
+            );
+        }
+    }
+
+    #[test]
+    fn the_settings_page_is_a_labelled_form_of_the_settings_in_force() {
+        use crate::crd::v1alpha1::Theme;
+        let own = UserPreferencesSpec {
+            theme: Some(Theme::Dark),
+            auto_launch_session: Some(true),
+            default_workspace: Some("desk".into()),
+            show_tips_during_session: Some(false),
+            ..Default::default()
+        };
+        let m = Model {
+            who: "oidc:ann".into(),
+            panels: vec![panel(&dir(true), &user(), &[], Some(&own))],
+            zones: vec![],
+            theme: "dark".into(),
+        };
+        let html = render_settings(&m, "tok", Some("Saved."));
+        assert!(html.contains("id=\"notice\">Saved.</p>"));
+        // Every control has a label for it.
+        for id in [
+            "autoLaunchSession-ns-ann",
+            "defaultWorkspace-ns-ann",
+            "showTipsDuringSession-ns-ann",
+            "toggleControlPanel-ns-ann",
+            "chatSoundEffects-ns-ann",
+            "theme-auto-ns-ann",
+            "theme-light-ns-ann",
+            "theme-dark-ns-ann",
+        ] {
+            assert!(
+                html.contains(&format!("<label for=\"{id}\">")),
+                "{id}: {html}"
+            );
+            assert!(html.contains(&format!("id=\"{id}\"")), "{id}");
+        }
+        assert!(html.contains(
+            "id=\"autoLaunchSession-ns-ann\" name=\"autoLaunchSession\" value=\"on\" checked"
+        ));
+        assert!(html.contains(
+            "id=\"showTipsDuringSession-ns-ann\" name=\"showTipsDuringSession\" value=\"on\" aria"
+        ));
+        assert!(html.contains("<option value=\"desk\" selected>Desk &lt;top&gt;</option>"));
+        assert!(html.contains("value=\"dark\" checked"));
+        assert!(
+            !html.contains("secret"),
+            "a workspace of another group offered"
+        );
+    }
+
+    #[test]
+    fn auto_launch_opens_the_running_session_of_the_default_workspace_or_launches_one() {
+        use super::super::settings::{AutoLaunch, auto_launch};
+        let own = UserPreferencesSpec {
+            auto_launch_session: Some(true),
+            default_workspace: Some("desk".into()),
+            ..Default::default()
+        };
+        let model = |sessions: &[Arc<Session>], own: Option<&UserPreferencesSpec>| Model {
+            who: "oidc:ann".into(),
+            panels: vec![panel(&dir(true), &user(), sessions, own)],
+            zones: vec![],
+            theme: "auto".into(),
+        };
+        assert_eq!(auto_launch(&model(&[], None)), None, "off by default");
+        assert_eq!(
+            auto_launch(&model(&[], Some(&own))),
+            Some(AutoLaunch::Launch {
+                ns: "ns".into(),
+                user: "ann".into(),
+                workspace: "desk".into()
+            })
+        );
+        let running = session("one", SessionPhase::Running, None);
+        assert_eq!(
+            auto_launch(&model(&[running], Some(&own))),
+            Some(AutoLaunch::Open {
+                uid: "uid-one".into()
+            })
+        );
+        // An ended session is not gone to: a new one is launched.
+        let ended = session("two", SessionPhase::Refused, None);
+        assert!(matches!(
+            auto_launch(&model(&[ended], Some(&own))),
+            Some(AutoLaunch::Launch { .. })
+        ));
+        // A default workspace the person may not launch: nothing.
+        let other = UserPreferencesSpec {
+            default_workspace: Some("secret".into()),
+            ..own.clone()
+        };
+        assert_eq!(auto_launch(&model(&[], Some(&other))), None);
+        // Without a default workspace: nothing.
+        let none = UserPreferencesSpec {
+            default_workspace: None,
+            ..own
+        };
+        assert_eq!(auto_launch(&model(&[], Some(&none))), None);
     }
 
     #[test]
@@ -1173,7 +1537,7 @@ mod tests {
             refusal(&s).unwrap(),
             "ann already has 1 session (maxKasmsPerUser 1) (MaxSessions)"
         );
-        let p = panel(&dir(false), &user(), &[Arc::new(s)]);
+        let p = panel(&dir(false), &user(), &[Arc::new(s)], None);
         assert_eq!(
             p.sessions[0].actions,
             vec![Action::Delete],
@@ -1226,7 +1590,7 @@ mod tests {
         for _ in 0..runs {
             let m = Model {
                 who: "oidc:ann".into(),
-                panels: vec![panel(&d, &u, &sessions)],
+                panels: vec![panel(&d, &u, &sessions, None)],
                 zones: vec!["z1".into(), "z2".into()],
                 theme: "auto".into(),
             };

@@ -20,6 +20,7 @@ pub mod dashboard;
 pub mod oidc;
 pub mod pages;
 pub mod proxy;
+pub mod settings;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -289,10 +289,10 @@ pub fn volume_mappings_for(resolved: &Resolved, workspace: &Workspace) -> Vec<Vo
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::fixtures::{assignment, group, pool, server};
     use crate::crd::v1alpha1::GroupSettings;
     use crate::resolve::resolve_user;
-    use crate::resolve::settings::tests::{group, user};
-    use crate::resolve::views::tests::{assignment, pool, server};
+    use crate::resolve::settings::tests::user;
 
     fn workspace(name: &str, groups: &[&str], pool: Option<&str>) -> Workspace {
         let mut w = Workspace::new(

@@ -161,35 +161,9 @@ pub fn session_is_active(session: &Session) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::v1alpha1::UserSpec;
 
     fn user(name: &str, username: Option<&str>) -> User {
-        let mut u = User::new(
-            name,
-            UserSpec {
-                username: username.map(str::to_string),
-                user_id: None,
-                identity: None,
-                realm: None,
-                first_name: None,
-                last_name: None,
-                email: None,
-                phone: None,
-                organization: None,
-                notes: None,
-                disabled: None,
-                force_password_reset: None,
-                reset_two_factor: None,
-                password_secret_ref: None,
-                custom_attributes: None,
-                groups: vec![],
-                settings: None,
-                file_mappings: vec![],
-                ssh_keys: None,
-            },
-        );
-        u.metadata.namespace = Some("ns".into());
-        u
+        crate::controller::fixtures::user(name, &[], serde_json::json!({"username": username}))
     }
 
     #[test]

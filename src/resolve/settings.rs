@@ -1216,52 +1216,17 @@ fn merge_files(
 pub(crate) mod tests {
     use super::*;
     use crate::crd::v1alpha1::{
-        ControlPanel, ControlPanelAdvancedSettings, GroupSpec, UsageLimitInterval, UsageLimitType,
-        UserSettings, UserSpec,
+        ControlPanel, ControlPanelAdvancedSettings, UsageLimitInterval, UsageLimitType,
+        UserSettings,
     };
     use crate::crd::{FileMappingContent, VolumeMappingSource};
     use proptest::prelude::*;
 
-    pub(crate) fn group(name: &str, priority: u32, settings: GroupSettings) -> Arc<Group> {
-        let mut g = Group::new(
-            name,
-            GroupSpec {
-                priority,
-                description: None,
-                settings,
-            },
-        );
-        g.metadata.namespace = Some("ns".into());
-        Arc::new(g)
-    }
+    pub(crate) use crate::controller::fixtures::group;
 
+    /// A User in the groups named (nothing else in its spec).
     pub(crate) fn user(name: &str, groups: &[&str]) -> User {
-        let mut u = User::new(
-            name,
-            UserSpec {
-                username: None,
-                user_id: None,
-                identity: None,
-                realm: None,
-                first_name: None,
-                last_name: None,
-                email: None,
-                phone: None,
-                organization: None,
-                notes: None,
-                disabled: None,
-                force_password_reset: None,
-                reset_two_factor: None,
-                password_secret_ref: None,
-                custom_attributes: None,
-                groups: groups.iter().map(|s| s.to_string()).collect(),
-                settings: None,
-                file_mappings: vec![],
-                ssh_keys: None,
-            },
-        );
-        u.metadata.namespace = Some("ns".into());
-        u
+        crate::controller::fixtures::user(name, groups, serde_json::json!({}))
     }
 
     fn dir(groups: Vec<Arc<Group>>) -> Directory {

@@ -286,85 +286,8 @@ pub fn pool_view(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::crd::v1alpha1::{
-        Autoscale, ServerAssignmentSpec, ServerPoolSpec, ServerSpec, SessionPhase, SessionSpec,
-        SessionStatus,
-    };
-
-    pub(crate) fn pool(name: &str, assignment: Option<bool>, autoscale: bool) -> Arc<ServerPool> {
-        let mut p = ServerPool::new(
-            name,
-            ServerPoolSpec {
-                description: None,
-                assignment_enabled: assignment,
-                autoscale: autoscale.then(|| Autoscale {
-                    node_selector: [("group".to_string(), "burst".to_string())].into(),
-                    max_sessions_per_server: Some(4),
-                    ..Default::default()
-                }),
-            },
-        );
-        p.metadata.namespace = Some("ns".into());
-        Arc::new(p)
-    }
-
-    pub(crate) fn server(name: &str, pool: &str, max: Option<u32>) -> Arc<Server> {
-        let mut s = Server::new(
-            name,
-            ServerSpec {
-                pool: pool.into(),
-                node_name: format!("node-{name}"),
-                max_sessions: max,
-                zone: None,
-                description: None,
-            },
-        );
-        s.metadata.namespace = Some("ns".into());
-        Arc::new(s)
-    }
-
-    pub(crate) fn assignment(
-        name: &str,
-        users: &[&str],
-        servers: &[&str],
-    ) -> Arc<ServerAssignment> {
-        let mut a = ServerAssignment::new(
-            name,
-            ServerAssignmentSpec {
-                users: users.iter().map(|s| s.to_string()).collect(),
-                servers: servers.iter().map(|s| s.to_string()).collect(),
-                description: None,
-            },
-        );
-        a.metadata.namespace = Some("ns".into());
-        Arc::new(a)
-    }
-
-    pub(crate) fn session(
-        name: &str,
-        user: &str,
-        ws: &str,
-        server: Option<&str>,
-        phase: Option<SessionPhase>,
-    ) -> Arc<Session> {
-        let mut s = Session::new(
-            name,
-            SessionSpec {
-                user: user.into(),
-                workspace: ws.into(),
-                persistent_profile: None,
-                zone: None,
-                state: None,
-            },
-        );
-        s.metadata.namespace = Some("ns".into());
-        s.status = Some(SessionStatus {
-            phase,
-            server: server.map(str::to_string),
-            ..Default::default()
-        });
-        Arc::new(s)
-    }
+    use crate::controller::fixtures::{assignment, placed_session as session, pool, server};
+    use crate::crd::v1alpha1::SessionPhase;
 
     fn directory() -> Directory {
         Directory {

@@ -71,7 +71,10 @@ async fn the_quickstart_applies_the_examples_runs_the_operator_and_shows_session
     };
     let long = Duration::from_secs(90);
     wait_for("the CRDs installed", long, || {
-        has("installed 7 Cubicle CRDs".into())
+        has(format!(
+            "installed {} Cubicle CRDs",
+            cubicle::crd::all().len()
+        ))
     })
     .await;
     wait_for("the examples applied", long, || {
@@ -151,4 +154,122 @@ async fn the_quickstart_applies_the_examples_runs_the_operator_and_shows_session
     let log = std::fs::read_to_string(log_dir.join("operator.log")).unwrap();
     assert!(log.contains("stopped"), "{log}");
     assert!(!log.contains('\u{1b}'), "no terminal colours in a log file");
+}
+
+/// `cubicle dev demo --gateway-port`: the demo people sign in with the example Users' identities
+/// and the dashboard shows their workspaces; the gateway runs as its own ServiceAccount with
+/// the chart's rules and an impersonation grant limited to those identities, and a launch from
+/// the dashboard goes through it as the person.
+#[tokio::test]
+async fn the_demo_dashboard_shows_the_example_users_to_their_people() {
+    let Some(b) = crate::browser::Browser::start("demo-dashboard").await else {
+        return;
+    };
+    let ns = TestNs::new("demo-gw").await;
+    let log_dir = support::run_dir().join(format!("demo-{}", ns.name));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cubicle"))
+        .args([
+            "dev",
+            "demo",
+            "--stub-missing-classes",
+            "--exit-on-stdin-eof",
+        ])
+        .arg("--gateway-port")
+        .arg(port.to_string())
+        .arg("--kubeconfig")
+        .arg(support::kubeconfig())
+        .arg("--namespace")
+        .arg(&ns.name)
+        .arg("--log-dir")
+        .arg(&log_dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start `cubicle dev demo`");
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    for stream in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stream).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(l);
+            }
+        });
+    }
+    let output = || lines.lock().unwrap().join("\n");
+    let long = Duration::from_secs(180);
+    let prefix = "  sign in as alice@northwind.example with password ";
+    let password = wait_for("the demo's sign-in line for alice", long, || {
+        let text = output();
+        std::future::ready(
+            text.lines()
+                .find_map(|l| l.strip_prefix(prefix))
+                .map(|p| p.trim().to_string()),
+        )
+    })
+    .await;
+    let portal = format!("http://cubicle.localhost:{port}");
+    b.goto(&format!("{portal}/")).await;
+    b.click("a[href='/.cubicle/login']").await;
+    crate::browser::sign_in(&b, "alice@northwind.example", &password).await;
+    let who = b
+        .wait_until(
+            "const w = document.getElementById('who'); return w && w.textContent",
+            long,
+        )
+        .await;
+    assert_eq!(who, "alice@northwind.example", "{}", output());
+    let page = b.text().await;
+    assert!(
+        !page.contains("No user for you") && page.contains(&format!("alice in {}", ns.name)),
+        "the example User alice is not shown to her: {page}"
+    );
+    // Launch alice's first workspace from the dashboard: the gateway's own account impersonates
+    // her (its grant names her), and the API server lets her create her Session.
+    b.eval(
+        "window.confirm = function() { return true }; window.cubiclePaused = true; return 1",
+        vec![],
+    )
+    .await;
+    b.click(&format!(
+        "section[aria-labelledby='u-{}-alice'] button.launch",
+        ns.name
+    ))
+    .await;
+    let notice = b
+        .wait_until(
+            "const n = document.getElementById('notice'); const f = document.getElementById('what'); \
+             return (n && n.textContent) || (f && ('failed: ' + f.textContent))",
+            long,
+        )
+        .await;
+    assert!(
+        notice.as_str().is_some_and(|n| n.starts_with("Launched ")),
+        "{notice:?}\n{}",
+        output()
+    );
+    let sessions = ns
+        .api::<cubicle::crd::v1alpha1::Session>()
+        .list(&Default::default())
+        .await
+        .unwrap();
+    assert!(
+        sessions.items.iter().any(|s| s.spec.user == "alice"),
+        "no Session of alice's launched"
+    );
+    drop(child.stdin.take());
+    let status = wait_for("the demo to exit", Duration::from_secs(30), || {
+        std::future::ready(child.try_wait().ok().flatten())
+    })
+    .await;
+    assert!(status.success(), "{status}\n{}", output());
+    b.close().await;
 }

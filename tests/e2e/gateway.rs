@@ -1362,7 +1362,8 @@ async fn dev_issuer_id_token(record: &cubicle::devenv::oidc::IssuerRecord, perso
         &format!("{base}/login/username"),
         None,
         Some(format!(
-            "id={id}&username={person}&password={}",
+            "id={id}&username={}&password={}",
+            enc(person),
             enc(password)
         )),
     )
@@ -1437,9 +1438,34 @@ async fn may_use(client: &kube::Client, ns: &str, user: &str) -> (bool, String) 
     (st.allowed, format!("{st:?}"))
 }
 
-/// The API server trusts the OpenID Provider of `cubicle dev up --oidc`: an ID token from its
-/// real login acts as `oidc:<name>` with the person's groups, and RBAC and the Session
-/// admission policy apply to that identity.
+/// The RoleBindings of `ns` as `name: subjects` lines (what a failed RBAC wait reports).
+async fn role_bindings(ns: &TestNs) -> String {
+    match ns.api::<RoleBinding>().list(&Default::default()).await {
+        Ok(l) => l
+            .items
+            .iter()
+            .map(|rb| {
+                let subjects: Vec<String> = rb
+                    .subjects
+                    .iter()
+                    .flatten()
+                    .map(|s| format!("{} {}", s.kind, s.name))
+                    .collect();
+                format!("{}: {}", rb.name_any(), subjects.join(", "))
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Err(e) => format!("(list RoleBindings: {e})"),
+    }
+}
+
+/// The API server trusts the OpenID Provider of `cubicle dev up --oidc`, whose people are the
+/// demo people by identity (the names their static tokens carry): an ID token from its real
+/// login acts as `oidc:<identity>` with the person's groups `oidc:<group>`. RBAC applies to that
+/// name: the groups `dev up` binds (people: sessions; admins: `use` on every User) and the
+/// operator's per-User `use` grant for a User whose identity is that prefixed name; a User whose
+/// identity is the static-token name (as the examples') is not the token's to use. The Session
+/// admission policy decides on the same name.
 #[tokio::test]
 async fn an_id_token_from_the_dev_issuer_acts_as_the_person_with_their_groups() {
     use k8s_openapi::api::authentication::v1::SelfSubjectReview;
@@ -1447,15 +1473,43 @@ async fn an_id_token_from_the_dev_issuer_acts_as_the_person_with_their_groups() 
     let ns = TestNs::new("gw-apitoken").await;
     let record = cubicle::devenv::oidc::IssuerRecord::read(crate::support::run_dir())
         .expect("the harness's `cubicle dev up --oidc` wrote the issuer's record");
-    grant(&ns, "alice", "oidc:alice").await;
+    let identity = |short: &str| {
+        cubicle::devenv::people::PEOPLE
+            .iter()
+            .find(|p| p.short == short)
+            .map(|p| p.username)
+            .unwrap()
+    };
+    let (alice_id, bob_id, root_id) = (identity("alice"), identity("bob"), identity("root"));
+    // Users alice and bob (and a Workspace); alice is identified by her ID token's name, bob by
+    // his static-token name, as the examples identify their people.
+    tenant(&ns).await;
+    for (user, id) in [
+        (
+            "alice",
+            format!("{}{alice_id}", cubicle::devenv::oidc::USERNAME_PREFIX),
+        ),
+        ("bob", bob_id.to_string()),
+    ] {
+        ns.api::<cubicle::crd::v1alpha1::User>()
+            .patch(
+                user,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"identity": {"username": id}}})),
+            )
+            .await
+            .unwrap();
+    }
+    let op = Operator::start(&ns.name).await;
 
-    let alice = bearer_client(&dev_issuer_id_token(&record, "alice").await).await;
-    let root = bearer_client(&dev_issuer_id_token(&record, "root").await).await;
+    let alice = bearer_client(&dev_issuer_id_token(&record, alice_id).await).await;
+    let bob = bearer_client(&dev_issuer_id_token(&record, bob_id).await).await;
+    let root = bearer_client(&dev_issuer_id_token(&record, root_id).await).await;
     // Who the API server says they are (it may take a moment to have fetched the issuer's
     // keys after starting; retried, with what it answered on failure).
     let whoami = |c: kube::Client| async move {
         let mut last = String::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             match kube::Api::<SelfSubjectReview>::all(c.clone())
                 .create(&PostParams::default(), &SelfSubjectReview::default())
@@ -1474,25 +1528,49 @@ async fn an_id_token_from_the_dev_issuer_acts_as_the_person_with_their_groups() 
         }
     };
     let (name, groups) = whoami(alice.clone()).await;
-    assert_eq!(name, "oidc:alice", "groups {groups:?}");
+    assert_eq!(name, format!("oidc:{alice_id}"), "groups {groups:?}");
     assert!(
         groups.contains(&"oidc:cubicle-people".to_string())
             && groups.contains(&"system:authenticated".to_string())
             && !groups.contains(&"oidc:cubicle-admins".to_string()),
         "{groups:?}"
     );
+    let (name, _) = whoami(bob.clone()).await;
+    assert_eq!(name, format!("oidc:{bob_id}"));
     let (name, groups) = whoami(root.clone()).await;
-    assert_eq!(name, "oidc:root");
+    assert_eq!(name, format!("oidc:{root_id}"));
     assert!(
-        groups.contains(&"oidc:cubicle-admins".to_string()),
+        groups.contains(&"oidc:cubicle-admins".to_string())
+            && groups.contains(&"oidc:cubicle-people".to_string()),
         "{groups:?}"
     );
 
-    // RBAC: alice may use her own User and not bob's; root, by the admin group, may use bob's.
-    let (ok, why) = may_use(&alice, &ns.name, "alice").await;
-    assert!(ok, "alice on User alice: {why}");
+    // The operator's per-User grants: alice's (to oidc:<her identity>) and bob's (to his
+    // static-token name). Generous: the operator and the authorizer's cache on a loaded machine.
+    let settle = Duration::from_secs(120);
+    let start = Instant::now();
+    loop {
+        let (ok, why) = may_use(&alice, &ns.name, "alice").await;
+        let bound = role_bindings(&ns).await;
+        if ok && bound.contains(&format!("User {bob_id}")) {
+            break;
+        }
+        assert!(
+            start.elapsed() < settle,
+            "after {settle:?}: alice's token on User alice: {ok} ({why}); RoleBindings:\n{bound}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Not bob's User, nor (token to bob) a User identified by the static-token name; root, by
+    // the admins' group, any.
     let (ok, why) = may_use(&alice, &ns.name, "bob").await;
     assert!(!ok, "alice on User bob: {why}");
+    let (ok, why) = may_use(&bob, &ns.name, "bob").await;
+    assert!(
+        !ok,
+        "bob's ID token on User bob (identity {bob_id}, no prefix): {why}\n{}",
+        role_bindings(&ns).await
+    );
     let (ok, why) = may_use(&root, &ns.name, "bob").await;
     assert!(ok, "root (oidc:cubicle-admins) on User bob: {why}");
 
@@ -1513,11 +1591,12 @@ async fn an_id_token_from_the_dev_issuer_acts_as_the_person_with_their_groups() 
         .expect_err("alice may not start bob's session");
     assert!(
         err.to_string()
-            .contains("oidc:alice may not act for User bob"),
+            .contains(&format!("oidc:{alice_id} may not act for User bob")),
         "{err}"
     );
     sessions(&alice)
         .create(&PostParams::default(), &session("for-alice", "alice"))
         .await
         .unwrap_or_else(|e| panic!("alice starts her own session: {e}"));
+    op.stop().await;
 }

@@ -298,6 +298,14 @@ fn namespaced_needs() -> BTreeSet<Rule> {
     // Its own Session writes pass the admission policy, and it grants "use" on each User to
     // the User's identity (a Role and RoleBinding per User).
     m.extend(rule("cubicle.dev", "users", "", &["use"]));
+    // And the User's own preferences to that identity (RBAC lets only who holds a permission
+    // grant it).
+    m.extend(rule(
+        "cubicle.dev",
+        "userpreferences",
+        "",
+        &["get", "create", "update", "patch"],
+    ));
     for r in ["roles", "rolebindings"] {
         m.extend(rule(
             "rbac.authorization.k8s.io",

@@ -19,6 +19,7 @@ mod operator;
 mod process;
 mod promptness;
 mod sessions;
+mod settings;
 mod status;
 mod support;
 

@@ -25,6 +25,11 @@ async fn tenant(ns: &TestNs, keepalive: &str) {
         json!({"apiVersion": "cubicle.dev/v1alpha1", "kind": "Workspace", "metadata": {"name": "w"},
                "spec": {"image": "example.invalid/desktop:1", "groups": ["g"]}}),
     ];
+    create_all(ns, docs).await;
+}
+
+/// Creates the Cubicle objects `docs` (JSON, each with its kind) in `ns`.
+async fn create_all(ns: &TestNs, docs: impl IntoIterator<Item = serde_json::Value>) {
     for d in docs {
         let kind = d["kind"].as_str().unwrap().to_string();
         let ar = kube::core::ApiResource::from_gvk_with_plural(
@@ -204,17 +209,7 @@ async fn usage_shows_the_current_window_with_running_sessions_before_any_ends() 
         json!({"apiVersion": "cubicle.dev/v1alpha1", "kind": "Workspace", "metadata": {"name": "w"},
                "spec": {"image": "example.invalid/desktop:1", "groups": ["pu", "pg"]}}),
     ];
-    for d in docs {
-        let kind = d["kind"].as_str().unwrap().to_string();
-        let ar = kube::core::ApiResource::from_gvk_with_plural(
-            &kube::core::GroupVersionKind::gvk("cubicle.dev", "v1alpha1", &kind),
-            &format!("{}s", kind.to_lowercase()),
-        );
-        let api: kube::Api<kube::api::DynamicObject> =
-            kube::Api::namespaced_with(ns.client.clone(), &ns.name, &ar);
-        let obj: kube::api::DynamicObject = serde_json::from_value(d).unwrap();
-        api.create(&PostParams::default(), &obj).await.unwrap();
-    }
+    create_all(&ns, docs).await;
     let op = Operator::start(&ns.name).await;
     let api = ns.api::<Session>();
     let mk = |name: &str, user: &str| -> Session {
@@ -270,5 +265,67 @@ async fn usage_shows_the_current_window_with_running_sessions_before_any_ends() 
     .await;
     assert_eq!(e.window_start.as_ref().map(|t| t.0), Some(today));
     assert_eq!(e.limit_seconds, 7200);
+    op.stop().await;
+}
+
+/// Sessions of one budget ending at once are each closed into the ledger: every close computes
+/// the ledger from the cached User, so without a guard the last write would overwrite the
+/// others' closed time; a close refused because another got in first is made again from the
+/// newer User, never lost.
+#[tokio::test]
+async fn sessions_of_one_budget_ending_at_once_are_all_closed_into_the_ledger() {
+    use cubicle::crd::v1alpha1::User;
+    install_crds().await;
+    let ns = TestNs::new("ledger").await;
+    let docs = [
+        json!({"apiVersion": "cubicle.dev/v1alpha1", "kind": "Group", "metadata": {"name": "pu"},
+               "spec": {"priority": 10, "settings": {"keepaliveExpiration": "1h", "maxKasmsPerUser": 10,
+                        "usageLimit": {"type": "perUser", "interval": "total", "hours": 10}}}}),
+        json!({"apiVersion": "cubicle.dev/v1alpha1", "kind": "User", "metadata": {"name": "u"},
+               "spec": {"realm": "ldap", "groups": ["pu"]}}),
+        json!({"apiVersion": "cubicle.dev/v1alpha1", "kind": "Workspace", "metadata": {"name": "w"},
+               "spec": {"image": "example.invalid/desktop:1", "groups": ["pu"]}}),
+    ];
+    create_all(&ns, docs).await;
+    let op = Operator::start(&ns.name).await;
+    let api = ns.api::<Session>();
+    let names: Vec<String> = (0..4).map(|i| format!("end-{i}")).collect();
+    for n in &names {
+        api.create(&PostParams::default(), &session(n))
+            .await
+            .unwrap();
+    }
+    let mut started = Vec::new();
+    for n in &names {
+        let (_, _, s) = watch_start(&ns, n).await;
+        let st = s.status.as_ref().and_then(|st| st.started_at.clone());
+        started.push(
+            st.unwrap_or_else(|| panic!("{n} Running without startedAt"))
+                .0,
+        );
+    }
+    // Each runs for 2 s or more, then all are deleted at the same moment.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let deleting = jiff::Timestamp::now();
+    let dp = DeleteParams::default();
+    let deletes = names.iter().map(|n| api.delete(n, &dp));
+    for r in futures::future::join_all(deletes).await {
+        r.unwrap();
+    }
+    wait_gone(&ns, &names).await;
+    let gone = jiff::Timestamp::now();
+    let ms = |a: jiff::Timestamp, b: jiff::Timestamp| b.duration_since(a).as_millis().max(0) as u64;
+    let at_least: u64 = started.iter().map(|s| ms(*s, deleting)).sum();
+    let at_most: u64 = started.iter().map(|s| ms(*s, gone)).sum();
+    let u = ns.api::<User>().get("u").await.unwrap();
+    let usage = u.status.map(|s| s.usage).unwrap_or_default();
+    let closed = usage.first().and_then(|e| e.closed_ms).unwrap_or(0);
+    // A lost close loses 2 s or more; the 100 ms slack is for rounding starts up to the ms.
+    assert!(
+        closed + 100 >= at_least && closed <= at_most + 1000,
+        "ledger closed {closed} ms; the sessions ran {at_least}..{at_most} ms in all \
+         (started {started:?}, deleted at {deleting}, all gone by {gone}); usage: {}",
+        serde_json::to_string(&usage).unwrap_or_default()
+    );
     op.stop().await;
 }

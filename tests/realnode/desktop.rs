@@ -24,7 +24,6 @@ use cubicle::credentials;
 use cubicle::devenv::realnode::REAL_NODE_LABEL;
 use cubicle::gateway::Gateway;
 use cubicle::gateway::core::PublicUrl;
-use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::api::{Patch, PatchParams};
 use serde_json::{Value, json};
@@ -77,38 +76,7 @@ struct Scene<'a> {
 
 impl Scene<'_> {
     async fn report(&self) -> String {
-        let mut out = String::new();
-        match self.ns.api::<Session>().get_opt("desk").await {
-            Ok(Some(s)) => {
-                let st = s.status.clone().unwrap_or_default();
-                out += &format!(
-                    "session: phase {:?}, expiresAt {:?}, lastKeepalive {:?}, keepalive annotation {:?}, deleting {}\n  conditions: {}\n",
-                    st.phase,
-                    st.expires_at.map(|t| t.0.to_string()),
-                    st.last_keepalive.as_ref().map(|k| k.time.0.to_string()),
-                    s.annotations().get(KEEPALIVE_ANNOTATION),
-                    s.metadata.deletion_timestamp.is_some(),
-                    serde_json::to_string(&st.conditions).unwrap_or_default(),
-                );
-            }
-            Ok(None) => out += "session: gone\n",
-            Err(e) => out += &format!("session: {e}\n"),
-        }
-        match self.ns.api::<Pod>().get_opt("desk").await {
-            Ok(Some(p)) => {
-                let st = p.status.clone().unwrap_or_default();
-                out += &format!(
-                    "pod: phase {:?} ip {:?} node {:?}\n  conditions: {}\n  containers: {}\n",
-                    st.phase,
-                    st.pod_ip,
-                    p.spec.as_ref().and_then(|s| s.node_name.clone()),
-                    serde_json::to_string(&st.conditions).unwrap_or_default(),
-                    serde_json::to_string(&st.container_statuses).unwrap_or_default(),
-                );
-            }
-            Ok(None) => out += "pod: gone\n",
-            Err(e) => out += &format!("pod: {e}\n"),
-        }
+        let mut out = crate::diagnose(self.ns, "desk").await;
         let st = &self.gw.state;
         out += &format!(
             "gateway: {} requests, {} keepalive writes, {} open sessions, {} connections closed by it\n",
@@ -258,39 +226,15 @@ async fn chromium_signs_in_sees_the_desktop_and_the_tab_keeps_the_session_alive(
             (s.status.as_ref()?.phase == Some(SessionPhase::Running)).then_some(s)
         })
         .await;
-    let pod = scene
-        .wait("the session's pod Ready", LONG, || async {
-            let p = ns.api::<Pod>().get("desk").await.ok()?;
-            let ready = p
-                .status
-                .as_ref()?
-                .conditions
-                .as_ref()?
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True");
-            ready.then_some(p)
-        })
-        .await;
+    let pod = crate::running_pod(&ns, "desk").await;
     let uid = s.uid().unwrap();
     let ip = pod.status.as_ref().unwrap().pod_ip.clone().unwrap();
     // The desktop's own web server answers with the session's password (the gateway's).
     let auth = format!("kasm_user:{}", key.session_password(&uid));
     scene
         .wait("the desktop's web server on 6901", LONG, || async {
-            let out = std::process::Command::new("curl")
-                .args([
-                    "-sk",
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{http_code}",
-                    "--max-time",
-                    "5",
-                ])
-                .args(["-u", &auth, &format!("https://{ip}:6901/vnc_lite.html")])
-                .output()
-                .ok()?;
-            (out.stdout == b"200").then_some(())
+            let url = format!("https://{ip}:6901/vnc_lite.html");
+            (crate::desktop_status(&url, &auth) == "200").then_some(())
         })
         .await;
     eprintln!(

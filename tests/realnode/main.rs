@@ -110,12 +110,126 @@ async fn restricted_ns(prefix: &str) -> TestNs {
     ns
 }
 
+/// What session `name` of `ns`, its pod (of the same name) and the real node are in, for a
+/// failure message: the Session's phase, deadline, keepalive and conditions; the pod's phase,
+/// node, conditions and containers; the pod's Events (the scheduler's reasons, e.g.
+/// Insufficient cpu); the node's conditions and what it can allocate. The one report of the
+/// real-node tests.
+async fn diagnose(ns: &TestNs, name: &str) -> String {
+    use cubicle::crd::v1alpha1::KEEPALIVE_ANNOTATION;
+    use k8s_openapi::api::core::v1::{Event, Node};
+    let mut out = String::new();
+    match ns.api::<Session>().get_opt(name).await {
+        Ok(Some(s)) => {
+            let st = s.status.clone().unwrap_or_default();
+            out += &format!(
+                "session {name}: phase {:?}, expiresAt {:?}, lastKeepalive {:?}, keepalive annotation {:?}, deleting {}\n  conditions: {}\n",
+                st.phase,
+                st.expires_at.map(|t| t.0.to_string()),
+                st.last_keepalive.as_ref().map(|k| k.time.0.to_string()),
+                s.annotations().get(KEEPALIVE_ANNOTATION),
+                s.metadata.deletion_timestamp.is_some(),
+                serde_json::to_string(&st.conditions).unwrap_or_default(),
+            );
+        }
+        Ok(None) => out += &format!("session {name}: gone\n"),
+        Err(e) => out += &format!("session {name}: {e}\n"),
+    }
+    match ns.api::<Pod>().get_opt(name).await {
+        Ok(Some(p)) => {
+            let st = p.status.clone().unwrap_or_default();
+            out += &format!(
+                "pod {name}: phase {:?} ip {:?} node {:?} deleting {}\n  conditions: {}\n  containers: {}\n",
+                st.phase,
+                st.pod_ip,
+                p.spec.as_ref().and_then(|s| s.node_name.clone()),
+                p.metadata.deletion_timestamp.is_some(),
+                serde_json::to_string(&st.conditions).unwrap_or_default(),
+                serde_json::to_string(&st.container_statuses).unwrap_or_default(),
+            );
+        }
+        Ok(None) => out += &format!("pod {name}: gone\n"),
+        Err(e) => out += &format!("pod {name}: {e}\n"),
+    }
+    let events = ns
+        .api::<Event>()
+        .list(&ListParams::default().fields(&format!("involvedObject.name={name}")))
+        .await;
+    match events {
+        Ok(list) => {
+            for e in list.items.iter().rev().take(10) {
+                out += &format!(
+                    "  event {} {}: {} (x{})\n",
+                    e.involved_object.kind.as_deref().unwrap_or("?"),
+                    e.reason.as_deref().unwrap_or("?"),
+                    e.message.as_deref().unwrap_or(""),
+                    e.count.unwrap_or(1),
+                );
+            }
+        }
+        Err(e) => out += &format!("  events: {e}\n"),
+    }
+    match Api::<Node>::all(ns.client.clone()).get_opt(NODE_NAME).await {
+        Ok(Some(n)) => {
+            let st = n.status.clone().unwrap_or_default();
+            let conditions: Vec<String> = st
+                .conditions
+                .unwrap_or_default()
+                .iter()
+                .map(|c| format!("{}={}", c.type_, c.status))
+                .collect();
+            out += &format!(
+                "node {NODE_NAME}: {}; allocatable {}\n",
+                conditions.join(" "),
+                serde_json::to_string(&st.allocatable).unwrap_or_default(),
+            );
+        }
+        Ok(None) => out += &format!("node {NODE_NAME}: absent\n"),
+        Err(e) => out += &format!("node {NODE_NAME}: {e}\n"),
+    }
+    out
+}
+
+/// Polls `check` every 250 ms until it returns `Some`; after `timeout`, panics saying what
+/// session `name`, its pod and the real node are in ([`diagnose`]).
+async fn wait_on<T, F, Fut>(ns: &TestNs, name: &str, what: &str, timeout: Duration, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    match tokio::time::timeout(timeout, wait_for(what, Duration::MAX, check)).await {
+        Ok(v) => v,
+        Err(_) => panic!(
+            "{}: {what}: not after {timeout:?}\n{}",
+            ns.name,
+            diagnose(ns, name).await
+        ),
+    }
+}
+
+/// The HTTP status the desktop's web server at `url` answers with basic auth `user`
+/// (`user:password`), or "000" while nothing answers.
+fn desktop_status(url: &str, user: &str) -> String {
+    let out = Command::new("curl")
+        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}"])
+        .args(["--max-time", "5", "-u", user, url])
+        .output()
+        .expect("run curl");
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
 async fn wait_phase(ns: &TestNs, name: &str, phase: SessionPhase) -> Session {
     let api = ns.api::<Session>();
-    wait_for(&format!("session {name} {phase:?}"), LONG, || async {
-        let s = api.get(name).await.ok()?;
-        (s.status.as_ref()?.phase == Some(phase)).then_some(s)
-    })
+    wait_on(
+        ns,
+        name,
+        &format!("session {name} {phase:?}"),
+        LONG,
+        || async {
+            let s = api.get(name).await.ok()?;
+            (s.status.as_ref()?.phase == Some(phase)).then_some(s)
+        },
+    )
     .await
 }
 
@@ -149,7 +263,9 @@ async fn create_session(ns: &TestNs, name: &str, extra: serde_json::Value) {
 
 /// Waits until the session's pod runs in a real container on the real node, and returns it.
 async fn running_pod(ns: &TestNs, name: &str) -> Pod {
-    wait_for(
+    wait_on(
+        ns,
+        name,
         &format!("pod {name} Ready on {NODE_NAME}"),
         LONG,
         || async {
@@ -491,25 +607,7 @@ async fn kubelet_refuses_anonymous(ns: &TestNs) {
 /// and a WebSocket upgrade on /websockify answered 101.
 async fn desktop_contract(ip: &str) {
     let url = format!("https://{ip}:6901/");
-    // The status code, or "000" while nothing answers (curl then exits non-zero).
-    let code = |user: &str| {
-        let out = Command::new("curl")
-            .args([
-                "-sk",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--max-time",
-                "5",
-                "-u",
-                user,
-                &url,
-            ])
-            .output()
-            .expect("run curl");
-        String::from_utf8_lossy(&out.stdout).to_string()
-    };
+    let code = |user: &str| desktop_status(&url, user);
     // websockify starts a moment after the container: wait for it to answer at all.
     let right = format!("kasm_user:{VNC_PW}");
     wait_for("the desktop's web server on 6901", LONG, || async {

@@ -125,6 +125,9 @@ per-namespace Roles, so the two scopes grant exactly the same verbs.
     User to its spec.identity (RBAC lets only who holds a permission grant it).
   - roles, rolebindings: the per-User grant of use to its identity (controller/identity.rs):
     applied (create, patch), removed (delete), and listed at start to catch up.
+  - userpreferences: get, create, update, patch, only because the per-User Role grants them on
+    the User's own preferences to its identity (RBAC lets only who holds a permission grant
+    it); the operator never reads or writes a person's preferences.
 */}}
 {{- define "cubicle.namespacedRules" -}}
 - apiGroups: ["cubicle.dev"]
@@ -142,6 +145,9 @@ per-namespace Roles, so the two scopes grant exactly the same verbs.
 - apiGroups: ["cubicle.dev"]
   resources: ["users"]
   verbs: ["use"]
+- apiGroups: ["cubicle.dev"]
+  resources: ["userpreferences"]
+  verbs: ["get", "create", "update", "patch"]
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
   verbs: ["list", "create", "patch", "delete"]

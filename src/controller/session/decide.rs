@@ -532,6 +532,7 @@ pub fn pod_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::fixtures;
     use crate::crd::v1alpha1::ExpiryRule;
     use crate::expiry::{Ledger, Window};
 
@@ -565,14 +566,10 @@ mod tests {
     }
 
     fn ready_pod() -> CachedPod {
-        serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "s", "creationTimestamp": "2026-01-01T09:59:58Z"},
-            "spec": {"nodeName": "n1"},
-            "status": {"phase": "Running", "conditions": [
-                {"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T09:59:59Z"}
-            ]}
-        }))
-        .unwrap()
+        let status = serde_json::json!({"phase": "Running", "conditions": [
+            {"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T09:59:59Z"}
+        ]});
+        fixtures::pod(Some("2026-01-01T09:59:58Z"), Some("n1"), status)
     }
 
     fn pending_pod(age_s: i64, problem: Option<&str>) -> CachedPod {
@@ -584,11 +581,8 @@ mod tests {
                 "reason": "Unschedulable", "message": p}),
             );
         }
-        serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "s", "creationTimestamp": created.to_string()},
-            "status": {"phase": "Pending", "conditions": conditions}
-        }))
-        .unwrap()
+        let status = serde_json::json!({"phase": "Pending", "conditions": conditions});
+        fixtures::pod(Some(&created.to_string()), None, status)
     }
 
     fn status(phase: Option<SessionPhase>, started: Option<&str>) -> SessionStatus {

@@ -877,11 +877,7 @@ mod tests {
     }
 
     fn pending_pod(status: serde_json::Value) -> CachedPod {
-        serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "p"},
-            "status": status,
-        }))
-        .unwrap()
+        crate::controller::fixtures::pod(None, None, status)
     }
 
     #[test]
@@ -934,13 +930,10 @@ mod tests {
     }
 
     fn pod_ready_since(t: Option<&str>) -> CachedPod {
-        serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "s"},
-            "status": {"phase": "Running", "conditions": [
-                {"type": "Ready", "status": "True", "lastTransitionTime": t}
-            ]}
-        }))
-        .unwrap()
+        let status = serde_json::json!({"phase": "Running", "conditions": [
+            {"type": "Ready", "status": "True", "lastTransitionTime": t}
+        ]});
+        crate::controller::fixtures::pod(None, None, status)
     }
 
     #[test]

@@ -5,6 +5,7 @@
 #![allow(clippy::duplicated_attributes)]
 
 pub mod group;
+pub mod preferences;
 pub mod server;
 pub mod server_assignment;
 pub mod server_pool;
@@ -13,6 +14,7 @@ pub mod user;
 pub mod workspace;
 
 pub use group::*;
+pub use preferences::*;
 pub use server::*;
 pub use server_assignment::*;
 pub use server_pool::*;
