@@ -374,6 +374,13 @@ enum DevCommand {
         /// (`cubicle run`, logging to DIR/logs/operator.log) and print session phase changes.
         #[arg(long)]
         demo: bool,
+        /// Also run a local OpenID Provider (https, with a CA generated in DIR/oidc-tls) for the
+        /// demo people (signing in with their identity, e.g. alice@northwind.example), trusted by
+        /// the API server (`--authentication-config`): an ID token acts as `oidc:<identity>` in
+        /// groups `oidc:<group>`. Its URL, client and the people's
+        /// passwords go to DIR/oidc/issuer.json. Implied by `--demo --gateway-port`.
+        #[arg(long)]
+        oidc: bool,
         #[command(flatten)]
         demo_args: DemoArgs,
     },
@@ -496,8 +503,15 @@ async fn run_command(cli: Cli) -> ExitCode {
             real_node,
             node_images,
             demo,
+            oidc,
             demo_args,
         }) => {
+            // The demo's gateway signs people in at the issuer the API server trusts.
+            let gateway = demo
+                .then_some(demo_args.gateway_port)
+                .flatten()
+                .map(|p| format!("http://cubicle.localhost:{p}/.cubicle/callback"));
+            let oidc = (oidc || gateway.is_some()).then(|| gateway.into_iter().collect());
             let demo = demo.then_some(demo_args);
             let real_node = real_node.then_some(node_images);
             let opts = DevOptions {
@@ -506,6 +520,7 @@ async fn run_command(cli: Cli) -> ExitCode {
                 zones,
                 timeout: Duration::from_secs(timeout),
                 real_node,
+                oidc,
             };
             dev_up(opts, exit_on_stdin_eof, demo).await
         }
@@ -580,6 +595,14 @@ async fn dev_up(opts: DevOptions, exit_on_stdin_eof: bool, demo: Option<DemoArgs
         dir.join("people").display(),
         cubicle::devenv::people::kubeconfig(&dir, "dave").display(),
     );
+    if let Some(issuer) = &cluster.issuer {
+        println!(
+            "  OpenID Provider {} (trusted by the API server as oidc:<identity>; CA {}): people and passwords in {}",
+            issuer.url,
+            issuer.ca_file.display(),
+            cubicle::devenv::oidc::IssuerRecord::path(&dir).display(),
+        );
+    }
     if let Some(node) = &cluster.ready.real_node {
         println!(
             "  real node {} Ready in {:.1}s (pods on {}; select and tolerate cubicle.dev/real-node=true); logs: {}/logs",
@@ -599,13 +622,14 @@ async fn dev_up(opts: DevOptions, exit_on_stdin_eof: bool, demo: Option<DemoArgs
         }
         Some(args) => {
             // The nodes are the fake kubelet: a RuntimeClass handler runs nothing here.
-            let opts = demo_options(
+            let mut opts = demo_options(
                 cluster.ready.kubeconfig.clone(),
                 cluster.ready.log_dir.clone(),
                 None,
                 true,
                 args,
             );
+            opts.issuer = cluster.issuer.as_ref().map(|i| i.record());
             match cubicle::devenv::demo::run(&cluster.client, &opts, interrupted(exit_on_stdin_eof))
                 .await
             {
@@ -669,6 +693,7 @@ fn demo_options(
         operator_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("cubicle")),
         stub_classes,
         gateway_port: args.gateway_port,
+        issuer: None,
     }
 }
 

@@ -251,15 +251,30 @@ fn the_dashboard_may_impersonate_only_the_listed_people() {
 }
 
 /// `cubicle dev up --demo` runs its gateway with the chart's rules and impersonation grant (the
-/// same least privilege), not as an administrator.
+/// same least privilege), not as an administrator. The grant names whom its provider signs in
+/// and the groups their ID tokens carry: with `dev up`'s provider that includes root, in
+/// `cubicle-admins` as well as `cubicle-people`.
 #[test]
 fn the_demo_gateway_gets_the_charts_rules_and_grant() {
     let mut set = ON.to_vec();
-    set.push("gateway.dashboard.impersonate.users={alice@northwind.example}");
-    set.push("gateway.dashboard.impersonate.groups={cubicle-people}");
+    set.push(
+        "gateway.dashboard.impersonate.users={alice@northwind.example,root@northwind.example}",
+    );
+    set.push("gateway.dashboard.impersonate.groups={cubicle-admins,cubicle-people}");
     let objs = template(&set).unwrap();
-    let demo =
-        cubicle::devenv::demo::gateway_rbac("northwind", &["alice@northwind.example".into()]);
+    let person = |name: &str, groups: &[&str]| cubicle::devenv::oidc::Person {
+        name: name.into(),
+        password: "unused".into(),
+        groups: groups.iter().map(|g| g.to_string()).collect(),
+    };
+    let (users, groups) = cubicle::devenv::demo::impersonated(&[
+        person(
+            "root@northwind.example",
+            &["cubicle-people", "cubicle-admins"],
+        ),
+        person("alice@northwind.example", &["cubicle-people"]),
+    ]);
+    let demo = cubicle::devenv::demo::gateway_rbac("northwind", &users, &groups);
     assert_eq!(
         find(&demo, "ClusterRole", "cubicle-demo-gateway")["rules"],
         find(&objs, "ClusterRole", "cubicle-gateway")["rules"],

@@ -52,6 +52,7 @@ pub async fn start_control_plane(
         zones: 3,
         timeout: Duration::from_secs(300),
         real_node: None,
+        oidc: None,
     };
     let cluster = crate::devenv::DevCluster::start(&opts)
         .await

@@ -72,8 +72,14 @@ pub async fn built_binary(env: &str, script: &Path) -> Result<PathBuf, DevError>
 }
 
 impl ControlPlane {
-    /// Starts `controlplane up --dir <dir>` and waits until it has written `<dir>/ready`.
-    pub async fn start(bin: &Path, dir: &Path, timeout: Duration) -> Result<Self, DevError> {
+    /// Starts `controlplane up --dir <dir>` (with `--authentication-config <file>` when given:
+    /// the OIDC issuers the API server trusts) and waits until it has written `<dir>/ready`.
+    pub async fn start(
+        bin: &Path,
+        dir: &Path,
+        timeout: Duration,
+        authentication_config: Option<&Path>,
+    ) -> Result<Self, DevError> {
         std::fs::create_dir_all(dir).map_err(|source| DevError::Io {
             what: format!("create {}", dir.display()),
             source,
@@ -94,6 +100,10 @@ impl ControlPlane {
         if people.is_file() {
             extra.push(std::ffi::OsString::from("--extra-tokens"));
             extra.push(people.into_os_string());
+        }
+        if let Some(f) = authentication_config {
+            extra.push(std::ffi::OsString::from("--authentication-config"));
+            extra.push(f.as_os_str().to_owned());
         }
         let mut child = Command::new(bin)
             .arg("up")

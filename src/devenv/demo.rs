@@ -586,6 +586,9 @@ pub struct DemoOptions {
     pub stub_classes: bool,
     /// Also run the local OpenID Provider and the gateway on `*.cubicle.localhost:<port>`.
     pub gateway_port: Option<u16>,
+    /// The OpenID Provider the API server trusts (`cubicle dev up` started it): the gateway
+    /// signs people in there. None: the demo starts a provider of its own.
+    pub issuer: Option<super::oidc::IssuerRecord>,
 }
 
 /// Installs the CRDs, applies the examples, starts the operator on their namespaces and prints
@@ -679,7 +682,7 @@ pub async fn run(
     if let (Some(port), Some(public)) = (opts.gateway_port, &public) {
         let (gw, issuer) = start_gateway(client, opts, &namespaces, &key_ns, port, public).await?;
         _gateway = Some(gw);
-        _issuer = Some(issuer);
+        _issuer = issuer;
     }
     println!("watching sessions (Ctrl-C stops everything)");
     println!("{}", format_line("TIME", &SESSION_HEADER));
@@ -704,13 +707,16 @@ pub async fn run(
     result
 }
 
-/// Starts the OpenID Provider (one person per User with an identity: the identity as login name
-/// and `sub`, in the people's group [`super::people::PEOPLE_GROUP`], and a printed password),
-/// runs `cubicle gateway` on `public` as a ServiceAccount of its own with the chart's rules (read
-/// what it serves, the master key by name) and its impersonation grant limited to those
-/// identities and that group (the dashboard acts as the person). The operator grants each
-/// identity `use` on its User (the per-User Role) and dev up binds the end-user role to the
-/// group, so the dashboard shows and does exactly what the person's own kubectl may.
+/// Signs people in at the OpenID Provider `cubicle dev up` started ([`DemoOptions::issuer`]:
+/// every demo person of [`super::people::PEOPLE`] by identity, with their groups) or else at one
+/// of its own (one person per User with an identity: the identity as login name and `sub`, in
+/// the people's group [`super::people::PEOPLE_GROUP`]), printing the passwords; runs `cubicle
+/// gateway` on `public` as a ServiceAccount of its own with the chart's rules (read what it
+/// serves, the master key by name) and its impersonation grant limited to the provider's people
+/// and their groups (the dashboard acts as the person, by the API server's own names: no
+/// prefixes). The operator grants each identity `use` on its User (the per-User Role) and dev up
+/// binds the end-user role to the people's group and `use` on every User to the admins' group,
+/// so the dashboard shows and does exactly what the person's own kubectl may.
 async fn start_gateway(
     client: &Client,
     opts: &DemoOptions,
@@ -718,7 +724,7 @@ async fn start_gateway(
     key_ns: &str,
     port: u16,
     public: &str,
-) -> Result<(OperatorProcess, super::oidc::Issuer), DemoError> {
+) -> Result<(OperatorProcess, Option<super::oidc::Issuer>), DemoError> {
     use kube::api::ListParams;
     let kube_err = |what: &str| {
         let what = what.to_string();
@@ -739,19 +745,31 @@ async fn start_gateway(
     }
     identities.sort();
     identities.dedup();
-    let group = super::people::PEOPLE_GROUP;
-    let people: Vec<(&str, &[&str])> = identities
-        .iter()
-        .map(|i| (i.as_str(), std::slice::from_ref(&group)))
-        .collect();
-    let issuer = super::oidc::start_with_groups(
-        &opts.log_dir.join("oidc"),
-        &people,
-        &[format!("{public}/.cubicle/callback")],
-    )
-    .await
-    .map_err(|e| DemoError::Operator(format!("the OpenID Provider: {e}")))?;
-    let kubeconfig = gateway_identity(client, opts, key_ns, &identities).await?;
+    // The provider `cubicle dev up` started (the API server trusts it; its people are all the
+    // demo people by identity), else one of the demo's own for the Users' identities.
+    let (issuer, own) = match &opts.issuer {
+        Some(record) => (record.clone(), None),
+        None => {
+            let group = super::people::PEOPLE_GROUP;
+            let people: Vec<(&str, &[&str])> = identities
+                .iter()
+                .map(|i| (i.as_str(), std::slice::from_ref(&group)))
+                .collect();
+            let own = super::oidc::start_with_groups(
+                &opts.log_dir.join("oidc"),
+                &people,
+                &[format!("{public}/.cubicle/callback")],
+            )
+            .await
+            .map_err(|e| DemoError::Operator(format!("the OpenID Provider: {e}")))?;
+            (own.record(), Some(own))
+        }
+    };
+    // The gateway may impersonate exactly whom this provider signs in (a person without a User
+    // gets the dashboard's "no user" page, not an impersonation error) and the groups their
+    // ID tokens carry.
+    let (users, groups) = impersonated(&issuer.people);
+    let kubeconfig = gateway_identity(client, opts, key_ns, &users, &groups).await?;
     let addr = free_local_addr().map_err(|source| DemoError::Io {
         what: "find a free port".into(),
         source,
@@ -772,6 +790,7 @@ async fn start_gateway(
             "--groups-prefix=".to_string(),
             format!("--oidc-issuer={}", issuer.url),
             format!("--oidc-client-id={}", issuer.client_id),
+            format!("--oidc-ca-file={}", issuer.ca_file.display()),
             format!(
                 "--key-secret={key_ns}/{}",
                 crate::credentials::DEFAULT_KEY_SECRET
@@ -791,18 +810,32 @@ async fn start_gateway(
         issuer.url,
         log.display()
     );
+    if own.is_none() {
+        println!(
+            "  the API server trusts this provider too: its ID tokens act as oidc:<name> with \
+             groups oidc:<group> (kubectl --token)"
+        );
+    }
     for p in &issuer.people {
         println!("  sign in as {} with password {}", p.name, p.password);
     }
-    Ok((gw, issuer))
+    Ok((gw, own))
 }
 
 /// The demo gateway's ServiceAccount in `key_ns`.
 pub const GATEWAY_ACCOUNT: &str = "cubicle-demo-gateway";
 
+/// Whom the demo gateway may impersonate for the provider's `people`: their names (the `sub` of
+/// their ID tokens) and every group their tokens carry, each sorted once (pure).
+pub fn impersonated(people: &[super::oidc::Person]) -> (Vec<String>, Vec<String>) {
+    let users: BTreeSet<String> = people.iter().map(|p| p.name.clone()).collect();
+    let groups: BTreeSet<String> = people.iter().flat_map(|p| p.groups.clone()).collect();
+    (users.into_iter().collect(), groups.into_iter().collect())
+}
+
 /// The RBAC of the demo gateway: the chart's gateway rules (`templates/gateway-rbac.yaml`) and
-/// its impersonation grant, limited to `identities` and the people's group (pure).
-pub fn gateway_rbac(key_ns: &str, identities: &[String]) -> Vec<Value> {
+/// its impersonation grant, limited to `identities` and `groups` (pure).
+pub fn gateway_rbac(key_ns: &str, identities: &[String], groups: &[String]) -> Vec<Value> {
     let subject = serde_json::json!([{"kind": "ServiceAccount", "name": GATEWAY_ACCOUNT,
                                        "namespace": key_ns}]);
     let labels = serde_json::json!({"app.kubernetes.io/part-of": "cubicle"});
@@ -841,7 +874,7 @@ pub fn gateway_rbac(key_ns: &str, identities: &[String]) -> Vec<Value> {
             {"apiGroups": [""], "resources": ["users"], "verbs": ["impersonate"],
              "resourceNames": identities},
             {"apiGroups": [""], "resources": ["groups"], "verbs": ["impersonate"],
-             "resourceNames": [super::people::PEOPLE_GROUP]},
+             "resourceNames": groups},
         ]),
     ));
     let key = format!("{GATEWAY_ACCOUNT}-key");
@@ -867,6 +900,7 @@ async fn gateway_identity(
     opts: &DemoOptions,
     key_ns: &str,
     identities: &[String],
+    groups: &[String],
 ) -> Result<PathBuf, DemoError> {
     use k8s_openapi::api::authentication::v1::TokenRequest;
     use k8s_openapi::api::core::v1::ServiceAccount;
@@ -883,7 +917,7 @@ async fn gateway_identity(
         .patch(GATEWAY_ACCOUNT, &ssa, &Patch::Apply(&sa))
         .await
         .map_err(err("the gateway's ServiceAccount"))?;
-    for doc in gateway_rbac(key_ns, identities) {
+    for doc in gateway_rbac(key_ns, identities, groups) {
         let (ar, _) = discover(client, &gvk_of(&doc)).await?;
         let api = match doc["metadata"]["namespace"].as_str() {
             Some(ns) => Api::<DynamicObject>::namespaced_with(client.clone(), ns, &ar),
@@ -941,6 +975,47 @@ fn write_private(path: &Path, text: &str) -> Result<(), DemoError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_demo_gateway_may_impersonate_whom_its_provider_signs_in_and_their_groups() {
+        let person = |name: &str, groups: &[&str]| super::super::oidc::Person {
+            name: name.into(),
+            password: "p".into(),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+        };
+        // The dev-up provider's people: all of them, a person without a User (mallory) and an
+        // admin (root) included.
+        let people: Vec<_> = super::super::people::PEOPLE
+            .iter()
+            .map(|p| {
+                let mut g = vec![super::super::people::PEOPLE_GROUP];
+                g.extend(p.groups.iter().copied());
+                person(p.username, &g)
+            })
+            .collect();
+        let (users, groups) = impersonated(&people);
+        assert_eq!(users.len(), super::super::people::PEOPLE.len(), "{users:?}");
+        assert!(users.contains(&"mallory@northwind.example".to_string()));
+        assert!(users.contains(&"root@northwind.example".to_string()));
+        assert_eq!(groups, ["cubicle-admins", "cubicle-people"]);
+        let rbac = gateway_rbac("northwind", &users, &groups);
+        let grant = rbac
+            .iter()
+            .find(|o| o["metadata"]["name"] == "cubicle-demo-gateway-impersonate")
+            .unwrap();
+        assert_eq!(grant["rules"][0]["resourceNames"], serde_json::json!(users));
+        assert_eq!(
+            grant["rules"][1]["resourceNames"],
+            serde_json::json!(groups)
+        );
+        // A provider of the demo's own: the Users' identities, the people's group only.
+        let (users, groups) = impersonated(&[
+            person("bob@x", &["cubicle-people"]),
+            person("alice@x", &["cubicle-people"]),
+        ]);
+        assert_eq!(users, ["alice@x", "bob@x"]);
+        assert_eq!(groups, ["cubicle-people"]);
+    }
 
     fn examples() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")

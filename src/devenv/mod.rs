@@ -75,6 +75,12 @@ pub struct DevOptions {
     /// image. Where the host cannot run containers, the fake nodes carry on and
     /// [`DevReady::real_node_unavailable`] says what is missing.
     pub real_node: Option<Vec<String>>,
+    /// Start a local OpenID Provider for the demo people ([`people::PEOPLE`], by identity
+    /// (`username`, the same name as their static token's) as login name and `sub`, in groups
+    /// [`people::PEOPLE_GROUP`] and their own) that the API server trusts, accepting
+    /// these redirect URIs besides [`oidc::DEV_REDIRECT_URI`]; its record goes to
+    /// `<dir>/oidc/issuer.json` ([`oidc::IssuerRecord`]).
+    pub oidc: Option<Vec<String>>,
 }
 
 /// What `cubicle dev up` writes to `<dir>/dev-ready` once nodes and storage are in place.
@@ -109,6 +115,8 @@ pub struct DevCluster {
     _kubelet: kubelet::FakeKubelet,
     _provisioner: provisioner::Provisioner,
     real_node: Option<realnode::RealNode>,
+    /// The OpenID Provider the API server trusts (with `oidc`).
+    pub issuer: Option<oidc::Issuer>,
     /// Admin client.
     pub client: Client,
     /// The ready record.
@@ -128,18 +136,90 @@ pub async fn client_from_kubeconfig(path: &Path) -> Result<Client, DevError> {
     Client::try_from(config).map_err(|e| err(e.to_string()))
 }
 
+/// Starts the OpenID Provider the API server will trust (TLS material in `dir/oidc-tls`, so the
+/// tests' own issuers in the same directory share its CA) and writes its record and the API
+/// server's authentication configuration; returns the issuer and that file.
+async fn start_trusted_issuer(
+    dir: &Path,
+    redirects: &[String],
+) -> Result<(oidc::Issuer, PathBuf), DevError> {
+    let io = |what: String| move |source| DevError::Io { what, source };
+    oidc::Tls::create(dir)?;
+    let groups: Vec<Vec<&str>> = people::PEOPLE
+        .iter()
+        .map(|p| {
+            let mut g = vec![people::PEOPLE_GROUP];
+            g.extend(p.groups.iter().copied());
+            g
+        })
+        .collect();
+    let who: Vec<(&str, &[&str])> = people::PEOPLE
+        .iter()
+        .zip(&groups)
+        .map(|(p, g)| (p.username, g.as_slice()))
+        .collect();
+    let mut uris = redirects.to_vec();
+    uris.push(oidc::DEV_REDIRECT_URI.to_string());
+    let issuer = oidc::start_with_groups(&dir.join("oidc"), &who, &uris).await?;
+    let ca = std::fs::read_to_string(&issuer.ca_file)
+        .map_err(io(format!("read {}", issuer.ca_file.display())))?;
+    let file = dir.join("authentication-config.yaml");
+    std::fs::write(
+        &file,
+        oidc::authentication_config(&[(&issuer.url, &issuer.client_id, &ca)]),
+    )
+    .map_err(io(format!("write {}", file.display())))?;
+    let record = oidc::IssuerRecord::path(dir);
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let _ = std::fs::remove_file(&record);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&record)
+            .and_then(|mut f| {
+                f.write_all(&serde_json::to_vec_pretty(&issuer.record()).expect("json"))
+            })
+            .map_err(io(format!("write {}", record.display())))?;
+    }
+    Ok((issuer, file))
+}
+
 impl DevCluster {
     /// Builds (if needed) and starts the control plane, then registers fake nodes and storage.
     pub async fn start(opts: &DevOptions) -> Result<Self, DevError> {
         let started = Instant::now();
         let bin = controlplane::binary().await?;
         people::write_tokens(&opts.dir)?;
-        let plane = controlplane::ControlPlane::start(&bin, &opts.dir, opts.timeout).await?;
+        let (issuer, auth_config) = match &opts.oidc {
+            None => (None, None),
+            Some(redirects) => {
+                let (issuer, file) = start_trusted_issuer(&opts.dir, redirects).await?;
+                (Some(issuer), Some(file))
+            }
+        };
+        let plane = controlplane::ControlPlane::start(
+            &bin,
+            &opts.dir,
+            opts.timeout,
+            auth_config.as_deref(),
+        )
+        .await?;
         people::write_kubeconfigs(&opts.dir, &plane.ready.kubeconfig)?;
         let client = client_from_kubeconfig(&plane.ready.kubeconfig).await?;
         // Sessions act only for Users their requester may use (issue 19): the same rule as
         // the chart's, in force from the start.
-        crate::access::install(&client, &[people::ADMIN_GROUP], &[people::PEOPLE_GROUP])
+        // With the OpenID Provider, the same groups as its ID tokens name them.
+        let admin_oidc = format!("{}{}", oidc::GROUPS_PREFIX, people::ADMIN_GROUP);
+        let people_oidc = format!("{}{}", oidc::GROUPS_PREFIX, people::PEOPLE_GROUP);
+        let (mut admins, mut everyone) = (vec![people::ADMIN_GROUP], vec![people::PEOPLE_GROUP]);
+        if issuer.is_some() {
+            admins.push(&admin_oidc);
+            everyone.push(&people_oidc);
+        }
+        crate::access::install(&client, &admins, &everyone)
             .await
             .map_err(|source| DevError::Kube {
                 what: "install the Session admission policy and the people's roles".into(),
@@ -181,6 +261,7 @@ impl DevCluster {
             _kubelet: kubelet,
             _provisioner: provisioner,
             real_node,
+            issuer,
             client,
             ready,
         })
@@ -194,6 +275,7 @@ impl DevCluster {
             _kubelet,
             _provisioner,
             real_node,
+            issuer,
             ..
         } = self;
         let node = match real_node {
@@ -203,6 +285,7 @@ impl DevCluster {
         drop(_kubelet);
         drop(_provisioner);
         plane.stop().await;
+        drop(issuer);
         node
     }
 

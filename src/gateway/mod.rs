@@ -530,6 +530,7 @@ async fn keepalives(state: Arc<State>) {
                             .stats
                             .keepalive_conflicts
                             .fetch_add(1, Ordering::Relaxed);
+                        debug!(session = %format!("{}/{}", key.ns, key.name), "keepalive conflict, retried");
                         Some(Duration::from_millis(200))
                     }
                     Err(e) => {

@@ -4,7 +4,9 @@
 //! them). Each [`Browser`] starts its own chromedriver on a free loopback port and one Chromium
 //! session with a fresh profile under `/tmp/cubicle-chromium-<port>/` (short on purpose:
 //! Chromium's singleton socket path must stay under 108 bytes however deep the checkout is).
-//! WebDriver is spoken over plain HTTP to 127.0.0.1, so no TLS stack is linked in.
+//! WebDriver is spoken over plain HTTP to 127.0.0.1, so no TLS stack is linked in. The one
+//! certificate Chromium accepts without a public CA is the run's OpenID Provider's
+//! (`--ignore-certificate-errors-spki-list` with its key's hash).
 //!
 //! Where Chromium is missing the tests say so and pass, unless `CUBICLE_REQUIRE_BROWSER=1` (CI
 //! sets it): then a missing browser fails them. Screenshots go to
@@ -92,8 +94,12 @@ impl Browser {
             .spawn()
             .unwrap_or_else(|e| panic!("{test}: start {}: {e}", driver_bin.display()));
         let url = format!("http://127.0.0.1:{port}");
+        // The local OpenID Provider's login pages are https with a certificate of this run's
+        // own CA: Chromium accepts that one certificate, by its key's hash, and no other
+        // certificate error (the switch needs --user-data-dir, given below).
+        let issuer_tls = cubicle::devenv::oidc::Tls::find_or_create(crate::support::run_dir())
+            .unwrap_or_else(|e| panic!("{test}: the run's OpenID Provider TLS material: {e}"));
         let caps = json!({
-            "acceptInsecureCerts": true,
             "goog:chromeOptions": {
                 "binary": chromium,
                 "args": [
@@ -106,6 +112,7 @@ impl Browser {
                     "--disable-background-networking",
                     "--window-size=1280,800",
                     format!("--user-data-dir={}", scratch.join("profile").display()),
+                    format!("--ignore-certificate-errors-spki-list={}", issuer_tls.spki_sha256),
                 ],
             },
         });

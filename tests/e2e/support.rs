@@ -79,6 +79,8 @@ fn start_shared() -> Shared {
             "3",
             "--zones",
             "3",
+            // An OpenID Provider the API server trusts; the tests' own issuers share its CA.
+            "--oidc",
             "--dir",
         ])
         .arg(&dir)
@@ -290,6 +292,10 @@ pub async fn oidc_gateway(
     use cubicle::gateway::oidc::{Oidc, OidcSettings};
     use cubicle::gateway::{AuthMode, GatewayConfig};
     let dir = run_dir().join(format!("oidc-{}", ns.name));
+    // https with the run's CA (`dev up --oidc` made it; made here if the environment lacks it),
+    // which the gateway, the tests' HTTP clients and Chromium trust.
+    cubicle::devenv::oidc::Tls::find_or_create(run_dir())
+        .unwrap_or_else(|e| panic!("{}: the run's OpenID Provider CA: {e}", ns.name));
     let issuer = cubicle::devenv::oidc::start_with_groups(
         &dir,
         people,
@@ -308,7 +314,7 @@ pub async fn oidc_gateway(
         client_id: issuer.client_id.clone(),
         client_secret: issuer.client_secret.clone(),
         username_claim: "sub".into(),
-        ca_file: None,
+        ca_file: Some(issuer.ca_file.clone()),
         groups_claim: Some("groups".into()),
     })
     .unwrap_or_else(|e| panic!("{}: OIDC settings of {}: {e}", ns.name, issuer.url));

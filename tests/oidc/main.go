@@ -8,7 +8,9 @@
 // The users file maps ids to users (see storage.User: ID, Username, Password, Email...), each
 // with an optional "Groups" list that ID tokens carry as the "groups" claim (what the gateway and
 // the API server's --oidc-groups-claim read). Once listening it writes
-// {"issuer": "http://127.0.0.1:PORT/"} to -ready.
+// {"issuer": "http://127.0.0.1:PORT/"} to -ready. With -tls-cert and -tls-key (PEM files; the
+// certificate file may hold the chain) it serves https and the issuer is https://127.0.0.1:PORT/,
+// the form the kube-apiserver requires of an issuer it trusts.
 package main
 
 import (
@@ -85,7 +87,13 @@ func main() {
 	clientSecret := flag.String("client-secret", "", "the gateway's client secret")
 	redirects := flag.String("redirect-uri", "", "comma-separated redirect URIs of the gateway")
 	ready := flag.String("ready", "", "file to write {\"issuer\": ...} to once listening")
+	tlsCert := flag.String("tls-cert", "", "serve https with this certificate (PEM, chain allowed)")
+	tlsKey := flag.String("tls-key", "", "the key of -tls-cert (PEM)")
 	flag.Parse()
+	if (*tlsCert == "") != (*tlsKey == "") {
+		fmt.Fprintln(os.Stderr, "oidc: -tls-cert and -tls-key go together")
+		os.Exit(2)
+	}
 	if *users == "" || *clientSecret == "" || *redirects == "" {
 		fmt.Fprintln(os.Stderr, "oidc: -users, -client-secret and -redirect-uri are required")
 		os.Exit(2)
@@ -96,7 +104,11 @@ func main() {
 		logger.Error("listen", "error", err)
 		os.Exit(1)
 	}
-	issuer := fmt.Sprintf("http://%s/", ln.Addr().String())
+	scheme := "http"
+	if *tlsCert != "" {
+		scheme = "https"
+	}
+	issuer := fmt.Sprintf("%s://%s/", scheme, ln.Addr().String())
 	storage.RegisterClients(storage.WebClient(*clientID, *clientSecret, strings.Split(*redirects, ",")...))
 	store, err := storage.StoreFromFile(*users)
 	if err != nil {
@@ -120,7 +132,13 @@ func main() {
 		}
 	}
 	logger.Info("OpenID Provider listening", "issuer", issuer)
-	if err := http.Serve(ln, router); err != nil {
+	var serveErr error
+	if *tlsCert != "" {
+		serveErr = http.ServeTLS(ln, router, *tlsCert, *tlsKey)
+	} else {
+		serveErr = http.Serve(ln, router)
+	}
+	if err := serveErr; err != nil {
 		logger.Error("serve", "error", err)
 		os.Exit(1)
 	}
