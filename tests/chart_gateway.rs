@@ -248,6 +248,21 @@ fn the_dashboard_may_impersonate_only_the_listed_people() {
         cr["rules"][1]["resourceNames"],
         serde_json::json!(["oidc:staff"])
     );
+    // The cluster's own powers are never listed: the render refuses them, naming the field.
+    for (field, name) in [
+        ("users", "system:admin"),
+        ("users", "system:serviceaccount:kube-system:default"),
+        ("groups", "system:masters"),
+    ] {
+        let mut bad = set.clone();
+        let value = format!("gateway.dashboard.impersonate.{field}={{oidc:alice,{name}}}");
+        bad.push(&value);
+        let e = template(&bad).unwrap_err();
+        assert!(
+            e.contains(&format!("gateway.dashboard.impersonate.{field}")) && e.contains(name),
+            "{name} in {field}: {e}"
+        );
+    }
 }
 
 /// `cubicle dev up --demo` runs its gateway with the chart's rules and impersonation grant (the
