@@ -956,20 +956,10 @@ async fn gateway_identity(
 }
 
 fn write_private(path: &Path, text: &str) -> Result<(), DemoError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let io = |source| DemoError::Io {
+    super::write_private(path, text).map_err(|source| DemoError::Io {
         what: format!("write {}", path.display()),
         source,
-    };
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io)?;
-    f.write_all(text.as_bytes()).map_err(io)
+    })
 }
 
 #[cfg(test)]

@@ -23,6 +23,20 @@ use kube::Client;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde::{Deserialize, Serialize};
 
+/// Writes `text` to `path`, readable by its owner only (mode 0600): kubeconfigs with tokens,
+/// the demo's people and passwords.
+pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(text.as_bytes())
+}
+
 /// Errors of the development environment.
 #[derive(Debug, thiserror::Error)]
 pub enum DevError {

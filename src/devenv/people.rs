@@ -139,17 +139,7 @@ pub fn write_tokens(dir: &Path) -> Result<(), DevError> {
 }
 
 fn write_private(path: &Path, text: &str) -> Result<(), DevError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io(format!("write {}", path.display())))?;
-    f.write_all(text.as_bytes())
-        .map_err(io(format!("write {}", path.display())))
+    super::write_private(path, text).map_err(io(format!("write {}", path.display())))
 }
 
 /// Writes one kubeconfig per person (`<dir>/people/<short>.kubeconfig`), from the admin's with

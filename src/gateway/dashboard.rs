@@ -837,16 +837,21 @@ pub fn theme_of(panels: &[UserPanel]) -> &'static str {
     panels.first().map_or("auto", |p| p.prefs.theme)
 }
 
-/// The person's theme, from the caches (for pages without a model).
-pub fn theme_for(state: &State, who: &Identity) -> &'static str {
-    let mut users: Vec<Arc<User>> = state
-        .cache
+/// The Users `who` acts for, from the caches, by namespace and name.
+fn users_of(cache: &super::cache::Cache, who: &Identity) -> Vec<Arc<User>> {
+    let mut users: Vec<Arc<User>> = cache
         .users
         .all()
         .into_iter()
         .filter(|u| acts_for(who, u))
         .collect();
     users.sort_by_key(|u| (u.namespace(), u.name_any()));
+    users
+}
+
+/// The person's theme, from the caches (for pages without a model).
+pub fn theme_for(state: &State, who: &Identity) -> &'static str {
+    let users = users_of(&state.cache, who);
     let Some(u) = users.first() else {
         return "auto";
     };
@@ -858,13 +863,7 @@ pub fn theme_for(state: &State, who: &Identity) -> &'static str {
 /// The model of `who`'s dashboard, from the caches.
 pub fn model_for(state: &State, who: &Identity) -> Model {
     let cache = &state.cache;
-    let mut users: Vec<Arc<User>> = cache
-        .users
-        .all()
-        .into_iter()
-        .filter(|u| acts_for(who, u))
-        .collect();
-    users.sort_by_key(|u| (u.namespace(), u.name_any()));
+    let users = users_of(cache, who);
     let mut panels = Vec::new();
     for u in &users {
         let ns = u.namespace().unwrap_or_default();

@@ -294,6 +294,54 @@ impl Drop for Browser {
     }
 }
 
+/// How long a portal page (a render on a loaded machine, a gateway still listing) may take.
+pub const PORTAL_PAGE_WITHIN: Duration = Duration::from_secs(180);
+
+impl Browser {
+    /// Opens a portal page at `url` and waits for it (it names the person); then pauses the
+    /// page's live reload, so what a test reads and clicks is not replaced under it.
+    pub async fn open_portal(&self, url: &str) {
+        self.goto(url).await;
+        self.wait_until(
+            "return document.getElementById('who') && document.getElementById('who').textContent",
+            PORTAL_PAGE_WITHIN,
+        )
+        .await;
+        self.eval("window.cubiclePaused = true; return 1", vec![])
+            .await;
+    }
+
+    /// The form token of the portal page that is open (what a forged post would lack).
+    pub async fn form_token(&self) -> Value {
+        self.eval(
+            "return document.querySelector('input[name=token]').value",
+            vec![],
+        )
+        .await
+    }
+
+    /// Posts `fields` as a form to `path` from inside the page (same origin, its cookies);
+    /// returns the status and the text of the answer.
+    pub async fn post_form(&self, path: &str, fields: Value) -> (u64, String) {
+        let v = self
+            .client
+            .execute_async(
+                "const done = arguments[arguments.length - 1]; \
+                 const body = new URLSearchParams(arguments[1]); \
+                 fetch(arguments[0], {method: 'POST', body, credentials: 'same-origin', redirect: 'manual'}) \
+                   .then(r => r.text().then(t => done([r.status, t]))) \
+                   .catch(e => done([0, String(e)]));",
+                vec![serde_json::json!(path), fields],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{}: post {path}: {e}", self.test));
+        (
+            v[0].as_u64().unwrap_or(0),
+            v[1].as_str().unwrap_or("").to_string(),
+        )
+    }
+}
+
 /// How long [`sign_in`] waits for the provider's login form: the way there is several
 /// redirects, and Chromium on a loaded two-core machine can take many seconds per navigation.
 pub const SIGN_IN_FORM_WITHIN: Duration = Duration::from_secs(90);

@@ -13,7 +13,7 @@ use cubicle::gateway::{self, AuthMode, GatewayConfig};
 use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::ResourceExt;
 use kube::api::PostParams;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::api::install_crds;
@@ -173,16 +173,9 @@ async fn sessions_state(ns: &TestNs) -> String {
     }
 }
 
-/// Opens the dashboard afresh, with its live reload paused (so a click never races a reload).
+/// Opens the dashboard at `portal` and waits for it (its live reload paused).
 async fn open(b: &Browser, portal: &str) {
-    b.goto(&format!("{portal}/")).await;
-    b.wait_until(
-        "return document.getElementById('who') && document.getElementById('who').textContent",
-        LONG,
-    )
-    .await;
-    b.eval("window.cubiclePaused = true; return 1", vec![])
-        .await;
+    b.open_portal(&format!("{portal}/")).await;
 }
 
 /// Launches `desktop` for `user` from its form (`profile`, `zone` when offered); returns the
@@ -247,25 +240,6 @@ async fn reason_shown(b: &Browser, ns: &TestNs, portal: &str, name: &str, words:
 
 /// Posts a form from inside the page (`fields` as given, no token added); returns the status
 /// and the text of the answer.
-async fn post(b: &Browser, path: &str, fields: Value) -> (u64, String) {
-    let v = b
-        .client
-        .execute_async(
-            "const done = arguments[arguments.length - 1]; \
-             const body = new URLSearchParams(arguments[1]); \
-             fetch(arguments[0], {method: 'POST', body, credentials: 'same-origin', redirect: 'manual'}) \
-               .then(r => r.text().then(t => done([r.status, t]))) \
-               .catch(e => done([0, String(e)]));",
-            vec![json!(path), fields],
-        )
-        .await
-        .unwrap_or_else(|e| panic!("post {path}: {e}"));
-    (
-        v[0].as_u64().unwrap_or(0),
-        v[1].as_str().unwrap_or("").to_string(),
-    )
-}
-
 /// Screenshots of the page in the light and the dark theme
 /// (`target/artefacts/dashboard/<name>-{light,dark}.png`; README shows copies in docs/).
 async fn shoot(b: &Browser, name: &str) {
@@ -577,26 +551,21 @@ async fn a_person_launches_watches_and_stops_sessions_in_the_browser() {
     // 8. Forged posts: without a token refused; with alice's token for bob's session refused by
     //    the cluster's own policy; bob's session untouched.
     open(&b, &portal).await;
-    let token = b
-        .eval(
-            "return document.querySelector('input[name=token]').value",
-            vec![],
+    let token = b.form_token().await;
+    let (status, body) = b
+        .post_form(
+            "/.cubicle/act",
+            json!({"ns": n, "name": "bob-1", "action": "delete"}),
         )
         .await;
-    let (status, body) = post(
-        &b,
-        "/.cubicle/act",
-        json!({"ns": n, "name": "bob-1", "action": "delete"}),
-    )
-    .await;
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("did not carry a valid token"), "{body}");
-    let (status, body) = post(
-        &b,
-        "/.cubicle/act",
-        json!({"token": token, "ns": n, "name": "bob-1", "action": "delete"}),
-    )
-    .await;
+    let (status, body) = b
+        .post_form(
+            "/.cubicle/act",
+            json!({"token": token, "ns": n, "name": "bob-1", "action": "delete"}),
+        )
+        .await;
     assert_eq!(status, 403, "{body}");
     assert!(
         body.contains("The cluster refused to delete session bob-1")

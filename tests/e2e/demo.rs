@@ -27,36 +27,7 @@ async fn the_quickstart_applies_the_examples_runs_the_operator_and_shows_session
     assert!(sessions.len() >= 3, "{sessions:?}");
     let log_dir = support::run_dir().join(format!("demo-{}", ns.name));
     let started = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cubicle"))
-        .args([
-            "dev",
-            "demo",
-            "--stub-missing-classes",
-            "--exit-on-stdin-eof",
-        ])
-        .arg("--kubeconfig")
-        .arg(support::kubeconfig())
-        .arg("--namespace")
-        .arg(&ns.name)
-        .arg("--log-dir")
-        .arg(&log_dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start `cubicle dev demo`");
-    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
-    for stream in [
-        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-        Box::new(child.stderr.take().unwrap()),
-    ] {
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for l in BufReader::new(stream).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(l);
-            }
-        });
-    }
+    let (mut child, lines) = spawn_demo(&ns.name, &log_dir, &[]);
     let output = || lines.lock().unwrap().join("\n");
     let has = |needle: String| {
         let lines = lines.clone();
@@ -172,38 +143,11 @@ async fn the_demo_dashboard_shows_the_example_users_to_their_people() {
         .local_addr()
         .unwrap()
         .port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cubicle"))
-        .args([
-            "dev",
-            "demo",
-            "--stub-missing-classes",
-            "--exit-on-stdin-eof",
-        ])
-        .arg("--gateway-port")
-        .arg(port.to_string())
-        .arg("--kubeconfig")
-        .arg(support::kubeconfig())
-        .arg("--namespace")
-        .arg(&ns.name)
-        .arg("--log-dir")
-        .arg(&log_dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start `cubicle dev demo`");
-    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
-    for stream in [
-        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-        Box::new(child.stderr.take().unwrap()),
-    ] {
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for l in BufReader::new(stream).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(l);
-            }
-        });
-    }
+    let (mut child, lines) = spawn_demo(
+        &ns.name,
+        &log_dir,
+        &["--gateway-port".into(), port.to_string()],
+    );
     let output = || lines.lock().unwrap().join("\n");
     let long = Duration::from_secs(180);
     let prefix = "  sign in as alice@northwind.example with password ";
@@ -272,4 +216,45 @@ async fn the_demo_dashboard_shows_the_example_users_to_their_people() {
     .await;
     assert!(status.success(), "{status}\n{}", output());
     b.close().await;
+}
+
+/// Starts `cubicle dev demo` (with `extra` arguments) into namespace `ns`, logging to
+/// `log_dir`; its stdout and stderr lines are collected, in order, into the returned log.
+fn spawn_demo(
+    ns: &str,
+    log_dir: &Path,
+    extra: &[String],
+) -> (std::process::Child, Arc<Mutex<Vec<String>>>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cubicle"))
+        .args([
+            "dev",
+            "demo",
+            "--stub-missing-classes",
+            "--exit-on-stdin-eof",
+        ])
+        .args(extra)
+        .arg("--kubeconfig")
+        .arg(support::kubeconfig())
+        .arg("--namespace")
+        .arg(ns)
+        .arg("--log-dir")
+        .arg(log_dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start `cubicle dev demo`");
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    for stream in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stream).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(l);
+            }
+        });
+    }
+    (child, lines)
 }

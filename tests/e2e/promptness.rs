@@ -276,18 +276,7 @@ async fn usage_shows_the_current_window_with_running_sessions_before_any_ends() 
 #[tokio::test]
 async fn sessions_of_one_budget_ending_at_once_are_all_closed_into_the_ledger() {
     use cubicle::crd::v1alpha1::User;
-    install_crds().await;
-    let ns = TestNs::new("ledger").await;
-    let docs = [
-        json!({"apiVersion": "cubicle.dev/v1alpha1", "kind": "Group", "metadata": {"name": "pu"},
-               "spec": {"priority": 10, "settings": {"keepaliveExpiration": "1h", "maxKasmsPerUser": 10,
-                        "usageLimit": {"type": "perUser", "interval": "total", "hours": 10}}}}),
-        json!({"apiVersion": "cubicle.dev/v1alpha1", "kind": "User", "metadata": {"name": "u"},
-               "spec": {"realm": "ldap", "groups": ["pu"]}}),
-        json!({"apiVersion": "cubicle.dev/v1alpha1", "kind": "Workspace", "metadata": {"name": "w"},
-               "spec": {"image": "example.invalid/desktop:1", "groups": ["pu"]}}),
-    ];
-    create_all(&ns, docs).await;
+    let ns = one_user_budget("ledger", 10.0).await;
     let op = Operator::start(&ns.name).await;
     let api = ns.api::<Session>();
     let names: Vec<String> = (0..4).map(|i| format!("end-{i}")).collect();
@@ -340,18 +329,7 @@ async fn sessions_of_one_budget_ending_at_once_are_all_closed_into_the_ledger() 
 #[tokio::test]
 async fn a_session_starting_moves_the_usage_deadline_of_the_sessions_sharing_its_budget() {
     use cubicle::crd::v1alpha1::ExpiryRule;
-    install_crds().await;
-    let ns = TestNs::new("peers").await;
-    let docs = [
-        json!({"apiVersion": "cubicle.dev/v1alpha1", "kind": "Group", "metadata": {"name": "pu"},
-               "spec": {"priority": 10, "settings": {"keepaliveExpiration": "1h", "maxKasmsPerUser": 10,
-                        "usageLimit": {"type": "perUser", "interval": "total", "hours": 1.5}}}}),
-        json!({"apiVersion": "cubicle.dev/v1alpha1", "kind": "User", "metadata": {"name": "u"},
-               "spec": {"realm": "ldap", "groups": ["pu"]}}),
-        json!({"apiVersion": "cubicle.dev/v1alpha1", "kind": "Workspace", "metadata": {"name": "w"},
-               "spec": {"image": "example.invalid/desktop:1", "groups": ["pu"]}}),
-    ];
-    create_all(&ns, docs).await;
+    let ns = one_user_budget("peers", 1.5).await;
     let op = Operator::start(&ns.name).await;
     let api = ns.api::<Session>();
     let names = ["first", "second"];
@@ -411,4 +389,22 @@ async fn a_session_starting_moves_the_usage_deadline_of_the_sessions_sharing_its
         );
     }
     op.stop().await;
+}
+
+/// A namespace with User `u` in Group `pu` (keepalive 1 h, a `perUser` budget of `hours` in
+/// total) and Workspace `w`.
+async fn one_user_budget(name: &str, hours: f64) -> TestNs {
+    install_crds().await;
+    let ns = TestNs::new(name).await;
+    let docs = [
+        json!({"apiVersion": "cubicle.dev/v1alpha1", "kind": "Group", "metadata": {"name": "pu"},
+               "spec": {"priority": 10, "settings": {"keepaliveExpiration": "1h", "maxKasmsPerUser": 10,
+                        "usageLimit": {"type": "perUser", "interval": "total", "hours": hours}}}}),
+        json!({"apiVersion": "cubicle.dev/v1alpha1", "kind": "User", "metadata": {"name": "u"},
+               "spec": {"realm": "ldap", "groups": ["pu"]}}),
+        json!({"apiVersion": "cubicle.dev/v1alpha1", "kind": "Workspace", "metadata": {"name": "w"},
+               "spec": {"image": "example.invalid/desktop:1", "groups": ["pu"]}}),
+    ];
+    create_all(&ns, docs).await;
+    ns
 }

@@ -155,18 +155,6 @@ async fn sign_in(b: &Browser, portal: &str, who: &str, password: &str) {
     crate::browser::sign_in(b, who, password).await;
 }
 
-/// Opens `path` on the portal and waits for the page (with its live reload paused).
-async fn open(b: &Browser, url: &str) {
-    b.goto(url).await;
-    b.wait_until(
-        "return document.getElementById('who') && document.getElementById('who').textContent",
-        LONG,
-    )
-    .await;
-    b.eval("window.cubiclePaused = true; return 1", vec![])
-        .await;
-}
-
 /// The computed background colour of the page's body.
 async fn background(b: &Browser) -> String {
     b.eval(
@@ -221,32 +209,12 @@ async fn save(b: &Browser, id: &str, want: &Value) {
     );
 }
 
-/// Posts a form from inside the page; returns the status and the text of the answer.
-async fn post(b: &Browser, path: &str, fields: Value) -> (u64, String) {
-    let v = b
-        .client
-        .execute_async(
-            "const done = arguments[arguments.length - 1]; \
-             const body = new URLSearchParams(arguments[1]); \
-             fetch(arguments[0], {method: 'POST', body, credentials: 'same-origin', redirect: 'manual'}) \
-               .then(r => r.text().then(t => done([r.status, t]))) \
-               .catch(e => done([0, String(e)]));",
-            vec![json!(path), fields],
-        )
-        .await
-        .unwrap_or_else(|e| panic!("post {path}: {e}"));
-    (
-        v[0].as_u64().unwrap_or(0),
-        v[1].as_str().unwrap_or("").to_string(),
-    )
-}
-
 /// Clicks the session's `action` button on the dashboard and waits for the notice.
 async fn act(b: &Browser, ns: &TestNs, portal: &str, name: &str, action: &str) {
     let css = format!("#s-{name} button.act-{action}");
     let deadline = Instant::now() + LONG;
     loop {
-        open(b, &format!("{portal}/")).await;
+        b.open_portal(&format!("{portal}/")).await;
         let there = b
             .eval(
                 "return !!document.querySelector(arguments[0])",
@@ -356,7 +324,7 @@ async fn a_persons_settings_are_theirs_survive_gitops_and_auto_launch_after_sign
     // 2. The Settings page shows what is in force: the User's own chatSoundEffects: false
     //    from the repository, Kasm's defaults otherwise, the browser's theme.
     let settings = format!("{portal}/.cubicle/settings");
-    open(&b, &settings).await;
+    b.open_portal(&settings).await;
     let id = format!("{n}-alice");
     assert_eq!(
         form_values(&b, &id).await,
@@ -369,12 +337,12 @@ async fn a_persons_settings_are_theirs_survive_gitops_and_auto_launch_after_sign
     let dark = json!({"auto": true, "tips": false, "panel": true, "chat": true, "ws": "desktop", "theme": "dark"});
     save(&b, &id, &dark).await;
     assert_eq!(form_values(&b, &id).await, dark, "after saving");
-    open(&b, &settings).await;
+    b.open_portal(&settings).await;
     assert_eq!(form_values(&b, &id).await, dark, "after a reload");
     let dark_bg = background(&b).await;
     assert_eq!(dark_bg, "rgb(18, 20, 23)", "the dark theme's background");
     b.screenshot("settings-dark").await;
-    open(&b, &format!("{portal}/")).await;
+    b.open_portal(&format!("{portal}/")).await;
     assert_eq!(
         background(&b).await,
         dark_bg,
@@ -406,7 +374,7 @@ async fn a_persons_settings_are_theirs_survive_gitops_and_auto_launch_after_sign
 
     // 4. Light: the background differs from dark.
     let light = json!({"auto": true, "tips": false, "panel": true, "chat": true, "ws": "desktop", "theme": "light"});
-    open(&b, &settings).await;
+    b.open_portal(&settings).await;
     save(&b, &id, &light).await;
     let light_bg = background(&b).await;
     assert_eq!(light_bg, "rgb(255, 255, 255)");
@@ -416,7 +384,7 @@ async fn a_persons_settings_are_theirs_survive_gitops_and_auto_launch_after_sign
         "auto is the browser's light or dark: {auto_bg}"
     );
     b.screenshot("settings-light").await;
-    open(&b, &settings).await;
+    b.open_portal(&settings).await;
     save(&b, &id, &dark).await;
 
     // 5. The GitOps tool applies the repository again (a changed first name; conflicts
@@ -429,31 +397,26 @@ async fn a_persons_settings_are_theirs_survive_gitops_and_auto_launch_after_sign
         after.spec, prefs.spec,
         "the repository's apply changed them"
     );
-    open(&b, &settings).await;
+    b.open_portal(&settings).await;
     assert_eq!(form_values(&b, &id).await, dark, "after the GitOps apply");
 
     // 6. Another person can neither read nor write them: a forged post (without a token, and
     //    with alice's token for bob's) is refused, and bob's own API requests are denied.
-    let token = b
-        .eval(
-            "return document.querySelector('input[name=token]').value",
-            vec![],
+    let token = b.form_token().await;
+    let (status, body) = b
+        .post_form(
+            "/.cubicle/settings",
+            json!({"ns": n, "user": "alice", "theme": "light"}),
         )
         .await;
-    let (status, body) = post(
-        &b,
-        "/.cubicle/settings",
-        json!({"ns": n, "user": "alice", "theme": "light"}),
-    )
-    .await;
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("did not carry a valid token"), "{body}");
-    let (status, body) = post(
-        &b,
-        "/.cubicle/settings",
-        json!({"token": token, "ns": n, "user": "bob", "theme": "light"}),
-    )
-    .await;
+    let (status, body) = b
+        .post_form(
+            "/.cubicle/settings",
+            json!({"token": token, "ns": n, "user": "bob", "theme": "light"}),
+        )
+        .await;
     assert_eq!(status, 403, "{body}");
     assert!(
         body.contains("The cluster refused to save the settings of bob"),

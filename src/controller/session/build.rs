@@ -150,8 +150,6 @@ pub struct PodInputs<'a> {
     pub launch: &'a LaunchRecord,
 }
 
-/// The pod's name: the session's name (one pod per session at a time).
-
 fn owner_ref(session: &Session) -> OwnerReference {
     session
         .controller_owner_ref(&())
