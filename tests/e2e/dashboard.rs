@@ -681,6 +681,7 @@ async fn dashboard_figures_for_twenty_sessions_and_a_thousand_open_dashboards() 
     let after = counter.snapshot();
     times.sort();
     let mean = times.iter().sum::<Duration>() / times.len() as u32;
+    let p50 = times[times.len() / 2];
     let p99 = times[times.len() * 99 / 100];
     let mut caused: Vec<String> = Vec::new();
     for (k, n) in &after {
@@ -690,7 +691,8 @@ async fn dashboard_figures_for_twenty_sessions_and_a_thousand_open_dashboards() 
         }
     }
     println!(
-        "dashboard of a person with 20 sessions: {bytes} bytes; server time (request to last byte over loopback) mean {:.2} ms, p99 {:.2} ms (targets: <= 20 ms, <= 100 KB)",
+        "dashboard of a person with 20 sessions: {bytes} bytes; server time (request to last byte over loopback) median {:.2} ms, mean {:.2} ms, p99 {:.2} ms (targets: <= 20 ms, <= 100 KB)",
+        p50.as_secs_f64() * 1000.0,
         mean.as_secs_f64() * 1000.0,
         p99.as_secs_f64() * 1000.0
     );
