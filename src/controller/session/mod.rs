@@ -191,19 +191,9 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
             })
         }
     };
-    // A session that starts (or stops counting) splits its usage budget another way: every
-    // session sharing the budget has its usage deadline moved. Mapped from the session's own
-    // event, so the peers are reconciled from a cache that already shows the start.
     let budget_peers = {
         let stores = stores.clone();
-        move |s: Arc<Session>| {
-            let me = s.uid();
-            session_refs(s.namespace(), |ns| {
-                let mut v = expiry::budget_peers(&stores, ns, &s);
-                v.retain(|p| p.uid() != me);
-                v
-            })
-        }
+        move |s: Arc<Session>| peers_of(&stores, &s)
     };
     let all_pending =
         |stores: Stores| move |ns: Option<String>| sessions_where(&stores, ns, |s| !is_steady(s));
@@ -330,28 +320,44 @@ pub fn controller(r: &mut Reflectors, ctx: Arc<Context>) -> BoxFuture<'static, (
     // on the shared runtime, a timer is only looked at between other tasks' polls, and in a
     // burst of deletions those polls (cache updates, trigger mappings) would make it late. The
     // actions' API calls still run on the shared runtime.
-    async move {
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let main = tokio::runtime::Handle::current();
-        let thread = std::thread::Builder::new()
-            .name("cubicle-expiry".into())
-            .spawn(move || {
-                match tokio::runtime::Builder::new_current_thread()
-                    .enable_time()
-                    .build()
-                {
-                    Ok(rt) => rt.block_on(run_timers(timers_ctx, main, stopped)),
-                    Err(e) => warn!(error = %e, "expiry timer runtime not started"),
-                }
-            });
-        if let Err(e) = thread {
-            // The controller's own requeue still enforces every deadline, a second late.
-            warn!(error = %e, "expiry timer thread not started");
-        }
-        controller.await;
-        drop(stop);
+    with_expiry_timers(timers_ctx, controller).boxed()
+}
+
+/// Runs `controller` with the expiry fast path beside it, on a thread and a timer of its own,
+/// until the controller ends.
+async fn with_expiry_timers(ctx: Arc<Context>, controller: impl Future<Output = ()>) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let main = tokio::runtime::Handle::current();
+    let thread = std::thread::Builder::new()
+        .name("cubicle-expiry".into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+            {
+                Ok(rt) => rt.block_on(run_timers(ctx, main, stopped)),
+                Err(e) => warn!(error = %e, "expiry timer runtime not started"),
+            }
+        });
+    if let Err(e) = thread {
+        // The controller's own requeue still enforces every deadline, a second late.
+        warn!(error = %e, "expiry timer thread not started");
     }
-    .boxed()
+    controller.await;
+    drop(stop);
+}
+
+/// The other sessions sharing a usage budget with `s`. A session that starts (or stops
+/// counting) splits its budget another way, so each of them has its usage deadline moved;
+/// mapped from the session's own event, they are reconciled from a cache that already shows
+/// the start.
+fn peers_of(stores: &Stores, s: &Arc<Session>) -> Vec<ObjectRef<Session>> {
+    let me = s.uid();
+    session_refs(s.namespace(), |ns| {
+        let mut v = expiry::budget_peers(stores, ns, s);
+        v.retain(|p| p.uid() != me);
+        v
+    })
 }
 
 /// Every session in `ns` for which `pred` holds: a pass over the namespace's sessions, for
