@@ -790,7 +790,8 @@ pub fn armed(phase: Option<SessionPhase>, has_pod: bool) -> bool {
 }
 
 /// Sessions in `ns` that may share a usage budget with `s`'s user (theirs included, `s` among
-/// them): re-evaluated when `s` starts or ends, since their usage deadline moves. None when no
+/// them): re-evaluated when `s` starts, since their usage deadline moves (when it ends, its
+/// time closed into the User's ledger reaches the User's sessions through the User). None when no
 /// Group of the user has a usage limit; the user's own sessions for a `perUser` limit, every
 /// member's for a `perGroup` one. A superset (a member of a limited Group may resolve its limit
 /// from another Group): a peer re-evaluated for nothing writes nothing.

@@ -347,8 +347,8 @@ async fn with_expiry_timers(ctx: Arc<Context>, controller: impl Future<Output = 
     drop(stop);
 }
 
-/// The other sessions sharing a usage budget with `s`. A session that starts (or stops
-/// counting) splits its budget another way, so each of them has its usage deadline moved;
+/// The other sessions sharing a usage budget with `s`, for a change of its `startedAt`: a session
+/// that starts splits its budget another way, so each of them has its usage deadline moved;
 /// mapped from the session's own event, they are reconciled from a cache that already shows
 /// the start.
 fn peers_of(stores: &Stores, s: &Arc<Session>) -> Vec<ObjectRef<Session>> {
