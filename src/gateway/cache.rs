@@ -3,9 +3,9 @@
 //! preferences (UserPreferences). Fed by watches; a change to a Session or a pod wakes the
 //! connection sweeper.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
@@ -21,7 +21,8 @@ use crate::controller::contract::ACCESS_LABEL;
 use crate::crd::v1alpha1::{Group, Session, User, UserPreferences, Workspace};
 use crate::resolve::Directory;
 
-type Key = (String, String);
+/// Namespace and name.
+pub type Key = (String, String);
 
 /// One kind's objects, keyed by namespace and name.
 pub struct Table<T> {
@@ -143,6 +144,16 @@ impl<T> Table<T> {
     }
 }
 
+/// The Sessions and pods that changed (a session's pod has the session's name, so one key
+/// stands for both), or every one of them after a (re)list.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// Everything may have changed.
+    pub all: bool,
+    /// The keys that did.
+    pub keys: HashSet<Key>,
+}
+
 /// The gateway's caches.
 pub struct Cache {
     /// Sessions.
@@ -159,6 +170,8 @@ pub struct Cache {
     pub preferences: Table<UserPreferences>,
     /// Woken on every Session or pod change.
     pub changed: Notify,
+    /// What changed since [`Cache::take_changes`] was last called.
+    changes: Mutex<Changes>,
     /// Zones of the nodes (`topology.kubernetes.io/zone`), by node name: the dashboard's zone
     /// list.
     pub node_zones: RwLock<HashMap<String, String>>,
@@ -173,6 +186,27 @@ impl Cache {
             && self.groups.synced()
             && self.workspaces.synced()
             && self.preferences.synced()
+    }
+
+    /// What changed since the last call (the sweeper's: it checks those sessions alone).
+    pub fn take_changes(&self) -> Changes {
+        std::mem::take(&mut *self.changes.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn note_change(&self, key: Option<Key>) {
+        let mut c = self.changes.lock().unwrap_or_else(|p| p.into_inner());
+        match key {
+            Some(k) if !c.all => {
+                c.keys.insert(k);
+            }
+            Some(_) => {}
+            None => {
+                c.all = true;
+                c.keys.clear();
+            }
+        }
+        drop(c);
+        self.changed.notify_one();
     }
 
     /// The directory settings resolve from in `ns`.
@@ -246,6 +280,7 @@ pub fn start(
         workspaces: Table::new(n),
         preferences: Table::new(n),
         changed: Notify::new(),
+        changes: Mutex::default(),
         node_zones: RwLock::default(),
     });
     let mut tasks = vec![tokio::spawn(watch_zones(client.clone(), cache.clone()))];
@@ -421,21 +456,22 @@ async fn run_events<K, T>(
                     first = false;
                 }
                 if notify {
-                    cache.changed.notify_one();
+                    cache.note_change(None);
                 }
             }
             Ok(Event::Apply(o)) => {
                 let k = key(&o);
                 let uid = o.meta().uid.clone();
-                t.put(k, uid, project(o));
+                t.put(k.clone(), uid, project(o));
                 if notify {
-                    cache.changed.notify_one();
+                    cache.note_change(Some(k));
                 }
             }
             Ok(Event::Delete(o)) => {
-                t.remove(&key(&o), o.meta().uid.as_deref());
+                let k = key(&o);
+                t.remove(&k, o.meta().uid.as_deref());
                 if notify {
-                    cache.changed.notify_one();
+                    cache.note_change(Some(k));
                 }
             }
             Err(e) => debug!(error = %e, "gateway watch error (retrying)"),

@@ -197,17 +197,20 @@ pub fn access(
     ws: Option<&Workspace>,
     now: Timestamp,
 ) -> Access {
-    let status = session.status.clone().unwrap_or_default();
+    // Borrowed, not cloned: the sweeper and the keepalive writer ask this of every connected
+    // session many times a second.
+    let status = session.status.as_ref();
+    let phase = status.and_then(|s| s.phase);
     if session.metadata.deletion_timestamp.is_some() {
         return Access::Ended("the session is being deleted".into());
     }
-    if let Some(at) = &status.expires_at
+    if let Some(at) = status.and_then(|s| s.expires_at.as_ref())
         && now >= at.0
     {
         return Access::Ended("the session has expired".into());
     }
     let desired = session.spec.state.unwrap_or(DesiredState::Running);
-    match status.phase {
+    match phase {
         Some(SessionPhase::Expired) => return Access::Ended("the session has expired".into()),
         Some(SessionPhase::Refused) => {
             return Access::Ended("the session was refused; its status says why".into());
@@ -244,7 +247,7 @@ pub fn access(
             if p.owner_uid == uid
                 && p.ready
                 && !p.deleting
-                && status.phase == Some(SessionPhase::Running) =>
+                && phase == Some(SessionPhase::Running) =>
         {
             match p.ip {
                 Some(ip) => {

@@ -406,12 +406,25 @@ fn keepalive_interval(state: &State, key: &conns::SessionKey, s: &Session) -> Du
 }
 
 /// Closes the connections of sessions that may no longer be used, whenever a Session or pod
-/// changes and at each connected session's deadline.
+/// changes and at each connected session's deadline. A change wakes a look at the changed
+/// sessions alone (a keepalive write comes back as a Session event, so with many connected
+/// sessions a scan of every one per change was most of the gateway's idle CPU); a deadline, a
+/// relist and every few seconds, a look at every connected session.
 async fn sweeper(state: Arc<State>) {
+    let mut only: Option<std::collections::HashSet<cache::Key>> = None;
+    let mut next = Timestamp::now();
     loop {
         let now = Timestamp::now();
-        let mut next = now + jiff::SignedDuration::from_secs(5);
+        if only.is_none() || next <= now {
+            only = None;
+            next = now + jiff::SignedDuration::from_secs(5);
+        }
         for key in state.registry.sessions() {
+            if let Some(only) = &only
+                && !only.contains(&(key.ns.clone(), key.name.clone()))
+            {
+                continue;
+            }
             let s = state
                 .cache
                 .sessions
@@ -445,11 +458,12 @@ async fn sweeper(state: Arc<State>) {
         tokio::select! {
             _ = state.cache.changed.notified() => {
                 // Every keepalive write comes back as one or two Session events (the annotation,
-                // then the operator's status): coalesce a burst into one sweep instead of
-                // scanning every connected session per event (the idle CPU with many sessions).
+                // then the operator's status): coalesce a burst into one sweep.
                 tokio::time::sleep(SWEEP_COALESCE).await;
+                let changes = state.cache.take_changes();
+                only = (!changes.all).then_some(changes.keys);
             }
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep(wait) => only = None,
         }
     }
 }
@@ -515,8 +529,10 @@ async fn keepalives(state: Arc<State>) {
                         "annotations": {KEEPALIVE_ANNOTATION: at.to_string()},
                     }
                 });
+                // A metadata patch: the API server answers with the metadata alone, not the
+                // whole Session for the gateway to parse (it comes back on the watch anyway).
                 match api
-                    .patch(&key.name, &PatchParams::default(), &Patch::Merge(patch))
+                    .patch_metadata(&key.name, &PatchParams::default(), &Patch::Merge(patch))
                     .await
                 {
                     Ok(_) => {
