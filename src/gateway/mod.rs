@@ -474,16 +474,36 @@ const SWEEP_COALESCE: Duration = Duration::from_millis(100);
 /// The keepalive writer wakes at most this often: the writes due within it go out as one batch
 /// instead of one scan of every connected session per write (a write is at most this late).
 const KEEPALIVE_BATCH: Duration = Duration::from_millis(500);
+/// The longest the keepalive writer goes without looking at a connected session (a shorter
+/// `keepaliveInterval` is seen within it, as the intervals are re-read).
+const KEEPALIVE_RECHECK: Duration = Duration::from_secs(30);
 
 /// Persists the activity of open connections: a keepalive per session at most once per its
 /// `keepaliveInterval`, written only if the session has not changed since this gateway looked
 /// (so two replicas never both write one interval's keepalive), never earlier than the last.
 async fn keepalives(state: Arc<State>) {
+    // When each connected session is worth looking at again: its next keepalive's time, or
+    // sooner (KEEPALIVE_RECHECK, as often as the intervals are re-read). A batch skips the others
+    // instead of re-reading every connected session twice a second.
+    let mut not_before: std::collections::HashMap<conns::SessionKey, Timestamp> =
+        Default::default();
+    let recheck = jiff::SignedDuration::try_from(KEEPALIVE_RECHECK).unwrap_or_default();
     loop {
         let now = Timestamp::now();
         let mut next = now + jiff::SignedDuration::from_secs(5);
         let mut due = Vec::new();
-        for key in state.registry.sessions() {
+        let keys = state.registry.sessions();
+        if not_before.len() > 2 * keys.len() + 64 {
+            let live: std::collections::HashSet<&conns::SessionKey> = keys.iter().collect();
+            not_before.retain(|k, _| live.contains(k));
+        }
+        for key in keys {
+            if let Some(at) = not_before.get(&key)
+                && now < *at
+            {
+                next = next.min(*at);
+                continue;
+            }
             let Some(s) = state
                 .cache
                 .sessions
@@ -511,12 +531,14 @@ async fn keepalives(state: Arc<State>) {
                 .into_iter()
                 .flatten()
                 .max();
-            match core::keepalive_due(last, interval, now) {
-                Some(at) => {
-                    next = next.min(core::keepalive_next(Some(at), interval, now));
-                    due.push((key, s, at));
-                }
-                None => next = next.min(core::keepalive_next(last, interval, now)),
+            let (again, write) = match core::keepalive_due(last, interval, now) {
+                Some(at) => (core::keepalive_next(Some(at), interval, now), Some(at)),
+                None => (core::keepalive_next(last, interval, now), None),
+            };
+            next = next.min(again);
+            not_before.insert(key.clone(), again.min(now + recheck));
+            if let Some(at) = write {
+                due.push((key, s, at));
             }
         }
         let results = futures::stream::iter(due.into_iter().map(|(key, s, at)| {
@@ -547,11 +569,11 @@ async fn keepalives(state: Arc<State>) {
                             .keepalive_conflicts
                             .fetch_add(1, Ordering::Relaxed);
                         debug!(session = %format!("{}/{}", key.ns, key.name), "keepalive conflict, retried");
-                        Some(Duration::from_millis(200))
+                        Some((key, Duration::from_millis(200)))
                     }
                     Err(e) => {
                         debug!(error = %e, "keepalive write failed");
-                        Some(Duration::from_secs(1))
+                        Some((key, Duration::from_secs(1)))
                     }
                 }
             }
@@ -564,7 +586,9 @@ async fn keepalives(state: Arc<State>) {
             .try_into()
             .unwrap_or(Duration::ZERO);
         wait = wait.max(KEEPALIVE_BATCH);
-        for retry in results.into_iter().flatten() {
+        for (key, retry) in results.into_iter().flatten() {
+            // Not written: looked at again at the retry.
+            not_before.remove(&key);
             wait = wait.min(retry);
         }
         tokio::select! {
