@@ -477,7 +477,9 @@ async fn run(args: GatewayBenchArgs) -> Result<(), BenchError> {
     let rss = super::sys::memory(gw_pid)
         .map(|m| m.rss_mib())
         .unwrap_or_default();
-    let writes_per_interval = changes as f64 / all.len() as f64 / 2.0;
+    // Per interval of the window as it ran (a little over two: the last list ends after it).
+    let writes_per_interval =
+        changes as f64 / all.len() as f64 / (idle.as_secs_f64() / interval.as_secs_f64());
     // The same connections with no keepalive due: keepaliveInterval 50m (the gateway re-reads a
     // session's interval within 30 s), then CPU over a quiet window: what the connections
     // themselves cost, writes separated.
