@@ -154,6 +154,22 @@ pub struct Changes {
     pub keys: HashSet<Key>,
 }
 
+impl Changes {
+    /// One object changed (`Some`), or every one may have (`None`: a relist).
+    fn note(&mut self, key: Option<Key>) {
+        match key {
+            Some(k) if !self.all => {
+                self.keys.insert(k);
+            }
+            Some(_) => {}
+            None => {
+                self.all = true;
+                self.keys.clear();
+            }
+        }
+    }
+}
+
 /// The gateway's caches.
 pub struct Cache {
     /// Sessions.
@@ -194,18 +210,10 @@ impl Cache {
     }
 
     fn note_change(&self, key: Option<Key>) {
-        let mut c = self.changes.lock().unwrap_or_else(|p| p.into_inner());
-        match key {
-            Some(k) if !c.all => {
-                c.keys.insert(k);
-            }
-            Some(_) => {}
-            None => {
-                c.all = true;
-                c.keys.clear();
-            }
-        }
-        drop(c);
+        self.changes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .note(key);
         self.changed.notify_one();
     }
 
@@ -476,5 +484,30 @@ async fn run_events<K, T>(
             }
             Err(e) => debug!(error = %e, "gateway watch error (retrying)"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn k(name: &str) -> Option<Key> {
+        Some(("ns".into(), name.into()))
+    }
+
+    #[test]
+    fn changes_name_what_changed_until_a_relist_makes_it_everything() {
+        let mut c = Changes::default();
+        c.note(k("a"));
+        c.note(k("b"));
+        c.note(k("a"));
+        assert!(!c.all);
+        assert_eq!(c.keys.len(), 2);
+        c.note(None);
+        c.note(k("c"));
+        assert!(c.all);
+        assert!(c.keys.is_empty());
+        assert!(std::mem::take(&mut c).all);
+        assert!(!c.all && c.keys.is_empty());
     }
 }
