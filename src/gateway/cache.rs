@@ -470,9 +470,10 @@ async fn run_events<K, T>(
             Ok(Event::Apply(o)) => {
                 let k = key(&o);
                 let uid = o.meta().uid.clone();
-                t.put(k.clone(), uid, project(o));
-                if notify {
-                    cache.note_change(Some(k));
+                let changed = notify.then(|| k.clone());
+                t.put(k, uid, project(o));
+                if changed.is_some() {
+                    cache.note_change(changed);
                 }
             }
             Ok(Event::Delete(o)) => {

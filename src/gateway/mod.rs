@@ -419,9 +419,13 @@ async fn sweeper(state: Arc<State>) {
             only = None;
             next = now + jiff::SignedDuration::from_secs(5);
         }
+        // Looked up by borrowed names: no allocation per connected session.
+        let wanted: Option<std::collections::HashSet<(&str, &str)>> = only
+            .as_ref()
+            .map(|o| o.iter().map(|(ns, n)| (ns.as_str(), n.as_str())).collect());
         for key in state.registry.sessions() {
-            if let Some(only) = &only
-                && !only.contains(&(key.ns.clone(), key.name.clone()))
+            if let Some(w) = &wanted
+                && !w.contains(&(key.ns.as_str(), key.name.as_str()))
             {
                 continue;
             }
@@ -451,6 +455,7 @@ async fn sweeper(state: Arc<State>) {
                 next = next.min(at.0);
             }
         }
+        drop(wanted);
         let wait = next
             .duration_since(Timestamp::now())
             .try_into()
